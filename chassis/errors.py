@@ -1,0 +1,76 @@
+"""The one error tree of agentchassis.
+
+Every error the library raises on purpose is a :class:`ChassisError`. Errors about a
+workflow carry its ``correlation_id`` (and the ``step`` where it applies) as attributes,
+so callers never have to parse messages.
+"""
+
+from __future__ import annotations
+
+
+class ChassisError(Exception):
+    """Root of every error agentchassis raises on purpose."""
+
+    def __init__(
+        self, message: str, *, correlation_id: str | None = None, step: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.correlation_id = correlation_id
+        self.step = step
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ChassisError):
+    """The environment or settings are wrong (a bad URL, a missing module)."""
+
+
+class PlanError(ChassisError):
+    """A plan could not be read or is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[str] = list(problems) if problems is not None else [message]
+
+
+class PlanFileError(PlanError):
+    """A plan file is missing or is not JSON/YAML."""
+
+
+class InputError(ChassisError):
+    """A request was refused before anything was written (bad client_id, budget, input)."""
+
+
+class WorkflowNotFound(ChassisError):
+    """No workflow has this correlation_id."""
+
+
+class InvalidTransition(ChassisError):
+    """The workflow is not in a state that allows this (e.g. resuming one not paused)."""
+
+
+class InsufficientFuel(ChassisError):
+    """The workflow's remaining fuel does not cover the step's price."""
+
+    def __init__(
+        self, action: str, have: int, need: int, *, correlation_id: str | None = None,
+        step: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"insufficient fuel for action '{action}': have {have}, need {need}",
+            correlation_id=correlation_id,
+            step=step,
+        )
+        self.action = action
+        self.have = have
+        self.need = need
+
+
+class ActionError(ChassisError):
+    """An action failed; the workflow fails with this message."""
+
+
+class UnknownAction(ChassisError):
+    """No action of this name is registered in this process."""

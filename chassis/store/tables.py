@@ -1,0 +1,108 @@
+"""Table definitions (SQLAlchemy Core). PostgreSQL gets JSONB and native UUIDs; SQLite JSON text.
+
+Migrations in ``chassis/store/migrations`` create exactly these tables; a test checks
+that the migrated schema matches this metadata.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+#: JSON everywhere, JSONB on PostgreSQL.
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: The seed's correlation_id is a UUID; stored natively on PostgreSQL, as text on SQLite.
+UUIDType = sa.String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql")
+TS = sa.DateTime(timezone=True)
+
+orchestrator_state = sa.Table(
+    "orchestrator_state",
+    metadata,
+    # the seed's columns
+    sa.Column("correlation_id", UUIDType, primary_key=True),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(50), nullable=False),
+    sa.Column("current_step", sa.String(255), nullable=False),
+    sa.Column("awaited_steps", JSONType, nullable=False),
+    sa.Column("collected_data", JSONType, nullable=False),
+    sa.Column("initial_request_data", JSONType),
+    sa.Column("final_result", JSONType),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    # added by agentchassis
+    sa.Column("project_id", sa.String(255)),
+    sa.Column("request_id", sa.String(255)),
+    sa.Column("plan", JSONType, nullable=False),
+    sa.Column("plan_name", sa.String(255)),
+    sa.Column("plan_version", sa.Integer),
+    sa.Column("fuel_budget", sa.Integer, nullable=False),
+    sa.Column("fuel_spent", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Index("idx_orchestrator_state_status", "status"),
+    sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
+    sa.Index("idx_orchestrator_state_client_id", "client_id"),
+)
+
+step_runs = sa.Table(
+    "step_runs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("correlation_id", UUIDType,
+              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("step_name", sa.String(255), nullable=False),
+    sa.Column("parent_step", sa.String(255)),
+    sa.Column("action", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(50), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("request_id", sa.String(255)),
+    sa.Column("task_id", sa.String(255)),
+    sa.Column("output", JSONType),
+    sa.Column("error", sa.Text),
+    sa.Column("dispatched_at", TS, nullable=False),
+    sa.Column("started_at", TS),
+    sa.Column("finished_at", TS),
+    sa.UniqueConstraint("correlation_id", "step_name", name="uq_step_runs_workflow_step"),
+    sa.Index("idx_step_runs_status", "status"),
+    sa.Index("idx_step_runs_request_id", "request_id"),
+)
+
+fuel_ledger = sa.Table(
+    "fuel_ledger",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("correlation_id", UUIDType,
+              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("step_name", sa.String(255), nullable=False),
+    sa.Column("action", sa.String(255), nullable=False),
+    sa.Column("amount", sa.Integer, nullable=False),
+    sa.Column("idempotency_key", sa.String(600), nullable=False, unique=True),
+    sa.Column("usage", JSONType),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Index("idx_fuel_ledger_correlation_id", "correlation_id"),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("correlation_id", UUIDType),
+    sa.Column("topic", sa.String(255), nullable=False),
+    sa.Column("key", sa.String(255)),
+    sa.Column("headers", JSONType, nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("dedup_key", sa.String(600), unique=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("published_at", TS),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text),
+    sa.Index("idx_outbox_unpublished", "published_at", "id"),
+)
