@@ -34,6 +34,8 @@ class Settings:
     """CHASSIS_ACTION_MODULES: comma-separated modules that register user actions."""
     visibility_timeout: int = 3600
     """CHASSIS_VISIBILITY_TIMEOUT: seconds before Redis redelivers an unacked task."""
+    prefetch_multiplier: int = 4
+    """CHASSIS_PREFETCH_MULTIPLIER: tasks a worker process reserves ahead."""
     log_format: str = "text"
     """CHASSIS_LOG_FORMAT: ``text`` or ``json``."""
     log_level: str = "INFO"
@@ -79,6 +81,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         kafka_bootstrap=env.get("CHASSIS_KAFKA_BOOTSTRAP") or None,
         action_modules=_split(env.get("CHASSIS_ACTION_MODULES")),
         visibility_timeout=int(env.get("CHASSIS_VISIBILITY_TIMEOUT") or 3600),
+        prefetch_multiplier=int(env.get("CHASSIS_PREFETCH_MULTIPLIER") or 4),
         log_format=(env.get("CHASSIS_LOG_FORMAT") or "text").lower(),
         log_level=(env.get("CHASSIS_LOG_LEVEL") or "INFO").upper(),
         embedded_broker=embedded,

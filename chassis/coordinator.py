@@ -11,6 +11,7 @@ effects, and replaying an event that was already applied decides nothing.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,14 @@ class Decision:
 
 
 # --------------------------------------------------------------------------- decide
+
+
+def json_roundtrip(value: Any) -> Any:
+    """``value`` as it will read back from JSON storage; TypeError if it is not JSON."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"not JSON-serialisable: {exc}") from exc
 
 
 def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:

@@ -1,0 +1,15 @@
+"""Celery settings for ``celery -A tasks worker|beat|flower``, read from the environment.
+
+Everything comes from :mod:`chassis.config` (the one place that reads CHASSIS_*
+variables); with nothing set, the embedded file-system broker and SQLite are used.
+"""
+
+from chassis.celery_conf import celery_settings
+from chassis.config import load
+
+_settings = load()
+
+globals().update(celery_settings(_settings))
+
+#: Task modules: ours, then the user's action modules (CHASSIS_ACTION_MODULES).
+imports = ("tasks.workflow", *_settings.action_modules)

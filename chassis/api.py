@@ -1,0 +1,213 @@
+"""The public Python API for other apps: start a workflow, read its status, resume it.
+
+Enqueueing needs only the database and broker URLs (the environment, or arguments),
+never the user's action code::
+
+    from chassis.api import Client
+    client = Client()
+    cid = client.start("examples/blog_post.yaml", {"topic": "Celery"}, client_id="acme")
+    client.wait(cid)
+    client.resume(cid, approved=True, feedback={"ok": True})
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from chassis import actions, config, validation
+from chassis import coordinator as co
+from chassis.celery_conf import celery_settings
+from chassis.engine import Engine
+from chassis.errors import InputError, PlanFileError
+from chassis.plan import Plan, load_plan, parse_plan
+from chassis.state import SETTLED, Status, WorkflowState
+from chassis.store import SqlStore
+from chassis.store.db import make_engine
+
+DEFAULT_FUEL = 1000
+"""Fuel budget of a workflow started without one."""
+
+PlanSource = Plan | Mapping[str, Any] | str | Path
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts else None
+
+
+def status_dict(s: WorkflowState, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The status document of ``chassis status --json``."""
+    return {
+        "correlation_id": s.correlation_id, "client_id": s.client_id,
+        "project_id": s.project_id, "status": s.status.value,
+        "current_step": s.current_step or None, "awaited_steps": s.awaited_steps,
+        "collected_data": s.collected_data, "input": s.initial_request_data,
+        "final_result": s.final_result, "error": s.error,
+        "fuel": {"budget": s.fuel_budget, "spent": s.fuel_spent,
+                 "remaining": s.fuel_remaining},
+        "steps": [{"name": r["step_name"], "action": r["action"], "status": r["status"],
+                   "attempts": r["attempts"], "parent_step": r["parent_step"],
+                   "error": r["error"], "dispatched_at": _iso(r["dispatched_at"]),
+                   "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
+                  for r in steps],
+        "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at),
+        "version": s.version,
+    }
+
+
+def _positive_budget(value: object) -> int:
+    if isinstance(value, bool):
+        raise InputError(f"fuel budget must be a positive integer, got {value!r}")
+    try:
+        budget = int(str(value).strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise InputError(f"fuel budget must be a positive integer, got {value!r}") from None
+    if not isinstance(budget, int) or budget <= 0:
+        raise InputError(f"fuel budget must be a positive integer, got {value!r}")
+    return budget
+
+
+def _correlation_id(value: str | None) -> str:
+    if value is None:
+        return str(uuid.uuid4())
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise InputError(f"correlation id must be a UUID, got {value!r}") from None
+
+
+def resolve_plan(source: PlanSource) -> Plan:
+    """A plan from a Plan, a mapping, or a JSON/YAML file path."""
+    if isinstance(source, Plan):
+        return source
+    if isinstance(source, Mapping):
+        return parse_plan(dict(source))
+    path = Path(source)
+    if not path.exists():
+        raise PlanFileError(f"plan file not found: {source}")
+    return load_plan(path)
+
+
+class Client:
+    """Talks to the store and the broker; one per app is plenty (it is thread-safe)."""
+
+    def __init__(self, settings: config.Settings | None = None, *,
+                 app: Celery | None = None) -> None:
+        self.settings = settings or config.load()
+        if app is None:
+            app = Celery("agentchassis-client", set_as_current=False)
+            app.conf.update(celery_settings(self.settings))
+        self.app = app
+        self.store = SqlStore(make_engine(self.settings.database_url))
+        self.engine = Engine(self.store, app)
+
+    def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None,
+              fuel_budget: object = DEFAULT_FUEL, correlation_id: str | None = None,
+              project_id: str | None = None, request_id: str | None = None,
+              known_actions: Collection[str] | None = None, check_actions: bool = True,
+              plan_name: str | None = None, plan_version: int | None = None) -> str:
+        """Start a workflow and return its correlation_id. Starting one whose id exists
+        is a no-op that returns that id. Bad input raises before anything is written.
+
+        ``check_actions=False`` accepts actions this process does not know (the
+        worker has them); ``known_actions`` adds names to the registry's.
+        """
+        if not isinstance(client_id, str) or not client_id.strip():
+            raise InputError("client_id header is required to execute a workflow "
+                             "(pass client_id=..., or --client on the command line)")
+        budget = _positive_budget(fuel_budget)
+        cid = _correlation_id(correlation_id)
+        p = resolve_plan(plan)
+        known = set(actions.registered()) | set(known_actions or ())
+        if not check_actions:
+            known |= {s.action for s in p.steps.values()}
+            known |= {t.resolved_action for s in p.steps.values() for t in s.sub_tasks}
+        validation.check(p, known)
+        try:
+            input = co.json_roundtrip(input)
+        except TypeError as exc:
+            raise InputError(f"input must be JSON: {exc}") from None
+        state = WorkflowState(correlation_id=cid, client_id=client_id.strip(),
+                              status=Status.RUNNING, current_step=p.start_step,
+                              fuel_budget=budget, initial_request_data=input,
+                              project_id=project_id, request_id=request_id)
+        decision = co.decide(state, p, co.Start())
+        self.engine.create(decision, p, plan_name=plan_name, plan_version=plan_version)
+        return cid
+
+    def status(self, correlation_id: str) -> dict[str, Any]:
+        """The workflow's status document (raises WorkflowNotFound)."""
+        cid = _correlation_id(correlation_id)
+        return status_dict(self.store.get(cid), self.store.steps(cid))
+
+    def resume(self, correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
+        """Approve or reject a paused workflow; returns its status after the decision."""
+        cid = _correlation_id(correlation_id)
+        self.engine.resume(cid, approved, feedback)
+        return self.status(cid)
+
+    def ledger(self, correlation_id: str) -> list[dict[str, Any]]:
+        """The workflow's fuel debits: step, action, amount, created_at, usage."""
+        cid = _correlation_id(correlation_id)
+        self.store.get(cid)  # WorkflowNotFound for an unknown id
+        return [{"step": r["step_name"], "action": r["action"], "amount": r["amount"],
+                 "usage": r["usage"], "created_at": _iso(r["created_at"])}
+                for r in self.store.ledger(cid)]
+
+    def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent workflows, newest first."""
+        if status is not None and status not in Status.__members__:
+            raise InputError(f"unknown status {status!r}; one of: {', '.join(Status)}")
+        return [status_dict(s, []) for s in self.store.list(status, limit)]
+
+    def wait(self, correlation_id: str, timeout: float | None = None,
+             until: Collection[str] = SETTLED, interval: float = 0.1,
+             on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the status is one of ``until``; ``on_change`` sees each new version.
+        Raises TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = None
+        while True:
+            doc = self.status(correlation_id)
+            key = (doc["version"], tuple((s["name"], s["status"]) for s in doc["steps"]))
+            if key != seen:
+                seen = key
+                if on_change is not None:
+                    on_change(doc)
+            if doc["status"] in until:
+                return doc
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"workflow {correlation_id} still {doc['status']} "
+                                   f"after {timeout} s")
+            time.sleep(interval)
+
+
+_default: Client | None = None
+
+
+def _client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def start_workflow(plan: PlanSource, input: Any = None, **kwargs: Any) -> str:
+    """Start a workflow with the default client (see :meth:`Client.start`)."""
+    return _client().start(plan, input, **kwargs)
+
+
+def get_status(correlation_id: str) -> dict[str, Any]:
+    """Status document of a workflow (see :meth:`Client.status`)."""
+    return _client().status(correlation_id)
+
+
+def resume_workflow(correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
+    """Approve or reject a paused workflow (see :meth:`Client.resume`)."""
+    return _client().resume(correlation_id, approved, feedback)

@@ -1,0 +1,60 @@
+"""Celery settings derived from :class:`chassis.config.Settings` (JSON only, acks late)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from chassis.config import Settings
+
+COORDINATION_QUEUE = "chassis.coordination"
+STEPS_QUEUE = "chassis.steps"
+
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    "chassis.step": {"queue": STEPS_QUEUE},
+    "chassis.subtask": {"queue": STEPS_QUEUE},
+    "chassis.join": {"queue": COORDINATION_QUEUE},
+    "chassis.resume": {"queue": COORDINATION_QUEUE},
+    "chassis.start": {"queue": COORDINATION_QUEUE},
+    "chassis.sweep": {"queue": COORDINATION_QUEUE},
+    "celery.chord_unlock": {"queue": COORDINATION_QUEUE},
+}
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for these settings (no task modules: see celeryconfig)."""
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        # a task may be delivered again after a crash: every task is idempotent
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_ignore_result": True,
+        "result_expires": 24 * 3600,
+        "result_extended": False,
+        "task_queues": (Queue(COORDINATION_QUEUE), Queue(STEPS_QUEUE)),
+        "task_default_queue": STEPS_QUEUE,
+        "task_routes": TASK_ROUTES,
+        "broker_connection_retry_on_startup": True,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "broker_transport_options": {},
+    }
+    if settings.embedded_broker:
+        queue = settings.broker_dir / "queue"
+        control = settings.broker_dir / "control"
+        for folder in (queue, control):
+            folder.mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(queue), "data_folder_out": str(queue),
+            "control_folder": str(control), "polling_interval": 0.05,
+        }
+        conf["result_chord_retry_interval"] = 0.2
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout}
+    return conf

@@ -1,0 +1,120 @@
+"""The executor: carries out the coordinator's decisions with the store and Celery.
+
+A step's way through here costs one broker hop (the next step's task) and two database
+transactions: the claim (the step run becomes RUNNING, attempt counted) and the
+transition (output recorded, next step priced, debited and dispatched, all at once).
+Messages are sent only after the transaction that decided them has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, chord
+
+from chassis import actions
+from chassis import coordinator as co
+from chassis.plan import Plan
+from chassis.state import WorkflowState
+from chassis.store import SqlStore
+
+log = logging.getLogger(__name__)
+
+STEP_TASK = "chassis.step"
+SUBTASK_TASK = "chassis.subtask"
+JOIN_TASK = "chassis.join"
+RESUME_TASK = "chassis.resume"
+
+
+def run_action(payload: dict[str, Any]) -> co.StepSucceeded | co.StepFailed:
+    """Run the payload's action; any exception becomes a failure carrying its message."""
+    step = payload["step"]
+    try:
+        fn = actions.get(payload["action"])
+        return co.StepSucceeded(step, co.json_roundtrip(fn(payload["data"], payload["params"])))
+    except Exception as exc:  # noqa: BLE001  (a raised exception fails the workflow)
+        message = str(exc) or type(exc).__name__
+        log.warning("step %s failed: %s", step, message,
+                    extra={"correlation_id": payload["cid"], "step": step})
+        return co.StepFailed(step, message)
+
+
+class Engine:
+    """Starts, advances and resumes workflows; ``app`` is the Celery app that sends tasks."""
+
+    def __init__(self, store: SqlStore, app: Celery) -> None:
+        self.store = store
+        self.app = app
+
+    # -------------------------------------------------------------- transitions
+
+    def create(self, decision: co.Decision, plan: Plan, **plan_ref: Any) -> bool:
+        """Persist a new workflow's Start decision, then send what it calls for."""
+        created = self.store.create(decision, plan, **plan_ref)
+        if created:
+            self.dispatch(decision)
+        return created
+
+    def apply(self, cid: str, event: co.Event) -> co.Decision:
+        """Apply one event durably, then send what it calls for."""
+        decision = self.store.transition(cid, lambda s, p: co.decide(s, p, event))
+        if decision.changed:
+            self.dispatch(decision)
+        return decision
+
+    def run_step(self, payload: dict[str, Any], task_id: str | None) -> None:
+        """Body of the ``chassis.step`` task."""
+        cid, step = payload["cid"], payload["step"]
+        ids = {"correlation_id": cid, "step": step, "task_id": task_id}
+        attempt = self.store.claim_step(cid, step, task_id)
+        if attempt is None:
+            log.info("step %s already finished: duplicate delivery ignored", step, extra=ids)
+            return
+        log.debug("step %s attempt %d", step, attempt, extra=ids)
+        self.apply(cid, run_action(payload))
+
+    def run_subtask(self, payload: dict[str, Any], task_id: str | None) -> dict[str, Any]:
+        """Body of ``chassis.subtask``: its result goes to the chord callback."""
+        self.store.claim_step(payload["cid"], payload["step"], task_id)
+        event = run_action(payload)
+        if isinstance(event, co.StepFailed):
+            return {"step": event.step, "error": event.error}
+        return {"step": event.step, "output": event.output}
+
+    def resume(self, cid: str, approved: bool, feedback: Any = None) -> co.Decision:
+        """Approve (feedback kept as human_feedback) or reject a paused workflow.
+        Raises WorkflowNotFound or InvalidTransition, having changed nothing."""
+        return self.apply(cid, co.Resume(approved, feedback))
+
+    def join(self, cid: str, step: str, results: list[dict[str, Any]]) -> None:
+        """Body of the chord callback: record every sub-task's output and continue."""
+        outputs = {r["step"]: r.get("output") for r in results if "error" not in r}
+        errors = {r["step"]: r["error"] for r in results if "error" in r}
+        self.apply(cid, co.SubtasksSucceeded(step, outputs, errors))
+
+    # -------------------------------------------------------------- sending
+
+    def dispatch(self, decision: co.Decision) -> None:
+        """Send the Celery tasks a committed decision calls for."""
+        s = decision.state
+        for c in decision.commands:
+            if isinstance(c, co.RunStep):
+                self.app.send_task(STEP_TASK, args=[message(s, c)], task_id=c.request_id)
+            elif isinstance(c, co.RunFanOut):
+                header = [self.app.signature(SUBTASK_TASK, args=[message(s, t)],
+                                             options={"task_id": t.request_id})
+                          for t in c.subtasks]
+                body = self.app.signature(JOIN_TASK, args=[s.correlation_id, c.step])
+                chord(header, app=self.app)(body)
+            if isinstance(c, co.RunStep | co.RunFanOut):
+                log.debug("dispatched %s", c.step,
+                          extra={"correlation_id": s.correlation_id, "step": c.step})
+
+
+def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:
+    """The task payload of one step: what it runs and the data it sees."""
+    return {"cid": s.correlation_id, "step": c.step, "action": c.action, "params": c.params,
+            "data": s.step_data(), "parent": c.parent_step}
+
+

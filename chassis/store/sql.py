@@ -1,0 +1,267 @@
+"""The SQLAlchemy store. Every transition is one transaction: the new state (checked
+against its version), the step runs, the ledger rows and the outbox rows are written
+together, so a crash leaves either all of them or none. Idempotency is the database's:
+unique (workflow, step) step runs, unique ledger keys, a version column."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from chassis import coordinator as co
+from chassis.errors import WorkflowNotFound
+from chassis.plan import FAN_OUT, Plan, parse_plan, plan_to_dict
+from chassis.state import Status, StepStatus, WorkflowState
+from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
+
+log = logging.getLogger(__name__)
+
+_STATE_COLS = [c for c in orchestrator_state.c if c.name != "plan"]
+_MAX_RETRIES = 20
+
+
+class StaleState(Exception):
+    """The state changed under us (its version moved): re-read and decide again."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _PlanCache:
+    """Plans are immutable per workflow: parse each snapshot once per process."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._d: OrderedDict[str, Plan] = OrderedDict()
+        self._size = size
+
+    def get(self, cid: str) -> Plan | None:
+        plan = self._d.get(cid)
+        if plan is not None:
+            self._d.move_to_end(cid)
+        return plan
+
+    def put(self, cid: str, plan: Plan) -> None:
+        self._d[cid] = plan
+        if len(self._d) > self._size:
+            self._d.popitem(last=False)
+
+
+def _row_to_state(row: Any) -> WorkflowState:
+    m = row._mapping
+    return WorkflowState(
+        correlation_id=str(m["correlation_id"]), client_id=m["client_id"],
+        status=Status(m["status"]), current_step=m["current_step"],
+        fuel_budget=m["fuel_budget"], awaited_steps=list(m["awaited_steps"] or []),
+        collected_data=dict(m["collected_data"] or {}),
+        initial_request_data=m["initial_request_data"], final_result=m["final_result"],
+        error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
+        request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
+        updated_at=m["updated_at"])
+
+
+def _state_values(s: WorkflowState) -> dict[str, Any]:
+    return {"status": s.status.value, "current_step": s.current_step,
+            "awaited_steps": s.awaited_steps, "collected_data": s.collected_data,
+            "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent}
+
+
+class SqlStore:
+    """Workflow storage on one SQLAlchemy engine."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._plans = _PlanCache()
+
+    # ------------------------------------------------------------------ writing
+
+    def create(self, decision: co.Decision, plan: Plan, *, plan_name: str | None = None,
+               plan_version: int | None = None) -> bool:
+        """Insert a new workflow with the outcome of its Start decision. False (and
+        nothing written) when a workflow with this correlation_id already exists."""
+        s = decision.state
+        ts = now()
+        values = {**_state_values(s), "correlation_id": s.correlation_id,
+                  "client_id": s.client_id, "initial_request_data": s.initial_request_data,
+                  "project_id": s.project_id, "request_id": s.request_id,
+                  "plan": plan_to_dict(plan), "plan_name": plan_name,
+                  "plan_version": plan_version, "fuel_budget": s.fuel_budget, "version": 1,
+                  "created_at": ts, "updated_at": ts}
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(orchestrator_state.insert().values(**values))
+                self._apply(conn, s, decision.commands, ts)
+        except IntegrityError:
+            if self.exists(s.correlation_id):
+                return False
+            raise
+        s.version = 1
+        self._plans.put(s.correlation_id, plan)
+        return True
+
+    def claim_step(self, cid: str, step: str, task_id: str | None) -> int | None:
+        """Mark a dispatched step as running; its attempt number, or None when the step
+        is already finished (a duplicate delivery: do nothing)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                step_runs.update()
+                .where(step_runs.c.correlation_id == cid, step_runs.c.step_name == step,
+                       step_runs.c.status.in_([StepStatus.DISPATCHED, StepStatus.RUNNING]))
+                .values(status=StepStatus.RUNNING, attempts=step_runs.c.attempts + 1,
+                        started_at=now(), task_id=task_id)
+                .returning(step_runs.c.attempts)).first()
+        return None if row is None else int(row[0])
+
+    def transition(self, cid: str,
+                   decide: Callable[[WorkflowState, Plan], co.Decision]) -> co.Decision:
+        """Read the workflow, decide, and write the outcome in one transaction; retried
+        when another transition got there first."""
+        for attempt in range(_MAX_RETRIES):
+            try:
+                with self.engine.begin() as conn:
+                    state, plan = self._load(conn, cid)
+                    decision = decide(state, plan)
+                    if decision.changed:
+                        self._save(conn, decision, state.version)
+                    return decision
+            except (StaleState, IntegrityError) as exc:
+                log.debug("transition of %s retried (%s), attempt %d", cid, exc, attempt + 1,
+                          extra={"correlation_id": cid})
+        raise StaleState(f"workflow {cid}: too much contention, gave up after "
+                         f"{_MAX_RETRIES} tries")
+
+    def _load(self, conn: sa.Connection, cid: str) -> tuple[WorkflowState, Plan]:
+        plan = self._plans.get(cid)
+        cols = _STATE_COLS if plan is not None else [*_STATE_COLS, orchestrator_state.c.plan]
+        row = conn.execute(sa.select(*cols).where(
+            orchestrator_state.c.correlation_id == cid)).first()
+        if row is None:
+            raise WorkflowNotFound(f"no workflow with correlation_id {cid}", correlation_id=cid)
+        if plan is None:
+            plan = parse_plan(row._mapping["plan"])
+            self._plans.put(cid, plan)
+        return _row_to_state(row), plan
+
+    def _save(self, conn: sa.Connection, decision: co.Decision, version: int) -> None:
+        s = decision.state
+        ts = now()
+        res = conn.execute(
+            orchestrator_state.update()
+            .where(orchestrator_state.c.correlation_id == s.correlation_id,
+                   orchestrator_state.c.version == version)
+            .values(**_state_values(s), version=version + 1, updated_at=ts))
+        if res.rowcount != 1:
+            raise StaleState(f"workflow {s.correlation_id} moved past version {version}")
+        s.version = version + 1
+        self._apply(conn, s, decision.commands, ts)
+
+    def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[co.Command],
+               ts: datetime) -> None:
+        """Write the rows the commands call for (sending happens after commit)."""
+        cid = s.correlation_id
+        ledger: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        finished: list[dict[str, Any]] = []
+        messages: list[dict[str, Any]] = []
+
+        def run(step: str, action: str, status: StepStatus, rid: str | None,
+                parent: str | None = None) -> None:
+            runs.append({"correlation_id": cid, "step_name": step, "parent_step": parent,
+                         "action": action, "status": status, "attempts": 0,
+                         "request_id": rid, "dispatched_at": ts})
+
+        for c in commands:
+            if isinstance(c, co.Debit):
+                ledger.append({"correlation_id": cid, "client_id": s.client_id,
+                               "step_name": c.step, "action": c.action, "amount": c.amount,
+                               "idempotency_key": f"{cid}:{c.step}", "created_at": ts})
+            elif isinstance(c, co.RunStep):
+                run(c.step, c.action, StepStatus.DISPATCHED, c.request_id, c.parent_step)
+            elif isinstance(c, co.RunFanOut):
+                for t in c.subtasks:
+                    run(t.step, t.action, StepStatus.DISPATCHED, t.request_id, c.step)
+            elif isinstance(c, co.SendRequest):
+                run(c.step, c.action, StepStatus.AWAITING, c.request_id, c.parent_step)
+                messages.append({"correlation_id": cid, "topic": c.topic, "key": cid,
+                                 "headers": c.headers, "payload": c.payload,
+                                 "dedup_key": f"{cid}:request:{c.step}", "created_at": ts})
+            elif isinstance(c, co.Emit):
+                messages.append({"correlation_id": cid, "topic": c.topic, "key": c.key,
+                                 "headers": c.headers, "payload": c.payload,
+                                 "dedup_key": c.dedup_key, "created_at": ts})
+            elif isinstance(c, co.FinishStep):
+                finished.append({"b_cid": cid, "b_step": c.step, "status": c.status,
+                                 "output": c.output, "error": c.error, "finished_at": ts})
+        # a fan_out step itself: one row, awaiting until its sub-tasks are in
+        parents = {c.step for c in commands if isinstance(c, co.RunFanOut)}
+        parents |= {c.parent_step for c in commands
+                    if isinstance(c, co.SendRequest) and c.parent_step}
+        for parent in sorted(parents):
+            run(parent, FAN_OUT, StepStatus.AWAITING, None)
+        if ledger:
+            conn.execute(fuel_ledger.insert(), ledger)
+        if runs:
+            conn.execute(step_runs.insert(), runs)
+        if finished:
+            conn.execute(
+                step_runs.update()
+                .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
+                       step_runs.c.step_name == sa.bindparam("b_step"))
+                .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
+                        error=sa.bindparam("error"), finished_at=sa.bindparam("finished_at")),
+                finished)
+        if messages:
+            conn.execute(outbox.insert(), messages)
+
+    # ------------------------------------------------------------------ reading
+
+    def exists(self, cid: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(orchestrator_state.c.version).where(
+                orchestrator_state.c.correlation_id == cid)).first() is not None
+
+    def get(self, cid: str) -> WorkflowState:
+        with self.engine.connect() as conn:
+            return self._load(conn, cid)[0]
+
+    def get_plan(self, cid: str) -> Plan:
+        with self.engine.connect() as conn:
+            return self._load(conn, cid)[1]
+
+    def steps(self, cid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(step_runs).where(step_runs.c.correlation_id == cid)
+                                .order_by(step_runs.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def ledger(self, cid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(fuel_ledger).where(fuel_ledger.c.correlation_id == cid)
+                                .order_by(fuel_ledger.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def outbox_for(self, cid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(outbox).where(outbox.c.correlation_id == cid)
+                                .order_by(outbox.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def list(self, status: str | None = None, limit: int = 50) -> list[WorkflowState]:
+        q = sa.select(*_STATE_COLS).order_by(orchestrator_state.c.created_at.desc()).limit(limit)
+        if status:
+            q = q.where(orchestrator_state.c.status == status)
+        with self.engine.connect() as conn:
+            return [_row_to_state(r) for r in conn.execute(q).all()]
+
+    def stale_dispatched(self, older_than: datetime) -> Iterator[dict[str, Any]]:
+        """Step runs dispatched but never started before ``older_than`` (lost messages)."""
+        with self.engine.connect() as conn:
+            yield from (dict(r._mapping) for r in conn.execute(
+                sa.select(step_runs).where(step_runs.c.status == StepStatus.DISPATCHED,
+                                           step_runs.c.dispatched_at < older_than)).all())
