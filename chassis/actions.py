@@ -1,0 +1,142 @@
+"""The action registry: the Python functions a plan's steps can name as ``action``.
+
+An action is ``fn(data, params) -> result``: ``data`` is what the step sees (``input``,
+earlier outputs by step name, ``human_feedback``), ``params`` is the step's ``params``,
+and the result must be JSON-serialisable (it is stored as the step's output). Register
+one with ``@action("name")`` or bare ``@action`` (the function's name). Workers and
+``chassis validate`` import user modules with :func:`load_modules`.
+
+Built-ins for demos and tests: ``noop``, ``echo``, ``sleep``, ``fail``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+from chassis.errors import ActionError, ConfigError, UnknownAction
+from chassis.plan import RESERVED_ACTIONS
+
+Action = Callable[[dict[str, Any], dict[str, Any]], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_REGISTRY: dict[str, Action] = {}
+
+
+def _register(name: str, fn: Action, replace: bool) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an action name must be a non-empty string, got {name!r}")
+    if name in RESERVED_ACTIONS:
+        raise ValueError(f"{name!r} is reserved for the coordinator; choose another name")
+    old = _REGISTRY.get(name)
+    if old is not None and old is not fn and not replace and not _same_definition(old, fn):
+        raise ValueError(
+            f"action {name!r} is already registered by {_where(old)}; "
+            f"pass replace=True to replace it with {_where(fn)}"
+        )
+    _REGISTRY[name] = fn
+
+
+def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    # A module imported again (importlib.reload) defines a new function object for the
+    # same source definition; that is a re-registration, not a clash.
+    return _where(a) == _where(b)
+
+
+def _where(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+@overload
+def action(name: F, /) -> F: ...
+@overload
+def action(name: str | None = None, /, *, replace: bool = False) -> Callable[[F], F]: ...
+def action(name: str | F | None = None, /, *, replace: bool = False) -> F | Callable[[F], F]:
+    """Register ``fn(data, params)`` as an action: ``@action``, ``@action("name")`` or
+    ``@action("name", replace=True)``. Returns the function unchanged."""
+    if callable(name):
+        fn = name
+        _register(fn.__name__, fn, replace)
+        return fn
+
+    def decorate(fn: F) -> F:
+        _register(name if name is not None else fn.__name__, fn, replace)
+        return fn
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove an action (no error when it is not registered); mainly for tests."""
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> frozenset[str]:
+    """Names of the actions registered in this process."""
+    return frozenset(_REGISTRY)
+
+
+def get(name: str) -> Action:
+    """The action registered as ``name``; :class:`UnknownAction` when there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise UnknownAction(
+            f"no action named {name!r} is registered in this process (registered: {known}); "
+            "register it with @chassis.actions.action and load its module "
+            "(--actions-module)"
+        ) from None
+
+
+def load_modules(names: Iterable[str]) -> None:
+    """Import the modules that register actions; :class:`ConfigError` names the one that
+    cannot be imported."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any error while importing user code is a config error
+            raise ConfigError(
+                f"cannot import actions module {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+# -------------------------------------------------------------------------- built-ins
+
+
+@action("noop")
+def noop(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Do nothing; returns {}."""
+    return {}
+
+
+@action("echo")
+def echo(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Return the step's params."""
+    return dict(params)
+
+
+@action("sleep")
+def sleep(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Wait ``params.seconds`` (default 0); returns {}."""
+    raw = params.get("seconds", 0)
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        raise ActionError(f"sleep: 'seconds' must be a number, got {raw!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ActionError(f"sleep: 'seconds' must be zero or more, got {raw!r}")
+    time.sleep(seconds)
+    return {}
+
+
+@action("fail")
+def fail(data: dict[str, Any], params: dict[str, Any]) -> Any:
+    """Raise :class:`ActionError` with ``params.message``."""
+    raise ActionError(str(params.get("message", "step failed by the 'fail' action")))
+
+
+__all__ = ["Action", "action", "get", "load_modules", "registered", "unregister"]

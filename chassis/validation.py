@@ -1,0 +1,184 @@
+"""Plan validation: the seed's WorkflowValidator, completed.
+
+:func:`validate` checks what a plan means (parsing in :mod:`chassis.plan` has already
+checked its shape) and returns every problem at once, each line naming its step
+(``steps.generate: next_step 'x' names no step``) or, for a cycle, the steps on it.
+
+Decisions beyond the original's checks, because outputs are stored by name in one map:
+a dependency may name a fan-out sub-task (its output is stored under its step_name);
+sub-task names must be unique and distinct from step names; ``input`` and
+``human_feedback`` are taken by the workflow's own data; a sub-task cannot run a
+reserved action; ``sub_tasks`` on a step that is not a fan_out would be ignored, so
+they are a problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from chassis import actions
+from chassis.errors import PlanError
+from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Plan, Step
+
+#: Keys of a step's data that are not step outputs.
+RESERVED_NAMES = frozenset({"input", "human_feedback"})
+
+
+def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[str]:
+    """Every problem of ``plan``; empty when it is valid.
+
+    ``known_actions`` are the actions that may run without a topic (default: those
+    registered in this process, :func:`chassis.actions.registered`).
+    """
+    known = actions.registered() if known_actions is None else known_actions
+    problems: list[str] = []
+    if plan.start_step not in plan.steps:
+        problems.append(f"start_step: {plan.start_step!r} names no step")
+    owner = _sub_task_owners(plan)
+    seen_subs: dict[str, str] = {}
+    for name, step in plan.steps.items():
+        place = f"steps.{name}"
+        if name in RESERVED_NAMES:
+            problems.append(f"{place}: the name {name!r} is reserved for workflow data")
+        if step.next_step is not None and step.next_step not in plan.steps:
+            problems.append(f"{place}: next_step {step.next_step!r} names no step")
+        for dep in step.dependencies:
+            if dep not in plan.steps and dep not in owner:
+                problems.append(f"{place}: dependency {dep!r} names no step")
+        problems += _action_problems(place, step, known)
+        if step.action == FAN_OUT:
+            problems += _sub_task_problems(name, step, plan, seen_subs, known)
+        elif step.sub_tasks:
+            problems.append(f"{place}: sub_tasks are only used by fan_out, "
+                            f"not by action {step.action!r}")
+    problems += [f"cycle: {' -> '.join([*cycle, cycle[0]])}" for cycle in _cycles(plan, owner)]
+    return problems
+
+
+def check(plan: Plan, known_actions: Collection[str] | None = None) -> None:
+    """Raise :class:`PlanError` listing every problem when ``plan`` is invalid."""
+    problems = validate(plan, known_actions)
+    if problems:
+        raise PlanError("plan is invalid", problems)
+
+
+def metrics(plan: Plan) -> dict[str, int]:
+    """Size of a plan (the original's GetWorkflowMetrics): ``steps``, ``fan_out_steps``,
+    ``external_calls`` (steps and sub-tasks with a topic), ``max_depth`` (steps on the
+    next_step path from the start step) and ``sub_tasks``."""
+    subs = [st for step in plan.steps.values() for st in step.sub_tasks]
+    depth, seen = 0, set()
+    name: str | None = plan.start_step
+    while name is not None and name in plan.steps and name not in seen:
+        seen.add(name)
+        depth += 1
+        name = plan.steps[name].next_step
+    return {
+        "steps": len(plan.steps),
+        "fan_out_steps": sum(step.action == FAN_OUT for step in plan.steps.values()),
+        "external_calls": sum(bool(step.topic) for step in plan.steps.values())
+        + sum(bool(st.topic) for st in subs),
+        "max_depth": depth,
+        "sub_tasks": len(subs),
+    }
+
+
+def _unknown(place: str, action: str, known: Collection[str]) -> str:
+    listed = ", ".join(sorted(known)) or "none"
+    return (f"{place}: action {action!r} is not registered in this process and has no "
+            f"topic (registered: {listed})")
+
+
+def _action_problems(place: str, step: Step, known: Collection[str]) -> list[str]:
+    if not step.action:
+        return [f"{place}: has no action"]
+    if step.action in RESERVED_ACTIONS:
+        problems = []
+        if step.topic:
+            problems.append(f"{place}: reserved action {step.action!r} cannot have a topic")
+        if step.action == COMPLETE and step.next_step is not None:
+            problems.append(f"{place}: complete_workflow must not have a next_step")
+        return problems
+    if step.action not in known and not step.topic:
+        return [_unknown(place, step.action, known)]
+    return []
+
+
+def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
+                       known: Collection[str]) -> list[str]:
+    place = f"steps.{name}"
+    if not step.sub_tasks:
+        return [f"{place}: fan_out needs at least one sub-task"]
+    problems = []
+    for i, st in enumerate(step.sub_tasks):
+        sp = f"{place}.sub_tasks[{i}]"
+        if not st.step_name:
+            problems.append(f"{sp}: has no step_name")
+            continue
+        if st.step_name in plan.steps:
+            problems.append(f"{sp}: step_name {st.step_name!r} is also a step's name "
+                            "(outputs are stored by name)")
+        elif st.step_name in RESERVED_NAMES:
+            problems.append(f"{sp}: step_name {st.step_name!r} is reserved for workflow data")
+        elif st.step_name in seen:
+            problems.append(f"{sp}: step_name {st.step_name!r} is already used by a sub-task "
+                            f"of steps.{seen[st.step_name]}")
+        seen.setdefault(st.step_name, name)
+        action = st.resolved_action
+        if action in RESERVED_ACTIONS:
+            problems.append(f"{sp}: reserved action {action!r} cannot run as a sub-task")
+        elif action not in known and not st.topic:
+            problems.append(_unknown(sp, action, known))
+    return problems
+
+
+def _sub_task_owners(plan: Plan) -> dict[str, str]:
+    """Sub-task step_name → its fan_out step (the first one, when names clash)."""
+    owner: dict[str, str] = {}
+    for name, step in plan.steps.items():
+        if step.action == FAN_OUT:
+            for st in step.sub_tasks:
+                if st.step_name:
+                    owner.setdefault(st.step_name, name)
+    return owner
+
+
+def _cycles(plan: Plan, owner: dict[str, str]) -> list[list[str]]:
+    """Cycles over "runs before" edges: a step → its next_step, and a dependency's step
+    (a sub-task's fan_out step) → the step that depends on it."""
+    edges: dict[str, list[str]] = {name: [] for name in plan.steps}
+    for name, step in plan.steps.items():
+        if step.next_step in edges:
+            edges[name].append(step.next_step)
+        for dep in step.dependencies:
+            before = dep if dep in edges else owner.get(dep)
+            if before is not None and name not in edges[before]:
+                edges[before].append(name)
+    order = {name: i for i, name in enumerate(plan.steps)}
+    found: list[list[str]] = []
+    done: set[str] = set()
+    for root in plan.steps:
+        if root in done:
+            continue
+        path, on_path = [root], {root}
+        stack = [iter(edges[root])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                done.add(path[-1])
+                on_path.discard(path.pop())
+                stack.pop()
+            elif nxt in on_path:
+                cycle = path[path.index(nxt):]
+                first = min(range(len(cycle)), key=lambda i: order[cycle[i]])
+                cycle = cycle[first:] + cycle[:first]
+                if cycle not in found:
+                    found.append(cycle)
+            elif nxt not in done:
+                path.append(nxt)
+                on_path.add(nxt)
+                stack.append(iter(edges[nxt]))
+    return found
+
+
+__all__ = ["RESERVED_NAMES", "check", "metrics", "validate"]

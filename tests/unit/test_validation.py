@@ -1,0 +1,222 @@
+"""Plan validation and metrics (chassis.validation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chassis import actions
+from chassis.errors import PlanError
+from chassis.plan import load_plan, parse_plan
+from chassis.validation import check, metrics, validate
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+BUILTINS = frozenset({"noop", "echo", "sleep", "fail"})
+
+#: The acceptance case: four problems of four kinds in one plan.
+FOUR_PROBLEMS: dict[str, Any] = {
+    "start_step": "a",
+    "steps": {
+        "a": {"action": "echo", "next_step": "b"},
+        "b": {"action": "echo", "next_step": "a"},
+        "c": {"action": "echo", "next_step": "nowhere"},
+        "d": {"action": "summarize"},
+        "e": {"action": "fan_out"},
+    },
+}
+FOUR_PROBLEM_LINES = [
+    "steps.c: next_step 'nowhere' names no step",
+    "steps.d: action 'summarize' is not registered in this process and has no topic "
+    "(registered: echo, fail, noop, sleep)",
+    "steps.e: fan_out needs at least one sub-task",
+    "cycle: a -> b -> a",
+]
+
+
+def plan_of(steps: dict[str, Any], start: str = "a") -> Any:
+    return parse_plan({"start_step": start, "steps": steps})
+
+
+def problems(steps: dict[str, Any], start: str = "a") -> list[str]:
+    return validate(plan_of(steps, start), BUILTINS)
+
+
+@pytest.mark.parametrize("name", ["blog_post.yaml", "research_assistant.yaml"])
+def test_examples_are_valid_with_the_builtins(name: str) -> None:
+    assert validate(load_plan(EXAMPLES / name)) == []
+    assert validate(load_plan(EXAMPLES / name), BUILTINS) == []
+
+
+def test_all_four_problems_are_reported_at_once() -> None:
+    assert validate(parse_plan(FOUR_PROBLEMS), BUILTINS) == FOUR_PROBLEM_LINES
+
+
+def test_check_raises_with_every_problem() -> None:
+    with pytest.raises(PlanError) as info:
+        check(parse_plan(FOUR_PROBLEMS), BUILTINS)
+    assert str(info.value) == "plan is invalid"
+    assert info.value.problems == FOUR_PROBLEM_LINES
+
+
+def test_check_passes_a_valid_plan() -> None:
+    check(load_plan(EXAMPLES / "blog_post.yaml"))
+
+
+def test_start_step_must_exist() -> None:
+    assert problems({"a": {"action": "noop"}}, start="b") == ["start_step: 'b' names no step"]
+
+
+def test_every_step_needs_an_action() -> None:
+    assert problems({"a": {"description": "x", "next_step": "b"}, "b": {"action": ""}}) == [
+        "steps.a: has no action", "steps.b: has no action"]
+
+
+def test_dependencies_must_name_steps_or_sub_tasks() -> None:
+    assert problems({
+        "a": {"action": "fan_out", "sub_tasks": [{"step_name": "s", "action": "noop"}],
+              "next_step": "b"},
+        "b": {"action": "noop", "dependencies": ["a", "s", "ghost"]},
+    }) == ["steps.b: dependency 'ghost' names no step"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "cycle"),
+    [
+        ({"a": {"action": "noop", "next_step": "a"}}, "cycle: a -> a"),
+        ({"a": {"action": "noop", "next_step": "b"},
+          "b": {"action": "noop", "next_step": "c"},
+          "c": {"action": "noop", "next_step": "a"}}, "cycle: a -> b -> c -> a"),
+        # a runs before b, but needs b's output
+        ({"a": {"action": "noop", "next_step": "b", "dependencies": ["b"]},
+          "b": {"action": "noop"}}, "cycle: a -> b -> a"),
+        ({"a": {"action": "noop", "dependencies": ["b"]},
+          "b": {"action": "noop", "dependencies": ["a"]}}, "cycle: a -> b -> a"),
+        # a fan_out's sub-task output counts as the fan_out step's
+        ({"a": {"action": "fan_out", "dependencies": ["b"], "next_step": "b",
+                "sub_tasks": [{"step_name": "s", "action": "noop"}]},
+          "b": {"action": "noop", "dependencies": ["s"]}}, "cycle: a -> b -> a"),
+    ],
+)
+def test_cycles_over_next_step_and_dependencies(steps: dict[str, Any], cycle: str) -> None:
+    assert problems(steps) == [cycle]
+
+
+def test_each_cycle_is_reported_once() -> None:
+    found = problems({
+        "a": {"action": "noop", "next_step": "b"},
+        "b": {"action": "noop", "next_step": "a", "dependencies": ["a"]},
+        "c": {"action": "noop", "next_step": "d"},
+        "d": {"action": "noop", "next_step": "c"},
+    })
+    assert found == ["cycle: a -> b -> a", "cycle: c -> d -> c"]
+
+
+def test_dependency_in_the_order_of_next_steps_is_no_cycle() -> None:
+    assert problems({"a": {"action": "noop", "next_step": "b"},
+                     "b": {"action": "noop", "dependencies": ["a"]}}) == []
+
+
+def test_long_chain_needs_no_recursion() -> None:
+    steps = {f"s{i}": {"action": "noop", "next_step": f"s{i + 1}"} for i in range(3000)}
+    steps["s3000"] = {"action": "complete_workflow"}
+    plan = plan_of(steps, start="s0")
+    assert validate(plan, BUILTINS) == []
+    assert metrics(plan)["max_depth"] == 3001
+
+
+def test_fan_out_sub_tasks() -> None:
+    assert problems({
+        "a": {"action": "fan_out", "next_step": "b", "sub_tasks": [
+            {"step_name": ""}, {"step_name": "b", "action": "noop"},
+            {"step_name": "s", "action": "noop"}, {"step_name": "input", "action": "noop"}]},
+        "b": {"action": "fan_out", "sub_tasks": [{"step_name": "s", "action": "noop"}]},
+    }) == [
+        "steps.a.sub_tasks[0]: has no step_name",
+        "steps.a.sub_tasks[1]: step_name 'b' is also a step's name (outputs are stored by name)",
+        "steps.a.sub_tasks[3]: step_name 'input' is reserved for workflow data",
+        "steps.b.sub_tasks[0]: step_name 's' is already used by a sub-task of steps.a",
+    ]
+
+
+def test_step_names_of_workflow_data_are_refused() -> None:
+    assert problems({"a": {"action": "noop", "next_step": "human_feedback"},
+                     "human_feedback": {"action": "noop"}}) == [
+        "steps.human_feedback: the name 'human_feedback' is reserved for workflow data"]
+
+
+def test_sub_task_actions_default_to_step_name_and_need_registration_or_topic() -> None:
+    assert problems({"a": {"action": "fan_out", "sub_tasks": [
+        {"step_name": "web_search"},
+        {"step_name": "ext", "topic": "agents.requests"},
+        {"step_name": "e", "action": "echo"},
+        {"step_name": "p", "action": "pause_for_human_input"},
+    ]}}) == [
+        "steps.a.sub_tasks[0]: action 'web_search' is not registered in this process and has "
+        "no topic (registered: echo, fail, noop, sleep)",
+        "steps.a.sub_tasks[3]: reserved action 'pause_for_human_input' cannot run as a "
+        "sub-task",
+    ]
+
+
+def test_sub_tasks_only_on_fan_out() -> None:
+    assert problems({"a": {"action": "noop", "sub_tasks": [{"step_name": "s"}]}}) == [
+        "steps.a: sub_tasks are only used by fan_out, not by action 'noop'"]
+
+
+def test_complete_workflow_has_no_next_step() -> None:
+    assert problems({"a": {"action": "complete_workflow", "next_step": "b"},
+                     "b": {"action": "noop"}}) == [
+        "steps.a: complete_workflow must not have a next_step"]
+
+
+def test_reserved_action_with_topic() -> None:
+    assert problems({"a": {"action": "pause_for_human_input", "topic": "t", "next_step": "b"},
+                     "b": {"action": "complete_workflow", "topic": "t"}}) == [
+        "steps.a: reserved action 'pause_for_human_input' cannot have a topic",
+        "steps.b: reserved action 'complete_workflow' cannot have a topic",
+    ]
+
+
+def test_external_agent_with_topic_needs_no_registration() -> None:
+    assert problems({"a": {"action": "ai_text_generate_claude_opus", "topic": "agents.req"}}) == []
+
+
+def test_known_actions_argument_replaces_the_registry() -> None:
+    plan = plan_of({"a": {"action": "summarize"}})
+    assert validate(plan, {"summarize"}) == []
+    assert validate(plan, set()) == [
+        "steps.a: action 'summarize' is not registered in this process and has no topic "
+        "(registered: none)"]
+
+
+@pytest.fixture
+def summarize() -> Iterator[str]:
+    actions.action("summarize")(lambda data, params: {})
+    yield "summarize"
+    actions.unregister("summarize")
+
+
+def test_default_known_actions_are_the_registry(summarize: str) -> None:
+    assert validate(plan_of({"a": {"action": summarize}})) == []
+
+
+def test_metrics_of_the_examples() -> None:
+    assert metrics(load_plan(EXAMPLES / "blog_post.yaml")) == {
+        "steps": 4, "fan_out_steps": 1, "external_calls": 0, "max_depth": 4, "sub_tasks": 2}
+    assert metrics(load_plan(EXAMPLES / "research_assistant.yaml")) == {
+        "steps": 3, "fan_out_steps": 0, "external_calls": 0, "max_depth": 3, "sub_tasks": 0}
+
+
+def test_metrics_count_external_calls_and_stop_at_cycles() -> None:
+    plan = plan_of({
+        "a": {"action": "fan_out", "next_step": "b", "sub_tasks": [
+            {"step_name": "s1", "topic": "t"}, {"step_name": "s2"}]},
+        "b": {"action": "x", "topic": "t", "next_step": "a"},
+        "c": {"action": "noop"},
+    })
+    assert metrics(plan) == {
+        "steps": 3, "fan_out_steps": 1, "external_calls": 2, "max_depth": 2, "sub_tasks": 2}
+    assert metrics(plan_of({"a": {"action": "noop"}}, start="zz"))["max_depth"] == 0
