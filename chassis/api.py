@@ -105,7 +105,7 @@ class Client:
             app.conf.update(celery_settings(self.settings))
         self.app = app
         self.store = SqlStore(make_engine(self.settings.database_url))
-        self.engine = Engine(self.store, app)
+        self.engine = Engine(self.store, app, in_worker=False)
 
     def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None,
               fuel_budget: object = DEFAULT_FUEL, correlation_id: str | None = None,

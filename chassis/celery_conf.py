@@ -16,6 +16,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "chassis.subtask": {"queue": STEPS_QUEUE},
     "chassis.join": {"queue": COORDINATION_QUEUE},
     "chassis.resume": {"queue": COORDINATION_QUEUE},
+    "chassis.fanout": {"queue": COORDINATION_QUEUE},
     "chassis.start": {"queue": COORDINATION_QUEUE},
     "chassis.sweep": {"queue": COORDINATION_QUEUE},
     "celery.chord_unlock": {"queue": COORDINATION_QUEUE},
@@ -56,5 +57,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         }
         conf["result_chord_retry_interval"] = 0.2
     elif settings.broker_url.startswith(("redis://", "rediss://")):
-        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout}
+        vt = settings.visibility_timeout
+        # look for abandoned (unacked) messages often enough to honour a short timeout
+        conf["broker_transport_options"] = {
+            "visibility_timeout": vt,
+            "unacked_restore_interval": max(1, min(10, vt // 3)),
+            "unacked_restore_throttle": 1 if vt < 300 else 10,
+        }
     return conf

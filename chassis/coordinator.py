@@ -142,7 +142,16 @@ class FinishStep:
     error: str | None = None
 
 
-Command = Debit | RunStep | RunFanOut | SendRequest | Emit | FinishStep
+@dataclass(frozen=True)
+class RecordStep:
+    """Record a step the coordinator carried out itself (pause, complete)."""
+
+    step: str
+    action: str
+    status: StepStatus
+
+
+Command = Debit | RunStep | RunFanOut | SendRequest | Emit | FinishStep | RecordStep
 
 
 @dataclass
@@ -203,6 +212,13 @@ def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     elif isinstance(event, ResponseReceived):
         return _response(d, plan, event)
     elif isinstance(event, Resume):
+        for rid in new.awaited_steps:  # the pause step waits for this answer
+            name, _ = _step_of_request(new.correlation_id, plan, rid)
+            if name is not None:
+                d.commands.append(FinishStep(
+                    name, StepStatus.COMPLETED if event.approved else StepStatus.FAILED,
+                    output={"approved": event.approved, "feedback": event.feedback}))
+        new.awaited_steps = []
         if not event.approved:
             _fail(d, REJECTED_ERROR)
             return d
@@ -344,6 +360,7 @@ def _advance(d: Decision, plan: Plan) -> None:
     if fuel.cost(step.action):
         d.commands.append(Debit(name, step.action, fuel.cost(step.action)))
     if step.action == COMPLETE:
+        d.commands.append(RecordStep(name, COMPLETE, StepStatus.COMPLETED))
         _complete(d)
     elif step.action == PAUSE:
         _pause(d, name, step)
@@ -372,6 +389,8 @@ def _pause(d: Decision, name: str, step: Step) -> None:
     s = d.state
     s.status = Status.PAUSED_FOR_HUMAN_INPUT
     s.current_step = step.next_step or ""
+    s.awaited_steps = [request_id_for(s.correlation_id, name)]  # awaits the human's answer
+    d.commands.append(RecordStep(name, PAUSE, StepStatus.AWAITING))
     payload = {
         "event_type": "WORKFLOW_PAUSED_FOR_APPROVAL",
         "correlation_id": s.correlation_id,

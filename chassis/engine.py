@@ -16,7 +16,7 @@ from celery import Celery, chord
 from chassis import actions
 from chassis import coordinator as co
 from chassis.plan import Plan
-from chassis.state import WorkflowState
+from chassis.state import StepStatus, WorkflowState
 from chassis.store import SqlStore
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 STEP_TASK = "chassis.step"
 SUBTASK_TASK = "chassis.subtask"
 JOIN_TASK = "chassis.join"
+FANOUT_TASK = "chassis.fanout"
 RESUME_TASK = "chassis.resume"
 
 
@@ -41,11 +42,17 @@ def run_action(payload: dict[str, Any]) -> co.StepSucceeded | co.StepFailed:
 
 
 class Engine:
-    """Starts, advances and resumes workflows; ``app`` is the Celery app that sends tasks."""
+    """Starts, advances and resumes workflows; ``app`` is the Celery app that sends tasks.
 
-    def __init__(self, store: SqlStore, app: Celery) -> None:
+    ``in_worker``: chords are built here only inside a worker. Elsewhere (an app using
+    the API) a fan-out is handed to a worker by one small task, because Celery's Redis
+    backend would subscribe the sending process to every sub-task's result.
+    """
+
+    def __init__(self, store: SqlStore, app: Celery, *, in_worker: bool = True) -> None:
         self.store = store
         self.app = app
+        self.in_worker = in_worker
 
     # -------------------------------------------------------------- transitions
 
@@ -100,16 +107,39 @@ class Engine:
         s = decision.state
         for c in decision.commands:
             if isinstance(c, co.RunStep):
-                self.app.send_task(STEP_TASK, args=[message(s, c)], task_id=c.request_id)
+                self.app.send_task(STEP_TASK, args=[message(s, c)], task_id=c.request_id,
+                                   ignore_result=True)
+            elif isinstance(c, co.RunFanOut) and not self.in_worker:
+                self.app.send_task(FANOUT_TASK, args=[s.correlation_id, c.step],
+                                   ignore_result=True)
             elif isinstance(c, co.RunFanOut):
-                header = [self.app.signature(SUBTASK_TASK, args=[message(s, t)],
-                                             options={"task_id": t.request_id})
-                          for t in c.subtasks]
-                body = self.app.signature(JOIN_TASK, args=[s.correlation_id, c.step])
-                chord(header, app=self.app)(body)
+                self._chord(s, c)
             if isinstance(c, co.RunStep | co.RunFanOut):
                 log.debug("dispatched %s", c.step,
                           extra={"correlation_id": s.correlation_id, "step": c.step})
+
+    def _chord(self, s: WorkflowState, c: co.RunFanOut) -> None:
+        header = [self.app.signature(SUBTASK_TASK, args=[message(s, t)],
+                                     options={"task_id": t.request_id}) for t in c.subtasks]
+        body = self.app.signature(JOIN_TASK, args=[s.correlation_id, c.step],
+                                  options={"ignore_result": True})
+        chord(header, app=self.app)(body)
+
+    def fan_out(self, cid: str, step: str) -> None:
+        """Body of ``chassis.fanout``: send the chord of a fan-out decided elsewhere,
+        unless its sub-tasks are already under way (a duplicate delivery)."""
+        state = self.store.get(cid)
+        plan = self.store.get_plan(cid)
+        runs = {r["step_name"]: r for r in self.store.steps(cid) if r["parent_step"] == step}
+        todo = tuple(co.RunStep(t.step_name, t.resolved_action, dict(t.params),
+                                r["request_id"], parent_step=step)
+                     for t in plan.steps[step].sub_tasks
+                     if (r := runs.get(t.step_name)) and not t.topic)
+        if todo and all(runs[t.step]["status"] == StepStatus.DISPATCHED for t in todo):
+            self._chord(state, co.RunFanOut(step, todo))
+        else:
+            log.info("fan-out %s already under way: duplicate ignored", step,
+                     extra={"correlation_id": cid, "step": step})
 
 
 def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:

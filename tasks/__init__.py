@@ -1,5 +1,5 @@
 """The Celery app of agentchassis: ``celery -A tasks worker``."""
 
-from tasks.app import app
+from tasks.celery_app import app
 
 __all__ = ["app"]

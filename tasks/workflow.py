@@ -10,7 +10,7 @@ from celery.signals import worker_process_init
 from chassis import runtime
 from chassis.runtime import engine
 from chassis.store.db import dispose_engines
-from tasks.app import app
+from tasks.celery_app import app
 
 
 @app.task(name="chassis.step", bind=True)
@@ -29,6 +29,12 @@ def subtask(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 def join(results: list[dict[str, Any]], correlation_id: str, step: str) -> None:
     """Chord callback: record every sub-task's output and continue the workflow."""
     engine(app).join(correlation_id, step, results)
+
+
+@app.task(name="chassis.fanout")
+def fanout(correlation_id: str, step: str) -> None:
+    """Send the chord of a fan-out that an app decided (apps don't build chords)."""
+    engine(app).fan_out(correlation_id, step)
 
 
 @app.task(name="chassis.resume")

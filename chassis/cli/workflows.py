@@ -1,5 +1,269 @@
-"""chassis CLI commands (workflows)."""
+"""chassis run | status | resume | ledger | list | demo."""
 
 from __future__ import annotations
 
-from chassis.cli.base import main  # noqa: F401
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chassis import config
+from chassis.api import DEFAULT_FUEL, Client
+from chassis.cli.base import main
+from chassis.cli.output import (
+    ProgressPrinter,
+    console,
+    fail,
+    print_json,
+    print_ledger,
+    print_list,
+    print_status,
+)
+from chassis.errors import ChassisError, PlanError
+from chassis.state import SETTLED, Status
+
+DEMO_PLAN = Path(__file__).resolve().parent.parent / "examples" / "blog_post.yaml"
+DEMO_INPUT = {"topic": "durable AI-agent workflows on Celery", "audience": "platform teams"}
+
+
+def _parse_json_arg(value: str | None, what: str) -> Any:
+    """JSON text, or @file holding JSON."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc.strerror}",
+                                     param_hint=what) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=what) from None
+
+
+@contextmanager
+def _in_process_worker() -> Iterator[None]:
+    """A real Celery worker of the `tasks` app, in this process."""
+    from chassis.embedded import embedded_worker
+    from tasks import app
+
+    with embedded_worker(app):
+        yield
+
+
+def _worker_if_embedded(client: Client, wanted: bool) -> Any:
+    """In embedded mode, waiting runs the worker here; otherwise one runs elsewhere."""
+    if wanted and client.settings.embedded_broker:
+        return _in_process_worker()
+    return nullcontext()
+
+
+def _client(embedded_upgrade: bool = True) -> Client:
+    settings = config.load()
+    if embedded_upgrade and settings.database_url.startswith("sqlite"):
+        from chassis.store.db import upgrade
+
+        upgrade(settings.database_url)
+    return Client(settings)
+
+
+def _run_guarded(fn: Callable[[], int | None]) -> None:
+    try:
+        code = fn()
+    except PlanError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(2)
+    except ChassisError as exc:
+        fail(str(exc))
+    sys.exit(code or 0)
+
+
+def _exit_code(doc: dict[str, Any]) -> int:
+    return 1 if doc["status"] == Status.FAILED else 0
+
+
+@main.command()
+@click.argument("plan")
+@click.option("--input", "input_", metavar="JSON|@FILE", help="Initial request data (JSON).")
+@click.option("--client", "client_id", envvar="CHASSIS_CLIENT_ID", default="local",
+              show_default=True, help="Client that owns the workflow (env CHASSIS_CLIENT_ID).")
+@click.option("--project", "project_id", help="Project id carried in notifications.")
+@click.option("--fuel", default=str(DEFAULT_FUEL), show_default=True,
+              help="Fuel budget: a positive integer.")
+@click.option("--correlation-id", help="Workflow id (UUID); starting an existing one is a no-op.")
+@click.option("--wait", is_flag=True,
+              help="Wait until COMPLETED, FAILED or PAUSED_FOR_HUMAN_INPUT; exit 1 if FAILED.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def run(plan: str, input_: str | None, client_id: str, project_id: str | None, fuel: str,
+        correlation_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Start a workflow from PLAN (a JSON/YAML file).
+
+    Bad input (invalid plan, missing client, a budget that is not a positive integer)
+    is refused and nothing is written. In embedded mode, --wait runs a Celery worker in
+    this process; without it the work waits for `celery -A tasks worker`.
+    """
+    data = _parse_json_arg(input_, "--input")
+
+    def go() -> int:
+        client = _client()
+        with _worker_if_embedded(client, wait):
+            cid = client.start(plan, data, client_id=client_id, fuel_budget=fuel,
+                               correlation_id=correlation_id, project_id=project_id)
+            if not wait:
+                doc = client.status(cid)
+                if as_json:
+                    print_json(doc)
+                else:
+                    console().print(f"started workflow [bold]{cid}[/] ({doc['status']})")
+                    if client.settings.embedded_broker:
+                        console().print("embedded broker: run `celery -A tasks worker` in this "
+                                        "folder, or use --wait, to execute it")
+                return 0
+            show = not as_json or sys.stderr.isatty()
+            printer = ProgressPrinter(err=as_json) if show else None
+            if printer and not as_json:
+                console().print(f"workflow [bold]{cid}[/]")
+            doc = client.wait(cid, timeout=timeout, on_change=printer)
+        if as_json:
+            print_json(doc)
+        else:
+            print_status(doc)
+        return _exit_code(doc)
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.argument("correlation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(correlation_id: str, as_json: bool) -> None:
+    """Show a workflow: status, current step, fuel, every step run."""
+    def go() -> int:
+        doc = _client().status(correlation_id)
+        print_json(doc) if as_json else print_status(doc)
+        return 0
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.argument("correlation_id")
+@click.option("--approve", "decision", flag_value="approve", help="Approve and continue.")
+@click.option("--reject", "decision", flag_value="reject", help="Reject: the workflow fails.")
+@click.option("--feedback", metavar="JSON|@FILE", help="Feedback, kept as human_feedback.")
+@click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def resume(correlation_id: str, decision: str | None, feedback: str | None, wait: bool,
+           as_json: bool) -> None:
+    """Resume a workflow paused for human input (--approve or --reject).
+
+    Resuming an unknown workflow, or one that is not paused, is an error that changes
+    nothing.
+    """
+    if decision is None:
+        raise click.UsageError("say --approve or --reject")
+    fb = _parse_json_arg(feedback, "--feedback")
+
+    def go() -> int:
+        client = _client()
+        with _worker_if_embedded(client, wait):
+            doc = client.resume(correlation_id, decision == "approve", fb)
+            if wait:
+                doc = client.wait(doc["correlation_id"],
+                                  on_change=None if as_json else ProgressPrinter())
+        print_json(doc) if as_json else print_status(doc)
+        return _exit_code(doc)
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.argument("correlation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+def ledger(correlation_id: str, as_json: bool) -> None:
+    """Show a workflow's fuel ledger: one debit per step."""
+    def go() -> int:
+        client = _client()
+        entries = client.ledger(correlation_id)
+        if as_json:
+            print_json(entries)
+        else:
+            print_ledger(entries, client.status(correlation_id)["fuel"])
+        return 0
+
+    _run_guarded(go)
+
+
+@main.command(name="list")
+@click.option("--status", "status_", type=click.Choice([s.value for s in Status]),
+              help="Only workflows with this status.")
+@click.option("--limit", default=50, show_default=True, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def list_(status_: str | None, limit: int, as_json: bool) -> None:
+    """List recent workflows, newest first."""
+    def go() -> int:
+        docs = _client().list(status_, limit)
+        print_json(docs) if as_json else print_list(docs)
+        return 0
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.option("--auto-approve", is_flag=True, help="Approve the review step without asking.")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Give up after this many seconds.")
+def demo(auto_approve: bool, timeout: float) -> None:
+    """Run the Blog Post Generator plan end to end, with a worker in this process.
+
+    With no CHASSIS_* variables set it uses SQLite and a file-system broker under
+    ./.chassis: no server needed. It pauses for your approval (--auto-approve for
+    scripts) and ends COMPLETED.
+    """
+    def go() -> int:
+        client = _client()
+        s = client.settings
+        out = console()
+        if s.embedded_broker:
+            out.print(f"embedded mode: database {s.database_url}, file-system broker in "
+                      f"{s.broker_dir}, Celery worker in this process")
+        with _in_process_worker():
+            cid = client.start(DEMO_PLAN, DEMO_INPUT, client_id="demo")
+            out.print(f"started workflow [bold]{cid}[/] from {DEMO_PLAN.name}")
+            printer = ProgressPrinter()
+            doc = client.wait(cid, timeout=timeout, on_change=printer)
+            if doc["status"] == Status.PAUSED_FOR_HUMAN_INPUT:
+                approved = _ask_approval(doc, auto_approve)
+                if approved is None:
+                    out.print(f"left paused; resume with: chassis resume {cid} --approve")
+                    return 0
+                client.resume(cid, approved, {"approved_by": "demo", "auto": auto_approve})
+                doc = client.wait(cid, timeout=timeout, until=SETTLED - {
+                    Status.PAUSED_FOR_HUMAN_INPUT}, on_change=printer)
+        print_status(doc)
+        return _exit_code(doc)
+
+    _run_guarded(go)
+
+
+def _ask_approval(doc: dict[str, Any], auto_approve: bool) -> bool | None:
+    out = console()
+    out.print("[bold yellow]paused for human review[/]; data for review:")
+    for name, value in doc["collected_data"].items():
+        out.print(f"  [bold]{name}[/]: {json.dumps(value)[:300]}")
+    if auto_approve:
+        out.print("approved automatically (--auto-approve)")
+        return True
+    if not sys.stdin.isatty():
+        out.print("not a terminal: pass --auto-approve to approve without asking")
+        return None
+    return click.confirm("Approve and publish?", default=True)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +46,7 @@ ALEMBIC_INI = _HERE / "alembic.ini"
 MIGRATIONS_DIR = _HERE / "migrations"
 #: pg_advisory_xact_lock key that serialises concurrent ``upgrade`` calls.
 _MIGRATION_LOCK_KEY = 0x636861737369  # "chassi"
-_SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA busy_timeout=30000",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA synchronous=NORMAL",
-)
+_SQLITE_BUSY_TIMEOUT_S = 30
 
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
@@ -118,10 +115,8 @@ def _make_sqlite_parent(parsed: URL) -> None:
 
 
 def _install_sqlite_pragmas(engine: sa.Engine, *, for_migrations: bool) -> None:
-    pragmas = list(_SQLITE_PRAGMAS)
-    if for_migrations:
-        # With foreign keys on, batch mode's "copy and drop table" would cascade deletes.
-        pragmas[2] = "PRAGMA foreign_keys=OFF"
+    # With foreign keys on, batch mode's "copy and drop table" would cascade deletes.
+    foreign_keys = "OFF" if for_migrations else "ON"
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -131,8 +126,10 @@ def _install_sqlite_pragmas(engine: sa.Engine, *, for_migrations: bool) -> None:
             dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            for pragma in pragmas:
-                cursor.execute(pragma)
+            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_S * 1000}")
+            _enable_wal(cursor)
+            cursor.execute(f"PRAGMA foreign_keys={foreign_keys}")
+            cursor.execute("PRAGMA synchronous=NORMAL")
         finally:
             cursor.close()
 
@@ -143,6 +140,20 @@ def _install_sqlite_pragmas(engine: sa.Engine, *, for_migrations: bool) -> None:
             # IMMEDIATE takes the write lock up front: a second migrator waits
             # (busy_timeout) and then sees the first one's result.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _enable_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch to WAL. The switch needs the database to itself and SQLite does not wait
+    for it (no busy handler), so a new file opened by several processes at once retries."""
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def make_engine(url: str | None = None) -> sa.Engine:

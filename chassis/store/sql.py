@@ -176,6 +176,12 @@ class SqlStore:
                          "action": action, "status": status, "attempts": 0,
                          "request_id": rid, "dispatched_at": ts})
 
+        # a fan_out step itself: one row, awaiting until its sub-tasks are in
+        parents = {c.step for c in commands if isinstance(c, co.RunFanOut)}
+        parents |= {c.parent_step for c in commands
+                    if isinstance(c, co.SendRequest) and c.parent_step}
+        for parent in sorted(parents):
+            run(parent, FAN_OUT, StepStatus.AWAITING, None)
         for c in commands:
             if isinstance(c, co.Debit):
                 ledger.append({"correlation_id": cid, "client_id": s.client_id,
@@ -195,15 +201,15 @@ class SqlStore:
                 messages.append({"correlation_id": cid, "topic": c.topic, "key": c.key,
                                  "headers": c.headers, "payload": c.payload,
                                  "dedup_key": c.dedup_key, "created_at": ts})
+            elif isinstance(c, co.RecordStep):
+                done = c.status in (StepStatus.COMPLETED, StepStatus.FAILED)
+                runs.append({"correlation_id": cid, "step_name": c.step, "parent_step": None,
+                             "action": c.action, "status": c.status, "attempts": 1,
+                             "request_id": None, "dispatched_at": ts, "started_at": ts,
+                             "finished_at": ts if done else None})
             elif isinstance(c, co.FinishStep):
                 finished.append({"b_cid": cid, "b_step": c.step, "status": c.status,
                                  "output": c.output, "error": c.error, "finished_at": ts})
-        # a fan_out step itself: one row, awaiting until its sub-tasks are in
-        parents = {c.step for c in commands if isinstance(c, co.RunFanOut)}
-        parents |= {c.parent_step for c in commands
-                    if isinstance(c, co.SendRequest) and c.parent_step}
-        for parent in sorted(parents):
-            run(parent, FAN_OUT, StepStatus.AWAITING, None)
         if ledger:
             conn.execute(fuel_ledger.insert(), ledger)
         if runs:

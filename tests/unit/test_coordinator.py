@@ -58,7 +58,8 @@ def test_insufficient_fuel_fails_with_the_original_message() -> None:
     plan = Plan("step1", {"step1": Step("ai_text_generate_claude_opus", topic="topic.expensive")})
     d = co.decide(state("step1", fuel=5), plan, co.Start())
     assert d.state.status is Status.FAILED
-    assert d.state.error == "insufficient fuel for action 'ai_text_generate_claude_opus': have 5, need 50"
+    assert d.state.error == (
+        "insufficient fuel for action 'ai_text_generate_claude_opus': have 5, need 50")
     assert of(d, co.Debit) == [] and of(d, co.SendRequest) == []
     assert d.state.fuel_spent == 0
 

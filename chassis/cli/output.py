@@ -1,0 +1,125 @@
+"""How the CLI prints: tables for people, one JSON document for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+_STYLE = {"COMPLETED": "green", "FAILED": "red", "PAUSED_FOR_HUMAN_INPUT": "yellow",
+          "RUNNING": "cyan", "AWAITING_RESPONSES": "cyan", "AWAITING": "cyan",
+          "DISPATCHED": "dim", "RUNNING_STEP": "cyan"}
+
+
+def console(err: bool = False) -> Console:
+    return Console(stderr=err, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click_echo_err(f"error: {message}")
+    sys.exit(code)
+
+
+def click_echo_err(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _styled(status: str | None) -> str:
+    if not status:
+        return "-"
+    return f"[{_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def _duration(start: str | None, end: str | None) -> str:
+    if not start or not end:
+        return "-"
+    secs = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    return f"{secs * 1000:.0f} ms" if secs < 1 else f"{secs:.2f} s"
+
+
+def _time(ts: str | None) -> str:
+    return datetime.fromisoformat(ts).strftime("%H:%M:%S.%f")[:-3] if ts else "-"
+
+
+def print_status(doc: dict[str, Any]) -> None:
+    out = console()
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold")
+    head.add_column()
+    fuel = doc["fuel"]
+    head.add_row("workflow", doc["correlation_id"])
+    head.add_row("client", doc["client_id"])
+    head.add_row("status", _styled(doc["status"]))
+    head.add_row("current step", doc["current_step"] or "-")
+    head.add_row("fuel", f"{fuel['spent']} spent of {fuel['budget']} "
+                         f"({fuel['remaining']} remaining)")
+    if doc["error"]:
+        head.add_row("error", f"[red]{doc['error']}[/]")
+    out.print(head)
+    if doc["steps"]:
+        t = Table(title="steps", title_justify="left")
+        for col in ("step", "action", "status", "attempts", "started", "duration"):
+            t.add_column(col)
+        for s in doc["steps"]:
+            name = f"  {s['name']}" if s["parent_step"] else s["name"]
+            t.add_row(name, s["action"], _styled(s["status"]), str(s["attempts"]),
+                      _time(s["started_at"]), _duration(s["started_at"], s["finished_at"]))
+        out.print(t)
+    if doc["status"] == "COMPLETED" and doc["final_result"] is not None:
+        out.print("final result: " + json.dumps(doc["final_result"], default=str)[:2000])
+
+
+def print_ledger(entries: list[dict[str, Any]], fuel: dict[str, int]) -> None:
+    t = Table(title="fuel ledger", title_justify="left")
+    for col in ("step", "action", "amount", "at"):
+        t.add_column(col, justify="right" if col == "amount" else "left")
+    for e in entries:
+        t.add_row(e["step"], e["action"], str(e["amount"]), _time(e["created_at"]))
+    t.add_section()
+    t.add_row("total", "", str(sum(e["amount"] for e in entries)), "")
+    out = console()
+    out.print(t)
+    out.print(f"budget {fuel['budget']}, spent {fuel['spent']}, remaining {fuel['remaining']}")
+
+
+def print_list(docs: list[dict[str, Any]]) -> None:
+    t = Table()
+    for col in ("workflow", "client", "status", "current step", "fuel spent", "created"):
+        t.add_column(col)
+    for d in docs:
+        t.add_row(d["correlation_id"], d["client_id"], _styled(d["status"]),
+                  d["current_step"] or "-", f"{d['fuel']['spent']}/{d['fuel']['budget']}",
+                  (d["created_at"] or "-")[:19])
+    console().print(t)
+    if not docs:
+        console().print("no workflows")
+
+
+class ProgressPrinter:
+    """Prints each step's and the workflow's changes as they happen."""
+
+    def __init__(self, err: bool = False) -> None:
+        self.out = console(err)
+        self.seen: dict[str, str] = {}
+        self.status: str | None = None
+
+    def __call__(self, doc: dict[str, Any]) -> None:
+        for s in doc["steps"]:
+            if self.seen.get(s["name"]) != s["status"]:
+                self.seen[s["name"]] = s["status"]
+                indent = "    " if s["parent_step"] else "  "
+                extra = f" ({s['error']})" if s["error"] else ""
+                self.out.print(f"{indent}{s['name']:<24} {s['action']:<32} "
+                               f"{_styled(s['status'])}{extra}")
+        if doc["status"] != self.status:
+            self.status = doc["status"]
+            self.out.print(f"workflow {_styled(doc['status'])}"
+                           f"{' at ' + doc['current_step'] if doc['current_step'] else ''}")

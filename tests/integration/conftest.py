@@ -1,0 +1,106 @@
+"""Real Celery workers (``celery -A tasks worker`` subprocesses) on Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from chassis import config
+from chassis.api import Client
+from chassis.store.db import upgrade
+from tests.helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes: no warm shutdown, no ack."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Services:
+    """Environment of a test deployment: Postgres state, Redis broker and backend."""
+
+    env: dict[str, str]
+    tmp: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    def client(self) -> Client:
+        return Client(config.load(self.env))
+
+    def start_worker(self, concurrency: int = 2, queues: str | None = None) -> Worker:
+        name = f"test-{uuid.uuid4().hex[:8]}@localhost"
+        log = self.tmp / f"{name.split('@')[0]}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
+               "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
+               "-Q", queues or "chassis.coordination,chassis.steps"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env},
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        worker = Worker(proc, log)
+        self.workers.append(worker)
+        wait_until(lambda: "ready." in worker.text() or proc.poll() is not None, timeout=60,
+                   message=f"worker did not start: {log}")
+        assert proc.poll() is None, worker.text()
+        return worker
+
+
+@pytest.fixture(scope="module")
+def services(postgres_url: str, redis_url: str,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    upgrade(postgres_url)
+    tmp = tmp_path_factory.mktemp("services")
+    env = {
+        "CHASSIS_DATABASE_URL": postgres_url,
+        "CHASSIS_BROKER_URL": redis_url,
+        "CHASSIS_RESULT_BACKEND": redis_url,
+        "CHASSIS_ACTION_MODULES": "tests.integration.user_actions",
+        "CHASSIS_VISIBILITY_TIMEOUT": "6",
+        "CHASSIS_HOME": str(tmp / ".chassis"),
+        "CHASSIS_TEST_COUNTER_URL": redis_url,
+    }
+    s = Services(env, tmp)
+    yield s
+    for w in s.workers:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(services: Services) -> Worker:
+    """One worker for the module's tests."""
+    return services.start_worker()
+
+
+@pytest.fixture(scope="module")
+def client(services: Services) -> Client:
+    import tests.integration.user_actions  # noqa: F401  (the client validates 'count')
+
+    return services.client()

@@ -1,0 +1,35 @@
+"""A worker killed with SIGKILL in the middle of a step; a new worker finishes the job."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from chassis.api import Client
+from tests.helpers import wait_until
+from tests.integration.conftest import Services
+from tests.integration.test_execution import ledger_sum, runs
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_worker_killed_mid_step_then_a_new_worker_completes_it(services: Services,
+                                                               client: Client) -> None:
+    key = uuid.uuid4().hex
+    plan = {"start_step": "slow", "steps": {
+        "slow": {"action": "count", "params": {"key": key, "seconds": 2}, "next_step": "after"},
+        "after": {"action": "echo", "params": {"ok": 1}, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    first = services.start_worker(concurrency=1)
+    cid = client.start(plan, None, client_id="acme")
+    wait_until(lambda: runs(services, key) == 1, timeout=60, message="slow step never started")
+    first.kill()
+    assert client.status(cid)["status"] == "RUNNING"
+    services.start_worker(concurrency=1)
+    doc = client.wait(cid, timeout=90, until={"COMPLETED", "FAILED"})
+    assert doc["status"] == "COMPLETED", doc
+    slow = next(s for s in doc["steps"] if s["name"] == "slow")
+    assert slow["attempts"] == 2
+    assert runs(services, key) == 2  # the action is at-least-once; its record is once
+    assert doc["fuel"]["spent"] == ledger_sum(client, cid) == 3

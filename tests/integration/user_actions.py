@@ -1,0 +1,30 @@
+"""Actions a user would register in their own module; the test workers load it through
+CHASSIS_ACTION_MODULES. They count their runs in Redis so tests can see side effects."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from chassis.actions import action
+
+_redis: redis.Redis | None = None
+
+
+def counter() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(os.environ["CHASSIS_TEST_COUNTER_URL"])
+    return _redis
+
+
+@action("count")
+def count(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Count one run under params.key, then sleep params.seconds (default 0)."""
+    n = counter().incr(f"runs:{params['key']}")
+    if params.get("seconds"):
+        time.sleep(float(params["seconds"]))
+    return {"runs": int(n), "saw": sorted(data)}
