@@ -10,6 +10,14 @@ from chassis.config import Settings
 
 COORDINATION_QUEUE = "chassis.coordination"
 STEPS_QUEUE = "chassis.steps"
+AI_QUEUE = "chassis.ai"
+AI_PREFIX = "ai_"
+
+
+def queue_for(action: str) -> str:
+    """AI actions (``ai_*``) run on their own queue, so they can be rate-limited and
+    scaled apart from cheap steps."""
+    return AI_QUEUE if action.startswith(AI_PREFIX) else STEPS_QUEUE
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
     "chassis.step": {"queue": STEPS_QUEUE},
@@ -39,7 +47,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_expires": 24 * 3600,
         "result_extended": False,
-        "task_queues": (Queue(COORDINATION_QUEUE), Queue(STEPS_QUEUE)),
+        "task_queues": (Queue(COORDINATION_QUEUE), Queue(STEPS_QUEUE), Queue(AI_QUEUE)),
         "task_default_queue": STEPS_QUEUE,
         "task_routes": TASK_ROUTES,
         "broker_connection_retry_on_startup": True,

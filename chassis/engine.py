@@ -15,6 +15,7 @@ from celery import Celery, chord
 
 from chassis import actions
 from chassis import coordinator as co
+from chassis.celery_conf import queue_for
 from chassis.plan import Plan
 from chassis.state import StepStatus, WorkflowState
 from chassis.store import SqlStore
@@ -108,7 +109,7 @@ class Engine:
         for c in decision.commands:
             if isinstance(c, co.RunStep):
                 self.app.send_task(STEP_TASK, args=[message(s, c)], task_id=c.request_id,
-                                   ignore_result=True)
+                                   ignore_result=True, queue=queue_for(c.action))
             elif isinstance(c, co.RunFanOut) and not self.in_worker:
                 self.app.send_task(FANOUT_TASK, args=[s.correlation_id, c.step],
                                    ignore_result=True)
@@ -120,7 +121,9 @@ class Engine:
 
     def _chord(self, s: WorkflowState, c: co.RunFanOut) -> None:
         header = [self.app.signature(SUBTASK_TASK, args=[message(s, t)],
-                                     options={"task_id": t.request_id}) for t in c.subtasks]
+                                     options={"task_id": t.request_id,
+                                              "queue": queue_for(t.action)})
+                  for t in c.subtasks]
         body = self.app.signature(JOIN_TASK, args=[s.correlation_id, c.step],
                                   options={"ignore_result": True})
         chord(header, app=self.app)(body)

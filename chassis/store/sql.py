@@ -214,6 +214,12 @@ class SqlStore:
             conn.execute(fuel_ledger.insert(), ledger)
         if runs:
             conn.execute(step_runs.insert(), runs)
+        usage = [{"b_key": f"{cid}:{f['b_step']}", "usage": f["output"]["usage"]}
+                 for f in finished if isinstance(f["output"], dict) and "usage" in f["output"]]
+        if usage:  # token usage is kept with the step's debit, to price by tokens later
+            conn.execute(fuel_ledger.update()
+                         .where(fuel_ledger.c.idempotency_key == sa.bindparam("b_key"))
+                         .values(usage=sa.bindparam("usage")), usage)
         if finished:
             conn.execute(
                 step_runs.update()

@@ -60,7 +60,7 @@ class Services:
         log = self.tmp / f"{name.split('@')[0]}.log"
         cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
                "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
-               "-Q", queues or "chassis.coordination,chassis.steps"]
+               "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai"]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env},
                                     stdout=out, stderr=subprocess.STDOUT,
