@@ -16,7 +16,10 @@ _STYLE = {"COMPLETED": "green", "FAILED": "red", "PAUSED_FOR_HUMAN_INPUT": "yell
 
 
 def console(err: bool = False) -> Console:
-    return Console(stderr=err, highlight=False, soft_wrap=True)
+    stream = sys.stderr if err else sys.stdout
+    # a pipe or a file gets full-width tables, not a guessed 80 columns
+    return Console(stderr=err, highlight=False, soft_wrap=True,
+                   width=None if stream.isatty() else 160)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -23,7 +23,7 @@ from chassis.cli.output import (
     print_list,
     print_status,
 )
-from chassis.errors import ChassisError, PlanError
+from chassis.errors import ChassisError, InputError, PlanError
 from chassis.state import SETTLED, Status
 
 DEMO_PLAN = Path(__file__).resolve().parent.parent / "examples" / "blog_post.yaml"
@@ -81,6 +81,8 @@ def _run_guarded(fn: Callable[[], int | None]) -> None:
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)
         sys.exit(2)
+    except InputError as exc:
+        fail(str(exc), code=2)
     except ChassisError as exc:
         fail(str(exc))
     sys.exit(code or 0)

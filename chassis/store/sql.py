@@ -174,7 +174,8 @@ class SqlStore:
                 parent: str | None = None) -> None:
             runs.append({"correlation_id": cid, "step_name": step, "parent_step": parent,
                          "action": action, "status": status, "attempts": 0,
-                         "request_id": rid, "dispatched_at": ts})
+                         "request_id": rid, "dispatched_at": ts, "started_at": None,
+                         "finished_at": None})
 
         # a fan_out step itself: one row, awaiting until its sub-tasks are in
         parents = {c.step for c in commands if isinstance(c, co.RunFanOut)}
@@ -182,6 +183,7 @@ class SqlStore:
                     if isinstance(c, co.SendRequest) and c.parent_step}
         for parent in sorted(parents):
             run(parent, FAN_OUT, StepStatus.AWAITING, None)
+            runs[-1].update(attempts=1, started_at=ts)
         for c in commands:
             if isinstance(c, co.Debit):
                 ledger.append({"correlation_id": cid, "client_id": s.client_id,
@@ -203,10 +205,8 @@ class SqlStore:
                                  "dedup_key": c.dedup_key, "created_at": ts})
             elif isinstance(c, co.RecordStep):
                 done = c.status in (StepStatus.COMPLETED, StepStatus.FAILED)
-                runs.append({"correlation_id": cid, "step_name": c.step, "parent_step": None,
-                             "action": c.action, "status": c.status, "attempts": 1,
-                             "request_id": None, "dispatched_at": ts, "started_at": ts,
-                             "finished_at": ts if done else None})
+                run(c.step, c.action, c.status, None)
+                runs[-1].update(attempts=1, started_at=ts, finished_at=ts if done else None)
             elif isinstance(c, co.FinishStep):
                 finished.append({"b_cid": cid, "b_step": c.step, "status": c.status,
                                  "output": c.output, "error": c.error, "finished_at": ts})

@@ -1,0 +1,5 @@
+"""``python -m chassis`` is the ``chassis`` command."""
+
+from chassis.cli import main
+
+main()

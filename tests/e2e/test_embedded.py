@@ -1,0 +1,71 @@
+"""The embedded default, as a new user meets it: no CHASSIS_* variables, no servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def chassis(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHASSIS_", "ANTHROPIC_"))}
+    return subprocess.run([sys.executable, "-m", "chassis", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=150, input=stdin)
+
+
+def test_demo_runs_end_to_end_in_an_empty_folder(tmp_path: Path) -> None:
+    proc = chassis(tmp_path, "demo", "--auto-approve")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "embedded mode" in out
+    for step in ("research", "web_research", "style_analysis", "generate", "pause_for_review",
+                 "finish"):
+        assert step in out
+    assert "PAUSED_FOR_HUMAN_INPUT" in out and out.rstrip().count("COMPLETED") >= 5
+    assert "status        COMPLETED" in out
+    assert (tmp_path / ".chassis" / "chassis.db").exists()
+
+
+def test_demo_without_a_terminal_and_without_auto_approve_leaves_it_paused(
+        tmp_path: Path) -> None:
+    proc = chassis(tmp_path, "demo", stdin="")
+    assert proc.returncode == 0, proc.stderr
+    assert "--auto-approve" in proc.stdout and "chassis resume" in proc.stdout
+
+
+def test_embedded_run_wait_then_resume(tmp_path: Path) -> None:
+    plan = str(ROOT / "examples" / "blog_post.yaml")
+    doc = json.loads(chassis(tmp_path, "run", plan, "--wait", "--json").stdout)
+    assert doc["status"] == "PAUSED_FOR_HUMAN_INPUT"
+    cid = doc["correlation_id"]
+    proc = chassis(tmp_path, "resume", cid, "--approve", "--feedback", '{"ok": true}',
+                   "--wait", "--json")
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout)
+    assert done["status"] == "COMPLETED"
+    assert done["final_result"]["human_feedback"] == {"ok": True}
+    ledger = json.loads(chassis(tmp_path, "ledger", cid, "--json").stdout)
+    assert sum(e["amount"] for e in ledger) == done["fuel"]["spent"]
+
+
+def test_work_queued_by_one_process_is_done_by_a_later_one(tmp_path: Path) -> None:
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"start_step": "a", "steps": {
+        "a": {"action": "echo", "params": {"n": 1}, "next_step": "b"},
+        "b": {"action": "complete_workflow"}}}))
+    queued = json.loads(chassis(tmp_path, "run", str(plan), "--json").stdout)
+    assert queued["status"] == "RUNNING"
+    assert queued["steps"][0]["status"] == "DISPATCHED"
+    cid = queued["correlation_id"]
+    # starting the same id again is a no-op; --wait brings a worker that drains the queue
+    proc = chassis(tmp_path, "run", str(plan), "--correlation-id", cid, "--wait", "--json")
+    done = json.loads(proc.stdout)
+    assert done["status"] == "COMPLETED" and done["final_result"]["a"] == {"n": 1}

@@ -1,0 +1,107 @@
+"""The chassis CLI as a user runs it, against Postgres, Redis and a real worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chassis.api import Client
+from tests.integration.conftest import ROOT, Services, Worker
+
+pytestmark = pytest.mark.timeout(120)
+CHASSIS = [sys.executable, "-m", "chassis"]
+
+
+def chassis(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASSIS_")}
+    return subprocess.run([*CHASSIS, *args], cwd=ROOT, env={**env, **services.env},
+                          capture_output=True, text=True, timeout=90)
+
+
+def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
+    assert proc.returncode in (0, 1), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_run_pause_resume_ledger_as_a_user(services: Services, worker: Worker) -> None:
+    run = chassis(services, "run", "examples/blog_post.yaml", "--wait", "--json",
+                  "--input", '{"topic": "Celery"}', "--client", "acme")
+    doc = as_json(run)
+    assert run.returncode == 0
+    assert doc["status"] == "PAUSED_FOR_HUMAN_INPUT"
+    for key in ("correlation_id", "client_id", "status", "current_step", "collected_data",
+                "final_result", "error", "fuel", "steps"):
+        assert key in doc
+    assert {"name", "status", "attempts", "started_at", "finished_at"} <= set(doc["steps"][0])
+    cid = doc["correlation_id"]
+    resumed = chassis(services, "resume", cid, "--approve", "--feedback", '{"ok": true}')
+    assert resumed.returncode == 0, resumed.stderr
+    final = as_json(chassis(services, "run", "examples/blog_post.yaml", "--correlation-id",
+                            cid, "--wait", "--json", "--client", "acme"))
+    assert final["status"] == "COMPLETED"  # starting it again is a no-op: same workflow
+    assert final["final_result"]["human_feedback"] == {"ok": True}
+    ledger = as_json(chassis(services, "ledger", cid, "--json"))
+    assert all({"step", "action", "amount"} <= set(e) for e in ledger)
+    assert sum(e["amount"] for e in ledger) == final["fuel"]["spent"]
+    table = chassis(services, "ledger", cid)
+    assert "total" in table.stdout and str(final["fuel"]["spent"]) in table.stdout
+    listed = as_json(chassis(services, "list", "--status", "COMPLETED", "--json"))
+    assert cid in [d["correlation_id"] for d in listed]
+    human = chassis(services, "status", cid)
+    assert human.returncode == 0 and "COMPLETED" in human.stdout and "steps" in human.stdout
+
+
+def test_failed_workflow_exits_non_zero(services: Services, worker: Worker,
+                                        tmp_path: Path) -> None:
+    plan = tmp_path / "fails.json"
+    plan.write_text(json.dumps({"start_step": "x", "steps": {
+        "x": {"action": "fail", "params": {"message": "nope"}}}}))
+    proc = chassis(services, "run", str(plan), "--wait")
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stdout and "step 'x' failed: nope" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fuel", "0"], "fuel budget must be a positive integer"),
+    (["--fuel", "lots"], "fuel budget must be a positive integer"),
+    (["--client", ""], "client_id"),
+    (["--correlation-id", "not-a-uuid"], "correlation id must be a UUID"),
+])
+def test_bad_input_is_refused_and_nothing_is_written(services: Services, args: list[str],
+                                                     message: str, client: Client) -> None:
+    before = len(client.list(limit=10_000))
+    proc = chassis(services, "run", "examples/research_assistant.yaml", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(client.list(limit=10_000)) == before
+
+
+def test_invalid_plan_names_every_problem(services: Services, tmp_path: Path,
+                                          client: Client) -> None:
+    plan = tmp_path / "bad.yaml"
+    plan.write_text("start_step: a\nsteps:\n  a: {action: fan_out, next_step: b}\n"
+                    "  b: {action: nowhere_action, next_step: a}\n")
+    before = len(client.list(limit=10_000))
+    proc = chassis(services, "run", str(plan))
+    assert proc.returncode == 2
+    assert "steps.a" in proc.stderr and "steps.b" in proc.stderr and "cycle" in proc.stderr
+    assert len(client.list(limit=10_000)) == before
+
+
+def test_resume_errors(services: Services, worker: Worker, client: Client) -> None:
+    proc = chassis(services, "resume", str(uuid.uuid4()), "--approve")
+    assert proc.returncode == 1 and "no workflow" in proc.stderr
+    cid = client.start("examples/research_assistant.yaml", None, client_id="acme")
+    client.wait(cid, timeout=60)
+    proc = chassis(services, "resume", cid, "--reject")
+    assert proc.returncode == 1 and "not paused" in proc.stderr
+    proc = chassis(services, "resume", cid)
+    assert proc.returncode == 2 and "--approve or --reject" in proc.stderr
