@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, chord
 
-from chassis import actions
+from chassis import actions, logs
 from chassis import coordinator as co
 from chassis.celery_conf import queue_for
 from chassis.plan import Plan
@@ -74,18 +74,19 @@ class Engine:
     def run_step(self, payload: dict[str, Any], task_id: str | None) -> None:
         """Body of the ``chassis.step`` task."""
         cid, step = payload["cid"], payload["step"]
-        ids = {"correlation_id": cid, "step": step, "task_id": task_id}
-        attempt = self.store.claim_step(cid, step, task_id)
-        if attempt is None:
-            log.info("step %s already finished: duplicate delivery ignored", step, extra=ids)
-            return
-        log.debug("step %s attempt %d", step, attempt, extra=ids)
-        self.apply(cid, run_action(payload))
+        with logs.bind(correlation_id=cid, step=step, task_id=task_id):
+            attempt = self.store.claim_step(cid, step, task_id)
+            if attempt is None:
+                log.info("step %s already finished: duplicate delivery ignored", step)
+                return
+            log.debug("step %s attempt %d", step, attempt)
+            self.apply(cid, run_action(payload))
 
     def run_subtask(self, payload: dict[str, Any], task_id: str | None) -> dict[str, Any]:
         """Body of ``chassis.subtask``: its result goes to the chord callback."""
-        self.store.claim_step(payload["cid"], payload["step"], task_id)
-        event = run_action(payload)
+        with logs.bind(correlation_id=payload["cid"], step=payload["step"], task_id=task_id):
+            self.store.claim_step(payload["cid"], payload["step"], task_id)
+            event = run_action(payload)
         if isinstance(event, co.StepFailed):
             return {"step": event.step, "error": event.error}
         return {"step": event.step, "output": event.output}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from chassis import runtime
+from chassis import config, logs, runtime
 from chassis.runtime import engine
 from chassis.store.db import dispose_engines
 from tasks.celery_app import app
@@ -19,9 +19,22 @@ def step(self: Task, payload: dict[str, Any]) -> None:
     engine(app).run_step(payload, self.request.id)
 
 
+@app.task(name="chassis.ai_step", bind=True)
+def ai_step(self: Task, payload: dict[str, Any]) -> None:
+    """``chassis.step`` for an AI action, on the chassis.ai queue; its own name carries
+    the AI rate limit (CHASSIS_AI_RATE_LIMIT)."""
+    engine(app).run_step(payload, self.request.id)
+
+
 @app.task(name="chassis.subtask", bind=True, ignore_result=False)
 def subtask(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Run one fan-out sub-task; its result goes to the chord callback."""
+    return engine(app).run_subtask(payload, self.request.id)
+
+
+@app.task(name="chassis.ai_subtask", bind=True, ignore_result=False)
+def ai_subtask(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """``chassis.subtask`` for an AI action (rate-limited like ``chassis.ai_step``)."""
     return engine(app).run_subtask(payload, self.request.id)
 
 
@@ -48,3 +61,12 @@ def _after_fork(**_: Any) -> None:
     """A forked pool process must not reuse its parent's database connections."""
     runtime.reset()
     dispose_engines()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_context(logger: Any, **_: Any) -> None:
+    """Worker log records carry correlation_id, step and task id (JSON if configured)."""
+    fmt = config.load().log_format
+    for handler in logger.handlers:
+        logs.install(handler, fmt)
