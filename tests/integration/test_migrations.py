@@ -13,16 +13,29 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from chassis.errors import ConfigError
-from chassis.store.db import current_revision, head_revision, make_engine, upgrade
+from chassis.store.db import (
+    MIGRATIONS_DIR,
+    current_revision,
+    head_revision,
+    make_engine,
+    upgrade,
+)
 from chassis.store.tables import metadata
 
-TABLES = {"orchestrator_state", "step_runs", "fuel_ledger", "outbox"}
+TABLES = set(metadata.tables)
 CHASSIS = Path(sys.executable).parent / "chassis"
 UNREACHABLE = "postgresql://postgres:s3cret@127.0.0.1:1/x"
+
+
+def all_revisions() -> list[str]:
+    """Every migration shipped, oldest first."""
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
 
 
 def schema_snapshot(url: str) -> dict[str, Any]:
@@ -77,6 +90,7 @@ def test_upgrade_creates_the_tables(empty_db_url: str) -> None:
 
     applied = upgrade(empty_db_url)
 
+    assert applied == all_revisions()
     assert applied[0] == "0001" and applied[-1] == head_revision()
     assert current_revision(empty_db_url) == head_revision()
     tables = set(sa.inspect(make_engine(empty_db_url)).get_table_names())
@@ -123,7 +137,7 @@ def test_concurrent_upgrades_apply_once(empty_db_url: str) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(upgrade, [empty_db_url] * 3))
 
-    assert sorted(results, key=len) == [[], [], ["0001"]]
+    assert sorted(results, key=len) == [[], [], all_revisions()]
     assert current_revision(empty_db_url) == head_revision()
 
 
