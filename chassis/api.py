@@ -25,8 +25,9 @@ from chassis import actions, config, validation
 from chassis import coordinator as co
 from chassis.celery_conf import celery_settings
 from chassis.engine import Engine
-from chassis.errors import InputError, PlanFileError
+from chassis.errors import InputError, PlanFileError, PlanNotFound
 from chassis.plan import Plan, load_plan, parse_plan
+from chassis.registry import NAME_RE, PlanRegistry, parse_ref
 from chassis.state import SETTLED, Status, WorkflowState
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
@@ -82,30 +83,51 @@ def _correlation_id(value: str | None) -> str:
         raise InputError(f"correlation id must be a UUID, got {value!r}") from None
 
 
-def resolve_plan(source: PlanSource) -> Plan:
-    """A plan from a Plan, a mapping, or a JSON/YAML file path."""
+def resolve_plan(source: PlanSource, registry: PlanRegistry | None = None) -> Plan:
+    """A plan from a Plan, a mapping, a JSON/YAML file path or, given ``registry``, a
+    registered plan's ``name`` (latest version) or ``name@version``. An existing file
+    wins over a registered name."""
+    return _resolve(source, registry)[0]
+
+
+def _resolve(source: PlanSource,
+             registry: PlanRegistry | None) -> tuple[Plan, str | None, int | None]:
+    """(plan, registered name, version); name and version are None for a file."""
     if isinstance(source, Plan):
-        return source
+        return source, None, None
     if isinstance(source, Mapping):
-        return parse_plan(dict(source))
+        return parse_plan(dict(source)), None, None
     path = Path(source)
-    if not path.exists():
+    if path.exists():
+        return load_plan(path), None, None
+    ref = str(source)
+    if registry is None or not NAME_RE.match(ref.rpartition("@")[0] or ref):
         raise PlanFileError(f"plan file not found: {source}")
-    return load_plan(path)
+    name, version = parse_ref(ref)
+    try:
+        found = registry.get(name, version)
+    except PlanNotFound as exc:
+        raise PlanFileError(f"{source}: no such plan file, and {exc}") from None
+    return found.plan, found.name, found.version
 
 
 class Client:
-    """Talks to the store and the broker; one per app is plenty (it is thread-safe)."""
+    """Talks to the store and the broker; one per app is plenty (it is thread-safe).
+
+    ``in_worker``: True inside a Celery worker (fan-out chords are then sent directly;
+    see :class:`chassis.engine.Engine`).
+    """
 
     def __init__(self, settings: config.Settings | None = None, *,
-                 app: Celery | None = None) -> None:
+                 app: Celery | None = None, in_worker: bool = False) -> None:
         self.settings = settings or config.load()
         if app is None:
             app = Celery("agentchassis-client", set_as_current=False)
             app.conf.update(celery_settings(self.settings))
         self.app = app
         self.store = SqlStore(make_engine(self.settings.database_url))
-        self.engine = Engine(self.store, app, in_worker=False)
+        self.engine = Engine(self.store, app, in_worker=in_worker)
+        self.registry = PlanRegistry(self.store.engine)
 
     def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None,
               fuel_budget: object = DEFAULT_FUEL, correlation_id: str | None = None,
@@ -115,6 +137,9 @@ class Client:
         """Start a workflow and return its correlation_id. Starting one whose id exists
         is a no-op that returns that id. Bad input raises before anything is written.
 
+        ``plan`` is a Plan, a mapping, a file, or a registered name (``name@N`` for a
+        given version); the workflow stores a snapshot of the plan it started with.
+
         ``check_actions=False`` accepts actions this process does not know (the
         worker has them); ``known_actions`` adds names to the registry's.
         """
@@ -123,7 +148,9 @@ class Client:
                              "(pass client_id=..., or --client on the command line)")
         budget = _positive_budget(fuel_budget)
         cid = _correlation_id(correlation_id)
-        p = resolve_plan(plan)
+        p, name, version = _resolve(plan, self.registry)
+        if name is not None and plan_name is None:
+            plan_name, plan_version = name, version
         known = set(actions.registered()) | set(known_actions or ())
         if not check_actions:
             known |= {s.action for s in p.steps.values()}
@@ -140,6 +167,20 @@ class Client:
         decision = co.decide(state, p, co.Start())
         self.engine.create(decision, p, plan_name=plan_name, plan_version=plan_version)
         return cid
+
+    def start_request(self, request: Mapping[str, Any]) -> str:
+        """Start the registered plan a Kafka start request names (the ``chassis.start``
+        task's payload: plan, version, input, correlation_id, client_id, project_id,
+        request_id, fuel_budget). Idempotent by correlation_id."""
+        cid = _correlation_id(request["correlation_id"])
+        if self.store.exists(cid):  # a re-read message: skip the plan look-up
+            return cid
+        found = self.registry.get(request["plan"], request.get("version"))
+        return self.start(found.plan, request.get("input"), client_id=request["client_id"],
+                          fuel_budget=request.get("fuel_budget") or DEFAULT_FUEL,
+                          correlation_id=cid, project_id=request.get("project_id"),
+                          request_id=request.get("request_id"), check_actions=False,
+                          plan_name=found.name, plan_version=found.version)
 
     def status(self, correlation_id: str) -> dict[str, Any]:
         """The workflow's status document (raises WorkflowNotFound)."""

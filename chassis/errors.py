@@ -39,6 +39,10 @@ class PlanFileError(PlanError):
     """A plan file is missing or is not JSON/YAML."""
 
 
+class PlanNotFound(ChassisError):
+    """No registered plan has this name (or this version)."""
+
+
 class InputError(ChassisError):
     """A request was refused before anything was written (bad client_id, budget, input)."""
 

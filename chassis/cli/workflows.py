@@ -107,7 +107,8 @@ def _exit_code(doc: dict[str, Any]) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(plan: str, input_: str | None, client_id: str, project_id: str | None, fuel: str,
         correlation_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Start a workflow from PLAN (a JSON/YAML file).
+    """Start a workflow from PLAN: a JSON/YAML file, or a registered plan's NAME
+    (latest version) or NAME@VERSION (see `chassis plan`).
 
     Bad input (invalid plan, missing client, a budget that is not a positive integer)
     is refused and nothing is written. In embedded mode, --wait runs a Celery worker in

@@ -106,3 +106,14 @@ outbox = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Index("idx_outbox_unpublished", "published_at", "id"),
 )
+
+plans = sa.Table(
+    "plans",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("content", JSONType, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("name", "content_hash", name="uq_plans_name_content_hash"),
+)
