@@ -12,6 +12,8 @@ COORDINATION_QUEUE = "chassis.coordination"
 STEPS_QUEUE = "chassis.steps"
 AI_QUEUE = "chassis.ai"
 AI_PREFIX = "ai_"
+#: How often beat sends ``chassis.relay`` (when CHASSIS_KAFKA_BOOTSTRAP is set).
+RELAY_BEAT_SECONDS = 10.0
 
 
 def queue_for(action: str) -> str:
@@ -26,6 +28,8 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "chassis.resume": {"queue": COORDINATION_QUEUE},
     "chassis.fanout": {"queue": COORDINATION_QUEUE},
     "chassis.start": {"queue": COORDINATION_QUEUE},
+    "chassis.respond": {"queue": COORDINATION_QUEUE},
+    "chassis.relay": {"queue": COORDINATION_QUEUE},
     "chassis.sweep": {"queue": COORDINATION_QUEUE},
     "celery.chord_unlock": {"queue": COORDINATION_QUEUE},
 }
@@ -54,6 +58,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "broker_transport_options": {},
     }
+    if settings.kafka_bootstrap:
+        # the fallback publisher of the outbox; `chassis relay` is the fast path
+        conf["beat_schedule"] = {"chassis-relay": {
+            "task": "chassis.relay", "schedule": RELAY_BEAT_SECONDS,
+            "options": {"expires": RELAY_BEAT_SECONDS}}}
     if settings.embedded_broker:
         queue = settings.broker_dir / "queue"
         control = settings.broker_dir / "control"

@@ -40,6 +40,17 @@ class Settings:
     """CHASSIS_LOG_FORMAT: ``text`` or ``json``."""
     log_level: str = "INFO"
     """CHASSIS_LOG_LEVEL."""
+    kafka_response_pattern: str = r"^system\.responses\..*"
+    """CHASSIS_KAFKA_RESPONSE_PATTERN: regex (librdkafka: starts with ^) of the topics
+    the bridge reads external agents' responses from."""
+    kafka_dlq_topic: str = "dlq.chassis"
+    """CHASSIS_KAFKA_DLQ_TOPIC: where the bridge puts messages it cannot use."""
+    kafka_group: str = "chassis-bridge"
+    """CHASSIS_KAFKA_GROUP: consumer group of ``chassis bridge``."""
+    relay_batch_size: int = 500
+    """CHASSIS_RELAY_BATCH_SIZE: outbox rows the relay publishes per transaction."""
+    relay_poll_interval: float = 0.2
+    """CHASSIS_RELAY_POLL_INTERVAL: seconds the relay waits when the outbox is empty."""
     embedded_broker: bool = field(default=False)
     """True when no broker URL was given (derived)."""
 
@@ -84,5 +95,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         prefetch_multiplier=int(env.get("CHASSIS_PREFETCH_MULTIPLIER") or 4),
         log_format=(env.get("CHASSIS_LOG_FORMAT") or "text").lower(),
         log_level=(env.get("CHASSIS_LOG_LEVEL") or "INFO").upper(),
+        kafka_response_pattern=(env.get("CHASSIS_KAFKA_RESPONSE_PATTERN")
+                                or Settings.kafka_response_pattern),
+        kafka_dlq_topic=env.get("CHASSIS_KAFKA_DLQ_TOPIC") or Settings.kafka_dlq_topic,
+        kafka_group=env.get("CHASSIS_KAFKA_GROUP") or Settings.kafka_group,
+        relay_batch_size=int(env.get("CHASSIS_RELAY_BATCH_SIZE") or Settings.relay_batch_size),
+        relay_poll_interval=float(env.get("CHASSIS_RELAY_POLL_INTERVAL")
+                                  or Settings.relay_poll_interval),
         embedded_broker=embedded,
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 from celery import Celery
 
 from chassis import config
+from chassis.api import Client
 from chassis.engine import Engine
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
 
 _engines: dict[int, Engine] = {}
+_clients: dict[int, Client] = {}
 
 
 def engine(app: Celery) -> Engine:
@@ -21,6 +23,29 @@ def engine(app: Celery) -> Engine:
     return eng
 
 
+def client(app: Celery) -> Client:
+    """A :class:`Client` that starts workflows from inside a worker of ``app``."""
+    c = _clients.get(id(app))
+    if c is None:
+        c = _clients[id(app)] = Client(config.load(), app=app, in_worker=True)
+    return c
+
+
+def relay_outbox() -> int:
+    """Publish the outbox once (the ``chassis.relay`` task); 0 when Kafka is off."""
+    settings = config.load()
+    if not settings.kafka_bootstrap:
+        return 0
+    from chassis.kafka.relay import relay_once  # confluent-kafka only when Kafka is on
+
+    return relay_once(settings)
+
+
 def reset() -> None:
-    """Forget engines (after a fork: connections must not be shared)."""
+    """Forget engines, clients and the relay (after a fork: connections must not be
+    shared)."""
     _engines.clear()
+    _clients.clear()
+    from chassis.kafka import relay
+
+    relay.reset()

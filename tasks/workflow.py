@@ -8,7 +8,8 @@ from celery import Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from chassis import config, logs, runtime
-from chassis.runtime import engine
+from chassis.coordinator import ResponseReceived
+from chassis.runtime import engine, relay_outbox
 from chassis.store.db import dispose_engines
 from tasks.celery_app import app
 
@@ -54,6 +55,25 @@ def fanout(correlation_id: str, step: str) -> None:
 def resume(correlation_id: str, approved: bool, feedback: Any = None) -> None:
     """Resume a paused workflow (sent by other apps and the Kafka bridge)."""
     engine(app).resume(correlation_id, approved, feedback)
+
+
+@app.task(name="chassis.start")
+def start(payload: dict[str, Any]) -> str:
+    """Start a registered plan for a Kafka start request (idempotent by correlation_id)."""
+    return runtime.client(app).start_request(payload)
+
+
+@app.task(name="chassis.respond")
+def respond(correlation_id: str, request_id: str, success: bool, data: Any = None,
+            error: str | None = None) -> None:
+    """An external agent's TaskResponse to request ``request_id`` (its causation_id)."""
+    engine(app).apply(correlation_id, ResponseReceived(request_id, success, data, error))
+
+
+@app.task(name="chassis.relay")
+def relay() -> int:
+    """Publish the outbox to Kafka (beat's fallback for `chassis relay`)."""
+    return relay_outbox()
 
 
 @worker_process_init.connect

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from chassis.cli import db, plans, registry, workflows  # noqa: F401  (register their commands)
+from chassis.cli import (  # noqa: F401  (register their commands)
+    db,
+    kafka,
+    plans,
+    registry,
+    workflows,
+)
 from chassis.cli.base import main
 
 __all__ = ["main"]

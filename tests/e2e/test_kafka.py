@@ -1,0 +1,248 @@
+"""End to end over Kafka: a start message, an external step answered by the example
+agent, the pause notification, a resume message, completion; dead letters; the bridge
+killed in the middle of 1,000 start messages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from chassis import config
+from chassis.api import Client
+from chassis.coordinator import NOTIFICATION_TOPIC, RESUME_TOPIC
+from chassis.plan import load_plan, parse_plan
+from chassis.registry import PlanRegistry
+from chassis.state import request_id_for
+from chassis.store.db import make_engine
+from chassis.store.tables import orchestrator_state
+from tests.e2e.conftest import KafkaServices, create_topics, headers_of, json_of
+from tests.helpers import wait_until
+from tests.integration.conftest import Worker
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUESTS = "system.agent.research.requests"
+RESPONSES = "system.responses.research"
+DLQ = "dlq.chassis"
+
+
+@pytest.fixture(scope="module")
+def running(kafka: KafkaServices) -> KafkaServices:
+    """A worker, the bridge, the relay and the example agent, with the topics made."""
+    create_topics(kafka.bootstrap, REQUESTS, RESPONSES, NOTIFICATION_TOPIC, RESUME_TOPIC,
+                  DLQ, "system.agent.research.process", "system.agent.quick.process")
+    registry = PlanRegistry(make_engine(kafka.env["CHASSIS_DATABASE_URL"]))
+    registry.register("research", load_plan(ROOT / "examples" / "external_research.yaml"))
+    registry.register("quick", parse_plan({"start_step": "done", "steps": {
+        "done": {"action": "complete_workflow"}}}))
+    kafka.start_worker()
+    kafka.agent(REQUESTS, RESPONSES)
+    kafka.relay()
+    kafka.bridge()
+    return kafka
+
+
+def client(kafka: KafkaServices) -> Client:
+    return Client(config.load(kafka.env))
+
+
+def events_for(cid: str, event_type: str) -> Any:
+    def until(msgs: list[Message]) -> bool:
+        return any(json_of(m).get("correlation_id") == cid
+                   and json_of(m).get("event_type") == event_type for m in msgs)
+    return until
+
+
+def test_start_external_step_pause_resume_complete(running: KafkaServices) -> None:
+    cid, rid = str(uuid.uuid4()), str(uuid.uuid4())
+    c = client(running)
+
+    running.send("system.agent.research.process", {"question": "durable workflows?"},
+                 {"correlation_id": cid, "request_id": rid, "client_id": "acme",
+                  "project_id": "p1", "fuel_budget": "50"}, key=cid)
+
+    paused = wait_until(lambda: (d := c.status(cid))["status"] == "PAUSED_FOR_HUMAN_INPUT"
+                        and d, timeout=90, ignore=(Exception,),
+                        message="workflow did not pause after the agent's answer")
+    research = paused["collected_data"]["research"]
+    assert research["action"] == "research" and "durable workflows" in research["summary"]
+    assert paused["input"] == {"question": "durable workflows?"}
+
+    # the TaskRequest the relay published: causation = the start request, fuel remaining
+    request = [m for m in running.read(REQUESTS, lambda ms: any(
+        headers_of(m).get("correlation_id") == cid for m in ms))
+        if headers_of(m).get("correlation_id") == cid][0]
+    h = headers_of(request)
+    assert h["causation_id"] == rid and h["request_id"] == request_id_for(cid, "research")
+    assert (h["client_id"], h["project_id"], h["fuel_budget"]) == ("acme", "p1", "49")
+    assert request.key() == cid.encode()
+    assert json_of(request)["action"] == "research"
+    assert json_of(request)["data"]["input"] == {"question": "durable workflows?"}
+
+    notes = running.read(NOTIFICATION_TOPIC,
+                         events_for(cid, "WORKFLOW_PAUSED_FOR_APPROVAL"))
+    pause = next(json_of(m) for m in notes if json_of(m).get("correlation_id") == cid)
+    assert pause["client_id"] == "acme" and pause["project_id"] == "p1"
+    assert pause["data_for_review"]["research"] == research
+
+    running.send(RESUME_TOPIC, {"approved": True, "feedback": {"ok": "ship it"}},
+                 {"correlation_id": cid, "client_id": "acme"}, key=cid)
+
+    done = wait_until(lambda: (d := c.status(cid))["status"] == "COMPLETED" and d,
+                      timeout=60, message="workflow did not complete after the resume")
+    assert done["final_result"]["human_feedback"] == {"ok": "ship it"}
+    notes = running.read(NOTIFICATION_TOPIC, events_for(cid, "WORKFLOW_COMPLETED"))
+    mine = [json_of(m)["event_type"] for m in notes if json_of(m).get("correlation_id") == cid]
+    assert mine == ["WORKFLOW_PAUSED_FOR_APPROVAL", "WORKFLOW_COMPLETED"]
+
+    # a duplicate start message (same ids) changes nothing
+    version = done["version"]
+    running.send("system.agent.research.process", {"question": "again"},
+                 {"correlation_id": cid, "request_id": rid, "client_id": "acme"}, key=cid)
+    marker = str(uuid.uuid4())
+    running.send("system.agent.quick.process", None, {"correlation_id": marker,
+                                                      "client_id": "acme"})
+    wait_until(lambda: c.status(marker)["status"] == "COMPLETED", timeout=60,
+               ignore=(Exception,), message="a later start was not handled")
+    assert c.status(cid)["version"] == version and c.status(cid)["input"] == {
+        "question": "durable workflows?"}
+
+
+def test_failed_agent_answer_fails_the_step(running: KafkaServices) -> None:
+    c = client(running)
+    cid = str(uuid.uuid4())
+    # started directly (the relay sends its request); answered by hand with a failure
+    plan = {"start_step": "research", "steps": {
+        "research": {"action": "research", "topic": "system.agent.manual.requests",
+                     "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    c.start(plan, {"q": 1}, client_id="acme", correlation_id=cid)
+    running.read("system.agent.manual.requests", lambda ms: any(
+        headers_of(m).get("correlation_id") == cid for m in ms))
+    create_topics(running.bootstrap, "system.responses.manual")
+    running.send("system.responses.manual", {"success": False, "error": "quota exceeded"},
+                 {"correlation_id": cid, "causation_id": request_id_for(cid, "research"),
+                  "client_id": "acme"}, key=cid)
+
+    failed = wait_until(lambda: (d := c.status(cid))["status"] == "FAILED" and d,
+                        timeout=90, message="the failure answer was not applied")
+    assert failed["error"] == "step 'research' failed: quota exceeded"
+    notes = running.read(NOTIFICATION_TOPIC, events_for(cid, "WORKFLOW_FAILED"))
+    assert any(json_of(m).get("error") == failed["error"] for m in notes)
+
+
+def test_unusable_messages_go_to_the_dlq_with_their_reason(running: KafkaServices) -> None:
+    c = client(running)
+    owned = str(uuid.uuid4())
+    c.start({"start_step": "wait", "steps": {
+        "wait": {"action": "pause_for_human_input", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}, None, client_id="acme",
+        correlation_id=owned)
+    run = uuid.uuid4().hex
+    start = "system.agent.research.process"
+    bad: list[tuple[str, str, Any, dict[str, str]]] = [
+        ("bad_json", start, b"{not json", {"correlation_id": str(uuid.uuid4()),
+                                          "client_id": "acme"}),
+        ("missing_header", start, {"q": 1}, {"correlation_id": str(uuid.uuid4())}),
+        ("bad_header", start, {"q": 1}, {"correlation_id": "not-a-uuid",
+                                         "client_id": "acme"}),
+        ("unknown_plan", "system.agent.nosuchplan.process", {"q": 1},
+         {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}),
+        ("client_mismatch", RESUME_TOPIC, {"approved": True},
+         {"correlation_id": owned, "client_id": "mallory"}),
+        ("unknown_workflow", RESUME_TOPIC, {"approved": True},
+         {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}),
+        ("bad_payload", RESUME_TOPIC, {"approve": "yes"},
+         {"correlation_id": owned, "client_id": "acme"}),
+        ("unknown_workflow", RESPONSES, {"success": True, "data": {}},
+         {"correlation_id": str(uuid.uuid4()), "causation_id": "x"}),
+        ("unknown_request", RESPONSES, {"success": True, "data": {}},
+         {"correlation_id": owned, "causation_id": "not-a-request-of-it"}),
+        ("bad_json", RESPONSES, b"\xff\xfe", {"correlation_id": owned, "causation_id": "x"}),
+    ]
+    create_topics(running.bootstrap, "system.agent.nosuchplan.process")
+    for i, (_, topic, value, headers) in enumerate(bad):
+        running.send(topic, value, {**headers, "test_run": run, "test_case": str(i)})
+    # a good message after them: the bridge goes on
+    running.send(RESUME_TOPIC, {"approved": True}, {"correlation_id": owned,
+                                                    "client_id": "acme"})
+
+    def mine(msgs: list[Message]) -> list[Message]:
+        return [m for m in msgs if headers_of(m).get("test_run") == run]
+
+    dead = mine(running.read(DLQ, lambda ms: len(mine(ms)) >= len(bad)))
+    by_case = {int(headers_of(m)["test_case"]): m for m in dead}
+    assert len(dead) == len(bad) and sorted(by_case) == list(range(len(bad)))
+    for i, (reason, topic, value, _) in enumerate(bad):
+        h = headers_of(by_case[i])
+        assert h["dlq_reason"] == reason, (i, h)
+        assert h["dlq_detail"]
+        assert h["source_topic"] == topic
+        assert int(h["source_partition"]) >= 0 and int(h["source_offset"]) >= 0
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        assert by_case[i].value() == raw
+    assert "header client_id is required" in headers_of(by_case[1])["dlq_detail"]
+    assert wait_until(lambda: c.status(owned)["status"] == "COMPLETED", timeout=60)
+
+
+def count_workflows(kafka: KafkaServices, client_id: str) -> int:
+    with make_engine(kafka.env["CHASSIS_DATABASE_URL"]).connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(orchestrator_state)
+                            .where(orchestrator_state.c.client_id == client_id)).scalar_one()
+
+
+def committed(kafka: KafkaServices, topic: str) -> int:
+    c = Consumer({"bootstrap.servers": kafka.bootstrap,
+                  "group.id": kafka.env["CHASSIS_KAFKA_GROUP"]})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        offsets = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        return sum(max(tp.offset, 0) for tp in offsets)
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(300)
+def test_bridge_killed_during_1000_starts_makes_exactly_1000(running: KafkaServices) -> None:
+    n, client_id = 1000, f"bulk-{uuid.uuid4().hex[:8]}"
+    topic = "system.agent.quick.process"
+    bridge: Worker = next(w for w in running.workers if "bridge" in w.log.name)
+    producer = running.producer()
+    sent = threading.Event()
+
+    def produce() -> None:
+        for i in range(n):
+            producer.produce(topic, value=json.dumps({"i": i}).encode(),
+                             headers=[("correlation_id", str(uuid.uuid4()).encode()),
+                                      ("client_id", client_id.encode())])
+            if i % 10 == 9:  # ~250 a second: the kill lands while they still come
+                producer.flush(30)
+                time.sleep(0.04)
+        producer.flush(30)
+        sent.set()
+
+    t = threading.Thread(target=produce)
+    before = committed(running, topic)
+    t.start()
+    wait_until(lambda: count_workflows(running, client_id) >= 100, timeout=120,
+               message="the bridge made no progress")
+    bridge.kill()
+    assert not sent.is_set(), "too late: every message was produced before the kill"
+    running.bridge()
+    t.join(120)
+    assert sent.is_set()
+
+    wait_until(lambda: count_workflows(running, client_id) == n, timeout=180,
+               message=f"expected exactly {n} workflows")
+    wait_until(lambda: committed(running, topic) - before >= n, timeout=60,
+               message="offsets not committed")
+    assert count_workflows(running, client_id) == n
