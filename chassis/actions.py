@@ -140,3 +140,7 @@ def fail(data: dict[str, Any], params: dict[str, Any]) -> Any:
 
 
 __all__ = ["Action", "action", "get", "load_modules", "registered", "unregister"]
+
+# The AI actions (ai_text_generate_*) are built-ins too. Imported last: that module
+# registers them with @action from this one.
+import chassis.ai.actions  # noqa: E402,F401

@@ -14,6 +14,11 @@ AI_QUEUE = "chassis.ai"
 AI_PREFIX = "ai_"
 #: How often beat sends ``chassis.relay`` (when CHASSIS_KAFKA_BOOTSTRAP is set).
 RELAY_BEAT_SECONDS = 10.0
+STEP_TASK = "chassis.step"
+SUBTASK_TASK = "chassis.subtask"
+#: The same tasks for AI actions: their own names carry CHASSIS_AI_RATE_LIMIT.
+AI_STEP_TASK = "chassis.ai_step"
+AI_SUBTASK_TASK = "chassis.ai_subtask"
 
 
 def queue_for(action: str) -> str:
@@ -21,9 +26,22 @@ def queue_for(action: str) -> str:
     scaled apart from cheap steps."""
     return AI_QUEUE if action.startswith(AI_PREFIX) else STEPS_QUEUE
 
+
+def step_task_for(action: str) -> str:
+    """The task that runs a step of this action (AI actions: the rate-limited one)."""
+    return AI_STEP_TASK if action.startswith(AI_PREFIX) else STEP_TASK
+
+
+def subtask_task_for(action: str) -> str:
+    """The task that runs a fan-out sub-task of this action."""
+    return AI_SUBTASK_TASK if action.startswith(AI_PREFIX) else SUBTASK_TASK
+
+
 TASK_ROUTES: dict[str, dict[str, str]] = {
-    "chassis.step": {"queue": STEPS_QUEUE},
-    "chassis.subtask": {"queue": STEPS_QUEUE},
+    STEP_TASK: {"queue": STEPS_QUEUE},
+    SUBTASK_TASK: {"queue": STEPS_QUEUE},
+    AI_STEP_TASK: {"queue": AI_QUEUE},
+    AI_SUBTASK_TASK: {"queue": AI_QUEUE},
     "chassis.join": {"queue": COORDINATION_QUEUE},
     "chassis.resume": {"queue": COORDINATION_QUEUE},
     "chassis.fanout": {"queue": COORDINATION_QUEUE},
@@ -58,6 +76,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "broker_transport_options": {},
     }
+    if settings.ai_rate_limit:
+        # Celery enforces a rate limit per worker and per task name
+        limit = {"rate_limit": settings.ai_rate_limit}
+        conf["task_annotations"] = {AI_STEP_TASK: limit, AI_SUBTASK_TASK: limit}
     if settings.kafka_bootstrap:
         # the fallback publisher of the outbox; `chassis relay` is the fast path
         conf["beat_schedule"] = {"chassis-relay": {

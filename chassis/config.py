@@ -6,10 +6,23 @@ With nothing set, everything is embedded: SQLite and a file-system broker under
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from chassis.errors import ConfigError
+
+#: Where AI steps send their requests: Claude through the anthropic SDK, or the
+#: deterministic offline stand-in (see chassis.ai).
+AI_PROVIDERS = ("anthropic", "offline")
+#: Current Claude model ids per tier (override with CHASSIS_CLAUDE_<TIER>_MODEL).
+DEFAULT_CLAUDE_HAIKU_MODEL = "claude-haiku-5-5"
+DEFAULT_CLAUDE_SONNET_MODEL = "claude-sonnet-5-5"
+DEFAULT_CLAUDE_OPUS_MODEL = "claude-opus-5-5"
+_RATE_LIMIT = re.compile(r"^\d+(\.\d+)?(/[smh])?$")
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -53,6 +66,34 @@ class Settings:
     """CHASSIS_RELAY_POLL_INTERVAL: seconds the relay waits when the outbox is empty."""
     embedded_broker: bool = field(default=False)
     """True when no broker URL was given (derived)."""
+    ai_provider: str = "offline"
+    """CHASSIS_AI_PROVIDER: ``anthropic`` (Claude) or ``offline`` (deterministic text, no
+    requests). Default: ``anthropic`` when ANTHROPIC_API_KEY is set, else ``offline``."""
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    """ANTHROPIC_API_KEY: the Claude API key (the SDK's own variable; never printed)."""
+    anthropic_base_url: str | None = None
+    """ANTHROPIC_BASE_URL: the Messages API's base URL (the SDK's own variable; unset
+    means the SDK's default, https://api.anthropic.com)."""
+    claude_haiku_model: str = DEFAULT_CLAUDE_HAIKU_MODEL
+    """CHASSIS_CLAUDE_HAIKU_MODEL: model id of ``ai_text_generate_claude_haiku``."""
+    claude_sonnet_model: str = DEFAULT_CLAUDE_SONNET_MODEL
+    """CHASSIS_CLAUDE_SONNET_MODEL: model id of ``ai_text_generate_claude_sonnet``."""
+    claude_opus_model: str = DEFAULT_CLAUDE_OPUS_MODEL
+    """CHASSIS_CLAUDE_OPUS_MODEL: model id of ``ai_text_generate_claude_opus``."""
+    ai_max_retries: int = 4
+    """CHASSIS_AI_MAX_RETRIES: retries of a Claude request after 429, 5xx (529
+    included), timeouts and connection errors; 0 turns retrying off."""
+    ai_timeout: float = 300.0
+    """CHASSIS_AI_TIMEOUT: seconds one Claude request may take."""
+    ai_backoff: float = 1.0
+    """CHASSIS_AI_BACKOFF: seconds before the first retry; doubled for each next one,
+    with random jitter (half to all of it)."""
+    ai_max_backoff: float = 30.0
+    """CHASSIS_AI_MAX_BACKOFF: the longest wait between two tries (a server's
+    retry-after is honoured up to this)."""
+    ai_rate_limit: str | None = None
+    """CHASSIS_AI_RATE_LIMIT: Celery rate limit of AI step tasks per worker, e.g.
+    ``60/m``; unset means no limit."""
 
     @property
     def broker_dir(self) -> Path:
@@ -65,6 +106,40 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, least: float = 0.0,
+            integer: bool = False) -> float:
+    """A number variable; ConfigError (naming it) when it is not one, or is below least."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= least):
+        what = "a whole number" if integer else "a number"
+        raise ConfigError(f"{name} must be {what} of at least {least:g}, got {raw!r}")
+    return value
+
+
+def _ai_provider(env: Mapping[str, str], api_key: str | None) -> str:
+    provider = (env.get("CHASSIS_AI_PROVIDER") or "").strip().lower()
+    if not provider:
+        return "anthropic" if api_key else "offline"
+    if provider not in AI_PROVIDERS:
+        raise ConfigError(f"CHASSIS_AI_PROVIDER must be one of {', '.join(AI_PROVIDERS)}, "
+                          f"got {provider!r}")
+    return provider
+
+
+def _rate_limit(env: Mapping[str, str]) -> str | None:
+    raw = (env.get("CHASSIS_AI_RATE_LIMIT") or "").strip()
+    if raw and not _RATE_LIMIT.match(raw):
+        raise ConfigError(f"CHASSIS_AI_RATE_LIMIT must be a Celery rate limit such as "
+                          f"'60/m', '2/s' or '1000/h', got {raw!r}")
+    return raw or None
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +159,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             backend = broker
         else:
             backend = f"db+sqlite:///{home / 'results.db'}"
+    api_key = (env.get("ANTHROPIC_API_KEY") or "").strip() or None
     return Settings(
         home=home,
         database_url=database_url,
@@ -103,4 +179,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         relay_poll_interval=float(env.get("CHASSIS_RELAY_POLL_INTERVAL")
                                   or Settings.relay_poll_interval),
         embedded_broker=embedded,
+        ai_provider=_ai_provider(env, api_key),
+        anthropic_api_key=api_key,
+        anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,
+        claude_haiku_model=env.get("CHASSIS_CLAUDE_HAIKU_MODEL") or DEFAULT_CLAUDE_HAIKU_MODEL,
+        claude_sonnet_model=(env.get("CHASSIS_CLAUDE_SONNET_MODEL")
+                             or DEFAULT_CLAUDE_SONNET_MODEL),
+        claude_opus_model=env.get("CHASSIS_CLAUDE_OPUS_MODEL") or DEFAULT_CLAUDE_OPUS_MODEL,
+        ai_max_retries=int(_number(env, "CHASSIS_AI_MAX_RETRIES", 4, integer=True)),
+        ai_timeout=_number(env, "CHASSIS_AI_TIMEOUT", 300.0, least=0.001),
+        ai_backoff=_number(env, "CHASSIS_AI_BACKOFF", 1.0),
+        ai_max_backoff=_number(env, "CHASSIS_AI_MAX_BACKOFF", 30.0),
+        ai_rate_limit=_rate_limit(env),
     )

@@ -1,0 +1,128 @@
+"""The AI actions: ``ai_text_generate_claude_haiku``, ``_sonnet``, ``_opus`` (the model
+of each tier is CHASSIS_CLAUDE_<TIER>_MODEL) and ``ai_text_generate`` (``params.model``:
+a model id, or a tier name ``haiku``, ``sonnet``, ``opus``).
+
+Params: ``prompt`` (required) and ``system`` are templates over the step's data (see
+:mod:`chassis.ai.templates`); ``max_tokens`` (default 2048); ``temperature`` (sent only
+when set); ``effort`` (low, medium, high, xhigh, max; sent only when set). The output is
+``{text, model, stop_reason, usage: {input_tokens, output_tokens}, provider}``; the
+usage is also kept with the step's fuel ledger entry. Unknown params are an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from chassis import config
+from chassis.actions import action
+from chassis.ai.errors import AIParamsError
+from chassis.ai.provider import DEFAULT_MAX_TOKENS, EFFORTS, TextRequest, provider_for
+from chassis.ai.templates import render
+from chassis.config import Settings
+
+_PARAMS = frozenset({"prompt", "system", "max_tokens", "temperature", "effort"})
+TIERS = ("haiku", "sonnet", "opus")
+
+
+def tier_model(settings: Settings, tier: str) -> str:
+    """The model id configured for a tier (haiku, sonnet, opus)."""
+    models = {"haiku": settings.claude_haiku_model, "sonnet": settings.claude_sonnet_model,
+              "opus": settings.claude_opus_model}
+    return models[tier]
+
+
+def build_request(name: str, data: Mapping[str, Any], params: Mapping[str, Any],
+                  model: str, allowed: frozenset[str] = _PARAMS) -> TextRequest:
+    """Check ``params`` and render the templates; :class:`AIParamsError` or
+    :class:`chassis.ai.errors.PromptTemplateError` say what is wrong."""
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise AIParamsError(f"{name}: unknown params {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(allowed))})")
+    if not isinstance(params.get("prompt"), str) or not params["prompt"].strip():
+        raise AIParamsError(f"{name}: params.prompt is required: a template over the "
+                            "step's data, e.g. 'Summarise {{ input.text }}'")
+    system = params.get("system")
+    return TextRequest(
+        model=model,
+        prompt=render(params["prompt"], data, what="prompt"),
+        system=render(system, data, what="system") if system is not None else None,
+        max_tokens=_max_tokens(name, params.get("max_tokens", DEFAULT_MAX_TOKENS)),
+        temperature=_temperature(name, params.get("temperature")),
+        effort=_effort(name, params.get("effort")),
+    )
+
+
+def _max_tokens(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AIParamsError(f"{name}: max_tokens must be a whole number of at least 1, "
+                            f"got {value!r}")
+    return value
+
+
+def _temperature(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or not 0 <= value <= 1):
+        raise AIParamsError(f"{name}: temperature must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _effort(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in EFFORTS:
+        raise AIParamsError(f"{name}: effort must be one of {', '.join(EFFORTS)}, "
+                            f"got {value!r}")
+    return str(value)
+
+
+def generate(name: str, data: Mapping[str, Any], params: Mapping[str, Any], model: str,
+             settings: Settings, allowed: frozenset[str] = _PARAMS) -> dict[str, Any]:
+    """Render, check, call the configured provider; the step's output."""
+    request = build_request(name, data, params, model, allowed)
+    return provider_for(settings).generate_text(request).as_output()
+
+
+def _tier_action(tier: str, data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    settings = config.load()
+    name = f"ai_text_generate_claude_{tier}"
+    if "model" in params:
+        raise AIParamsError(f"{name}: the model is CHASSIS_CLAUDE_{tier.upper()}_MODEL "
+                            f"({tier_model(settings, tier)}); use ai_text_generate to "
+                            "choose one with params.model")
+    return generate(name, data, params, tier_model(settings, tier), settings)
+
+
+@action("ai_text_generate_claude_haiku")
+def text_generate_claude_haiku(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Claude's haiku tier (CHASSIS_CLAUDE_HAIKU_MODEL)."""
+    return _tier_action("haiku", data, params)
+
+
+@action("ai_text_generate_claude_sonnet")
+def text_generate_claude_sonnet(data: dict[str, Any],
+                                params: dict[str, Any]) -> dict[str, Any]:
+    """Claude's sonnet tier (CHASSIS_CLAUDE_SONNET_MODEL)."""
+    return _tier_action("sonnet", data, params)
+
+
+@action("ai_text_generate_claude_opus")
+def text_generate_claude_opus(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Claude's opus tier (CHASSIS_CLAUDE_OPUS_MODEL)."""
+    return _tier_action("opus", data, params)
+
+
+@action("ai_text_generate")
+def text_generate(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Any model: ``params.model`` is a model id or a tier name (haiku, sonnet, opus)."""
+    settings = config.load()
+    model = params.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise AIParamsError("ai_text_generate: params.model is required: a model id such as "
+                            f"{settings.claude_sonnet_model!r}, or haiku, sonnet or opus")
+    model = tier_model(settings, model) if model in TIERS else model
+    return generate("ai_text_generate", data, params, model, settings, _PARAMS | {"model"})

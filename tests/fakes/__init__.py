@@ -1,0 +1,1 @@
+"""Stand-ins for services that cannot run here (they speak the real protocols)."""
