@@ -67,7 +67,7 @@ def test_research_assistant_example_parses_as_documented() -> None:
     assert plan.start_step == "web_search"
     assert [(n, s.action, s.next_step) for n, s in plan.steps.items()] == [
         ("web_search", "echo", "analyze_research"),
-        ("analyze_research", "echo", "finish"),
+        ("analyze_research", "ai_text_generate_claude_haiku", "finish"),
         ("finish", "complete_workflow", None),
     ]
     assert all(s.topic is None for s in plan.steps.values())

@@ -15,6 +15,8 @@ from chassis.validation import check, metrics, validate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BUILTINS = frozenset({"noop", "echo", "sleep", "fail"})
+AI_ACTIONS = frozenset({"ai_text_generate_claude_haiku", "ai_text_generate_claude_sonnet",
+                        "ai_text_generate_claude_opus", "ai_text_generate"})
 
 #: The acceptance case: four problems of four kinds in one plan.
 FOUR_PROBLEMS: dict[str, Any] = {
@@ -47,7 +49,7 @@ def problems(steps: dict[str, Any], start: str = "a") -> list[str]:
 @pytest.mark.parametrize("name", ["blog_post.yaml", "research_assistant.yaml"])
 def test_examples_are_valid_with_the_builtins(name: str) -> None:
     assert validate(load_plan(EXAMPLES / name)) == []
-    assert validate(load_plan(EXAMPLES / name), BUILTINS) == []
+    assert validate(load_plan(EXAMPLES / name), BUILTINS | AI_ACTIONS) == []
 
 
 def test_all_four_problems_are_reported_at_once() -> None:
