@@ -55,6 +55,8 @@ class SubtasksSucceeded:
     step: str
     outputs: dict[str, Any]
     errors: dict[str, str] = field(default_factory=dict)
+    started: dict[str, str] = field(default_factory=dict)
+    """When each sub-task started (ISO time): sub-tasks record nothing themselves."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class FinishStep:
     status: StepStatus
     output: Any = None
     error: str | None = None
+    started_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,11 +254,14 @@ def _subtasks(d: Decision, plan: Plan, event: SubtasksSucceeded) -> Decision:
     if not taken:
         return Decision(d.state, changed=False)
     for name in taken:
+        started = event.started.get(name)
         if name in event.errors:
-            d.commands.append(FinishStep(name, StepStatus.FAILED, error=event.errors[name]))
+            d.commands.append(FinishStep(name, StepStatus.FAILED, error=event.errors[name],
+                                         started_at=started))
         else:
             s.collected_data[name] = event.outputs[name]
-            d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=event.outputs[name]))
+            d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=event.outputs[name],
+                                         started_at=started))
     failed = [n for n in taken if n in event.errors]
     if failed:
         d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=event.errors[failed[0]]))

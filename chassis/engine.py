@@ -15,15 +15,14 @@ from celery import Celery, chord
 
 from chassis import actions, logs
 from chassis import coordinator as co
-from chassis.celery_conf import queue_for
+from chassis.celery_conf import step_task_for, subtask_task_for
 from chassis.plan import Plan
 from chassis.state import StepStatus, WorkflowState
 from chassis.store import SqlStore
+from chassis.store.sql import now
 
 log = logging.getLogger(__name__)
 
-STEP_TASK = "chassis.step"
-SUBTASK_TASK = "chassis.subtask"
 JOIN_TASK = "chassis.join"
 FANOUT_TASK = "chassis.fanout"
 RESUME_TASK = "chassis.resume"
@@ -83,13 +82,14 @@ class Engine:
             self.apply(cid, run_action(payload))
 
     def run_subtask(self, payload: dict[str, Any], task_id: str | None) -> dict[str, Any]:
-        """Body of ``chassis.subtask``: its result goes to the chord callback."""
+        """Body of ``chassis.subtask``: no transaction of its own; its result (with its
+        start time) goes to the chord callback, which records all sub-tasks at once."""
+        started = now().isoformat()
         with logs.bind(correlation_id=payload["cid"], step=payload["step"], task_id=task_id):
-            self.store.claim_step(payload["cid"], payload["step"], task_id)
             event = run_action(payload)
         if isinstance(event, co.StepFailed):
-            return {"step": event.step, "error": event.error}
-        return {"step": event.step, "output": event.output}
+            return {"step": event.step, "error": event.error, "started_at": started}
+        return {"step": event.step, "output": event.output, "started_at": started}
 
     def resume(self, cid: str, approved: bool, feedback: Any = None) -> co.Decision:
         """Approve (feedback kept as human_feedback) or reject a paused workflow.
@@ -100,7 +100,8 @@ class Engine:
         """Body of the chord callback: record every sub-task's output and continue."""
         outputs = {r["step"]: r.get("output") for r in results if "error" not in r}
         errors = {r["step"]: r["error"] for r in results if "error" in r}
-        self.apply(cid, co.SubtasksSucceeded(step, outputs, errors))
+        started = {r["step"]: r["started_at"] for r in results if r.get("started_at")}
+        self.apply(cid, co.SubtasksSucceeded(step, outputs, errors, started))
 
     # -------------------------------------------------------------- sending
 
@@ -109,8 +110,9 @@ class Engine:
         s = decision.state
         for c in decision.commands:
             if isinstance(c, co.RunStep):
-                self.app.send_task(STEP_TASK, args=[message(s, c)], task_id=c.request_id,
-                                   ignore_result=True, queue=queue_for(c.action))
+                self.app.send_task(step_task_for(c.action), args=[message(s, c)],
+                                   task_id=c.request_id, ignore_result=True,
+                                   argsrepr=_repr(s, c), kwargsrepr="{}")
             elif isinstance(c, co.RunFanOut) and not self.in_worker:
                 self.app.send_task(FANOUT_TASK, args=[s.correlation_id, c.step],
                                    ignore_result=True)
@@ -121,9 +123,9 @@ class Engine:
                           extra={"correlation_id": s.correlation_id, "step": c.step})
 
     def _chord(self, s: WorkflowState, c: co.RunFanOut) -> None:
-        header = [self.app.signature(SUBTASK_TASK, args=[message(s, t)],
+        header = [self.app.signature(subtask_task_for(t.action), args=[message(s, t)],
                                      options={"task_id": t.request_id,
-                                              "queue": queue_for(t.action)})
+                                              "argsrepr": _repr(s, t), "kwargsrepr": "{}"})
                   for t in c.subtasks]
         body = self.app.signature(JOIN_TASK, args=[s.correlation_id, c.step],
                                   options={"ignore_result": True})
@@ -144,6 +146,12 @@ class Engine:
         else:
             log.info("fan-out %s already under way: duplicate ignored", step,
                      extra={"correlation_id": cid, "step": step})
+
+
+def _repr(s: WorkflowState, c: co.RunStep) -> str:
+    """What Flower and the logs show for a step task (Celery would repr the whole payload,
+    collected data included, on every send)."""
+    return f"({s.correlation_id}/{c.step}: {c.action})"
 
 
 def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 _STYLE = {"COMPLETED": "green", "FAILED": "red", "PAUSED_FOR_HUMAN_INPUT": "yellow",
@@ -65,7 +66,7 @@ def print_status(doc: dict[str, Any]) -> None:
     head.add_row("fuel", f"{fuel['spent']} spent of {fuel['budget']} "
                          f"({fuel['remaining']} remaining)")
     if doc["error"]:
-        head.add_row("error", f"[red]{doc['error']}[/]")
+        head.add_row("error", f"[red]{escape(doc['error'])}[/]")
     out.print(head)
     if doc["steps"]:
         t = Table(title="steps", title_justify="left")
@@ -77,7 +78,8 @@ def print_status(doc: dict[str, Any]) -> None:
                       _time(s["started_at"]), _duration(s["started_at"], s["finished_at"]))
         out.print(t)
     if doc["status"] == "COMPLETED" and doc["final_result"] is not None:
-        out.print("final result: " + json.dumps(doc["final_result"], default=str)[:2000])
+        out.print("final result: " + json.dumps(doc["final_result"], default=str)[:2000],
+                  markup=False)
 
 
 def print_ledger(entries: list[dict[str, Any]], fuel: dict[str, int]) -> None:
@@ -119,7 +121,7 @@ class ProgressPrinter:
             if self.seen.get(s["name"]) != s["status"]:
                 self.seen[s["name"]] = s["status"]
                 indent = "    " if s["parent_step"] else "  "
-                extra = f" ({s['error']})" if s["error"] else ""
+                extra = f" ({escape(s['error'])})" if s["error"] else ""
                 self.out.print(f"{indent}{s['name']:<24} {s['action']:<32} "
                                f"{_styled(s['status'])}{extra}")
         if doc["status"] != self.status:

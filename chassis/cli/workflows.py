@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from chassis import config
+from chassis.ai import provider_note
 from chassis.api import DEFAULT_FUEL, Client
 from chassis.cli.base import main
 from chassis.cli.output import (
@@ -239,6 +241,9 @@ def demo(auto_approve: bool, timeout: float) -> None:
         if s.embedded_broker:
             out.print(f"embedded mode: database {s.database_url}, file-system broker in "
                       f"{s.broker_dir}, Celery worker in this process")
+        note = provider_note(s)
+        if note:
+            out.print(note, markup=False)
         with _in_process_worker():
             cid = client.start(DEMO_PLAN, DEMO_INPUT, client_id="demo")
             out.print(f"started workflow [bold]{cid}[/] from {DEMO_PLAN.name}")
@@ -262,7 +267,7 @@ def _ask_approval(doc: dict[str, Any], auto_approve: bool) -> bool | None:
     out = console()
     out.print("[bold yellow]paused for human review[/]; data for review:")
     for name, value in doc["collected_data"].items():
-        out.print(f"  [bold]{name}[/]: {json.dumps(value)[:300]}")
+        out.print(f"  [bold]{name}[/]: {escape(json.dumps(value)[:300])}")
     if auto_approve:
         out.print("approved automatically (--auto-approve)")
         return True

@@ -18,7 +18,7 @@ from chassis import coordinator as co
 from chassis.errors import WorkflowNotFound
 from chassis.plan import FAN_OUT, Plan, parse_plan, plan_to_dict
 from chassis.state import Status, StepStatus, WorkflowState
-from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
+from chassis.store.tables import TS, fuel_ledger, orchestrator_state, outbox, step_runs
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,23 @@ def _state_values(s: WorkflowState) -> dict[str, Any]:
             "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent}
 
 
+_ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit = off")
+_CLAIM = (
+    step_runs.update()
+    .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
+           step_runs.c.step_name == sa.bindparam("b_step"),
+           step_runs.c.status.in_([StepStatus.DISPATCHED, StepStatus.RUNNING]))
+    .values(status=StepStatus.RUNNING, attempts=step_runs.c.attempts + 1,
+            started_at=sa.bindparam("b_started"), task_id=sa.bindparam("b_task"))
+    .returning(step_runs.c.attempts))
+
+
 class SqlStore:
     """Workflow storage on one SQLAlchemy engine."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
         self._plans = _PlanCache()
 
     # ------------------------------------------------------------------ writing
@@ -107,15 +119,17 @@ class SqlStore:
 
     def claim_step(self, cid: str, step: str, task_id: str | None) -> int | None:
         """Mark a dispatched step as running; its attempt number, or None when the step
-        is already finished (a duplicate delivery: do nothing)."""
+        is already finished (a duplicate delivery: do nothing).
+
+        The claim sends nothing, so on PostgreSQL it commits without waiting for the WAL
+        flush: the transition that follows flushes it. A claim lost in a database crash
+        only means the redelivered task claims again.
+        """
         with self.engine.begin() as conn:
-            row = conn.execute(
-                step_runs.update()
-                .where(step_runs.c.correlation_id == cid, step_runs.c.step_name == step,
-                       step_runs.c.status.in_([StepStatus.DISPATCHED, StepStatus.RUNNING]))
-                .values(status=StepStatus.RUNNING, attempts=step_runs.c.attempts + 1,
-                        started_at=now(), task_id=task_id)
-                .returning(step_runs.c.attempts)).first()
+            if self._postgres:
+                conn.execute(_ASYNC_COMMIT)
+            row = conn.execute(_CLAIM, {"b_cid": cid, "b_step": step, "b_started": now(),
+                                        "b_task": task_id}).first()
         return None if row is None else int(row[0])
 
     def transition(self, cid: str,
@@ -208,8 +222,10 @@ class SqlStore:
                 run(c.step, c.action, c.status, None)
                 runs[-1].update(attempts=1, started_at=ts, finished_at=ts if done else None)
             elif isinstance(c, co.FinishStep):
+                started = datetime.fromisoformat(c.started_at) if c.started_at else None
                 finished.append({"b_cid": cid, "b_step": c.step, "status": c.status,
-                                 "output": c.output, "error": c.error, "finished_at": ts})
+                                 "output": c.output, "error": c.error, "finished_at": ts,
+                                 "b_started": started})
         if ledger:
             conn.execute(fuel_ledger.insert(), ledger)
         if runs:
@@ -226,7 +242,12 @@ class SqlStore:
                 .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
                        step_runs.c.step_name == sa.bindparam("b_step"))
                 .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
-                        error=sa.bindparam("error"), finished_at=sa.bindparam("finished_at")),
+                        error=sa.bindparam("error"), finished_at=sa.bindparam("finished_at"),
+                        # fan-out sub-tasks report their start with their result
+                        started_at=sa.func.coalesce(sa.bindparam("b_started", type_=TS),
+                                                    step_runs.c.started_at),
+                        attempts=sa.case((step_runs.c.attempts == 0, 1),
+                                         else_=step_runs.c.attempts)),
                 finished)
         if messages:
             conn.execute(outbox.insert(), messages)

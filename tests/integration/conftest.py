@@ -86,6 +86,7 @@ def services(postgres_url: str, redis_url: str,
         "CHASSIS_VISIBILITY_TIMEOUT": "6",
         "CHASSIS_HOME": str(tmp / ".chassis"),
         "CHASSIS_TEST_COUNTER_URL": redis_url,
+        "CHASSIS_AI_PROVIDER": "offline",  # never the real API from a developer's shell
     }
     s = Services(env, tmp)
     yield s
