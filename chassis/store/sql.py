@@ -72,7 +72,6 @@ def _state_values(s: WorkflowState) -> dict[str, Any]:
             "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent}
 
 
-_ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit = off")
 _CLAIM = (
     step_runs.update()
     .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
@@ -83,13 +82,43 @@ _CLAIM = (
     .returning(step_runs.c.attempts))
 
 
+# The hot path's statements, built once (building them per call costs more than running)
+_LOAD = sa.select(*_STATE_COLS).where(
+    orchestrator_state.c.correlation_id == sa.bindparam("b_cid"))
+_LOAD_WITH_PLAN = sa.select(*_STATE_COLS, orchestrator_state.c.plan).where(
+    orchestrator_state.c.correlation_id == sa.bindparam("b_cid"))
+_SAVE = orchestrator_state.update().where(
+    orchestrator_state.c.correlation_id == sa.bindparam("b_cid"),
+    orchestrator_state.c.version == sa.bindparam("b_version"))
+_INSERT_LEDGER = fuel_ledger.insert()
+_INSERT_RUNS = step_runs.insert()
+_INSERT_OUTBOX = outbox.insert()
+_LEDGER_USAGE = (fuel_ledger.update()
+                 .where(fuel_ledger.c.idempotency_key == sa.bindparam("b_key"))
+                 .values(usage=sa.bindparam("usage")))
+_FINISH = (
+    step_runs.update()
+    .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
+           step_runs.c.step_name == sa.bindparam("b_step"))
+    .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
+            error=sa.bindparam("error"), finished_at=sa.bindparam("finished_at"),
+            # fan-out sub-tasks report their start with their result
+            started_at=sa.func.coalesce(sa.bindparam("b_started", type_=TS),
+                                        step_runs.c.started_at),
+            attempts=sa.case((step_runs.c.attempts == 0, 1), else_=step_runs.c.attempts)))
+
+
 class SqlStore:
     """Workflow storage on one SQLAlchemy engine."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        self._postgres = engine.dialect.name == "postgresql"
         self._plans = _PlanCache()
+        self._claims: sa.Engine | None = None
+        if engine.dialect.name == "postgresql":
+            self._claims = sa.create_engine(
+                engine.url, isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=8,
+                connect_args={"options": "-c synchronous_commit=off", "connect_timeout": 10})
 
     # ------------------------------------------------------------------ writing
 
@@ -125,11 +154,13 @@ class SqlStore:
         flush: the transition that follows flushes it. A claim lost in a database crash
         only means the redelivered task claims again.
         """
-        with self.engine.begin() as conn:
-            if self._postgres:
-                conn.execute(_ASYNC_COMMIT)
-            row = conn.execute(_CLAIM, {"b_cid": cid, "b_step": step, "b_started": now(),
-                                        "b_task": task_id}).first()
+        params = {"b_cid": cid, "b_step": step, "b_started": now(), "b_task": task_id}
+        if self._claims is not None:  # one round trip: autocommit, no flush wait
+            with self._claims.connect() as conn:
+                row = conn.execute(_CLAIM, params).first()
+        else:
+            with self.engine.begin() as conn:
+                row = conn.execute(_CLAIM, params).first()
         return None if row is None else int(row[0])
 
     def transition(self, cid: str,
@@ -152,9 +183,8 @@ class SqlStore:
 
     def _load(self, conn: sa.Connection, cid: str) -> tuple[WorkflowState, Plan]:
         plan = self._plans.get(cid)
-        cols = _STATE_COLS if plan is not None else [*_STATE_COLS, orchestrator_state.c.plan]
-        row = conn.execute(sa.select(*cols).where(
-            orchestrator_state.c.correlation_id == cid)).first()
+        row = conn.execute(_LOAD if plan is not None else _LOAD_WITH_PLAN,
+                           {"b_cid": cid}).first()
         if row is None:
             raise WorkflowNotFound(f"no workflow with correlation_id {cid}", correlation_id=cid)
         if plan is None:
@@ -165,11 +195,9 @@ class SqlStore:
     def _save(self, conn: sa.Connection, decision: co.Decision, version: int) -> None:
         s = decision.state
         ts = now()
-        res = conn.execute(
-            orchestrator_state.update()
-            .where(orchestrator_state.c.correlation_id == s.correlation_id,
-                   orchestrator_state.c.version == version)
-            .values(**_state_values(s), version=version + 1, updated_at=ts))
+        res = conn.execute(_SAVE, {**_state_values(s), "b_cid": s.correlation_id,
+                                   "b_version": version, "version": version + 1,
+                                   "updated_at": ts})
         if res.rowcount != 1:
             raise StaleState(f"workflow {s.correlation_id} moved past version {version}")
         s.version = version + 1
@@ -227,30 +255,17 @@ class SqlStore:
                                  "output": c.output, "error": c.error, "finished_at": ts,
                                  "b_started": started})
         if ledger:
-            conn.execute(fuel_ledger.insert(), ledger)
+            conn.execute(_INSERT_LEDGER, ledger)
         if runs:
-            conn.execute(step_runs.insert(), runs)
+            conn.execute(_INSERT_RUNS, runs)
         usage = [{"b_key": f"{cid}:{f['b_step']}", "usage": f["output"]["usage"]}
                  for f in finished if isinstance(f["output"], dict) and "usage" in f["output"]]
         if usage:  # token usage is kept with the step's debit, to price by tokens later
-            conn.execute(fuel_ledger.update()
-                         .where(fuel_ledger.c.idempotency_key == sa.bindparam("b_key"))
-                         .values(usage=sa.bindparam("usage")), usage)
+            conn.execute(_LEDGER_USAGE, usage)
         if finished:
-            conn.execute(
-                step_runs.update()
-                .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
-                       step_runs.c.step_name == sa.bindparam("b_step"))
-                .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
-                        error=sa.bindparam("error"), finished_at=sa.bindparam("finished_at"),
-                        # fan-out sub-tasks report their start with their result
-                        started_at=sa.func.coalesce(sa.bindparam("b_started", type_=TS),
-                                                    step_runs.c.started_at),
-                        attempts=sa.case((step_runs.c.attempts == 0, 1),
-                                         else_=step_runs.c.attempts)),
-                finished)
+            conn.execute(_FINISH, finished)
         if messages:
-            conn.execute(outbox.insert(), messages)
+            conn.execute(_INSERT_OUTBOX, messages)
 
     # ------------------------------------------------------------------ reading
 
