@@ -16,8 +16,10 @@ from sqlalchemy.exc import IntegrityError
 
 from chassis import coordinator as co
 from chassis.errors import WorkflowNotFound
-from chassis.plan import FAN_OUT, Plan, parse_plan, plan_to_dict
+from chassis.plan import Plan, parse_plan, plan_to_dict
 from chassis.state import Status, StepStatus, WorkflowState
+from chassis.store import pg
+from chassis.store.rows import rows_for
 from chassis.store.tables import TS, fuel_ledger, orchestrator_state, outbox, step_runs
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,8 @@ class SqlStore:
         when another transition got there first."""
         for attempt in range(_MAX_RETRIES):
             try:
+                if self._claims is not None:
+                    return self._transition_pg(cid, decide)
                 with self.engine.begin() as conn:
                     state, plan = self._load(conn, cid)
                     decision = decide(state, plan)
@@ -180,6 +184,22 @@ class SqlStore:
                           extra={"correlation_id": cid})
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
                          f"{_MAX_RETRIES} tries")
+
+    def _transition_pg(self, cid: str,
+                       decide: Callable[[WorkflowState, Plan], co.Decision]) -> co.Decision:
+        """Two round trips: read (autocommit), then every write in one statement."""
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            state, plan = self._load(conn, cid)
+            decision = decide(state, plan)
+            if decision.changed:
+                s, ts = decision.state, now()
+                values = {**_state_values(s), "version": state.version + 1, "updated_at": ts}
+                if not pg.write(conn, values, cid, state.version,
+                                rows_for(s, decision.commands, ts)):
+                    raise StaleState(f"workflow {cid} moved past version {state.version}")
+                s.version = state.version + 1
+            return decision
 
     def _load(self, conn: sa.Connection, cid: str) -> tuple[WorkflowState, Plan]:
         plan = self._plans.get(cid)
@@ -206,66 +226,12 @@ class SqlStore:
     def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[co.Command],
                ts: datetime) -> None:
         """Write the rows the commands call for (sending happens after commit)."""
-        cid = s.correlation_id
-        ledger: list[dict[str, Any]] = []
-        runs: list[dict[str, Any]] = []
-        finished: list[dict[str, Any]] = []
-        messages: list[dict[str, Any]] = []
-
-        def run(step: str, action: str, status: StepStatus, rid: str | None,
-                parent: str | None = None) -> None:
-            runs.append({"correlation_id": cid, "step_name": step, "parent_step": parent,
-                         "action": action, "status": status, "attempts": 0,
-                         "request_id": rid, "dispatched_at": ts, "started_at": None,
-                         "finished_at": None})
-
-        # a fan_out step itself: one row, awaiting until its sub-tasks are in
-        parents = {c.step for c in commands if isinstance(c, co.RunFanOut)}
-        parents |= {c.parent_step for c in commands
-                    if isinstance(c, co.SendRequest) and c.parent_step}
-        for parent in sorted(parents):
-            run(parent, FAN_OUT, StepStatus.AWAITING, None)
-            runs[-1].update(attempts=1, started_at=ts)
-        for c in commands:
-            if isinstance(c, co.Debit):
-                ledger.append({"correlation_id": cid, "client_id": s.client_id,
-                               "step_name": c.step, "action": c.action, "amount": c.amount,
-                               "idempotency_key": f"{cid}:{c.step}", "created_at": ts})
-            elif isinstance(c, co.RunStep):
-                run(c.step, c.action, StepStatus.DISPATCHED, c.request_id, c.parent_step)
-            elif isinstance(c, co.RunFanOut):
-                for t in c.subtasks:
-                    run(t.step, t.action, StepStatus.DISPATCHED, t.request_id, c.step)
-            elif isinstance(c, co.SendRequest):
-                run(c.step, c.action, StepStatus.AWAITING, c.request_id, c.parent_step)
-                messages.append({"correlation_id": cid, "topic": c.topic, "key": cid,
-                                 "headers": c.headers, "payload": c.payload,
-                                 "dedup_key": f"{cid}:request:{c.step}", "created_at": ts})
-            elif isinstance(c, co.Emit):
-                messages.append({"correlation_id": cid, "topic": c.topic, "key": c.key,
-                                 "headers": c.headers, "payload": c.payload,
-                                 "dedup_key": c.dedup_key, "created_at": ts})
-            elif isinstance(c, co.RecordStep):
-                done = c.status in (StepStatus.COMPLETED, StepStatus.FAILED)
-                run(c.step, c.action, c.status, None)
-                runs[-1].update(attempts=1, started_at=ts, finished_at=ts if done else None)
-            elif isinstance(c, co.FinishStep):
-                started = datetime.fromisoformat(c.started_at) if c.started_at else None
-                finished.append({"b_cid": cid, "b_step": c.step, "status": c.status,
-                                 "output": c.output, "error": c.error, "finished_at": ts,
-                                 "b_started": started})
-        if ledger:
-            conn.execute(_INSERT_LEDGER, ledger)
-        if runs:
-            conn.execute(_INSERT_RUNS, runs)
-        usage = [{"b_key": f"{cid}:{f['b_step']}", "usage": f["output"]["usage"]}
-                 for f in finished if isinstance(f["output"], dict) and "usage" in f["output"]]
-        if usage:  # token usage is kept with the step's debit, to price by tokens later
-            conn.execute(_LEDGER_USAGE, usage)
-        if finished:
-            conn.execute(_FINISH, finished)
-        if messages:
-            conn.execute(_INSERT_OUTBOX, messages)
+        rows = rows_for(s, commands, ts)
+        for stmt, params in ((_INSERT_LEDGER, rows.ledger), (_INSERT_RUNS, rows.runs),
+                             (_LEDGER_USAGE, rows.usage), (_FINISH, rows.finished),
+                             (_INSERT_OUTBOX, rows.messages)):
+            if params:
+                conn.execute(stmt, params)
 
     # ------------------------------------------------------------------ reading
 
