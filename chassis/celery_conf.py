@@ -82,9 +82,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         conf["task_annotations"] = {AI_STEP_TASK: limit, AI_SUBTASK_TASK: limit}
     if settings.kafka_bootstrap:
         # the fallback publisher of the outbox; `chassis relay` is the fast path
-        conf["beat_schedule"] = {"chassis-relay": {
+        conf.setdefault("beat_schedule", {})["chassis-relay"] = {
             "task": "chassis.relay", "schedule": RELAY_BEAT_SECONDS,
-            "options": {"expires": RELAY_BEAT_SECONDS}}}
+            "options": {"expires": RELAY_BEAT_SECONDS}}
     if settings.embedded_broker:
         queue = settings.broker_dir / "queue"
         control = settings.broker_dir / "control"

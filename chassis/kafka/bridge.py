@@ -29,6 +29,7 @@ from chassis.config import Settings
 from chassis.coordinator import RESUME_TOPIC
 from chassis.errors import PlanNotFound
 from chassis.kafka import clients
+from chassis.kafka.publish import TaskPublisher
 from chassis.kafka.routing import Rejected, Router, TaskCall, routes
 from chassis.registry import PlanRegistry
 from chassis.store.db import make_engine
@@ -43,6 +44,8 @@ PLAN_CACHE_SECONDS = 2.0
 TOPIC_CHECK_SECONDS = 30.0
 MAX_BACKOFF = 5.0
 STATS_SECONDS = 30.0
+#: Seconds between looks for the first topic of a route that had none.
+SUBSCRIPTION_CHECK_SECONDS = 5.0
 
 
 class DbDirectory:
@@ -109,6 +112,7 @@ class Bridge:
             app = Celery("agentchassis-bridge", set_as_current=False)
             app.conf.update(celery_settings(settings))
         self.app = app
+        self.publisher = TaskPublisher(app)
         self.directory = DbDirectory(make_engine(settings.database_url))
         self.table = routes(settings)
         self.router = Router(self.table, self.directory)
@@ -118,6 +122,7 @@ class Bridge:
         self.stats = BridgeStats()
         self._producer: Producer | None = None
         self._topics_checked = 0.0
+        self._subscribed_at = 0.0
 
     # ------------------------------------------------------------------ the loop
 
@@ -133,10 +138,9 @@ class Bridge:
         stop = stop or threading.Event()
         self.ensure_topics()
         consumer = Consumer(self.consumer_conf)
-        subscriptions = [r.subscription for r in self.table]
-        consumer.subscribe(subscriptions, on_assign=_log_assignment)
+        subscribed = self._subscribe(consumer, [])
         log.info("bridge consuming %s as group %s; dead letters to %s",
-                 ", ".join(subscriptions), self.settings.kafka_group,
+                 ", ".join(r.subscription for r in self.table), self.settings.kafka_group,
                  self.settings.kafka_dlq_topic)
         if on_ready is not None:
             on_ready()
@@ -157,6 +161,8 @@ class Bridge:
                         last_stats = now
                         log.info("bridge: %d published, %d dead-lettered",
                                  self.stats.published, self.stats.dead_lettered)
+                    if now - self._subscribed_at > SUBSCRIPTION_CHECK_SECONDS:
+                        subscribed = self._subscribe(consumer, subscribed)
                     if now - self._topics_checked > TOPIC_CHECK_SECONDS:
                         self._check_topics()
         finally:
@@ -164,6 +170,27 @@ class Bridge:
             if self._producer is not None:
                 self._producer.flush(10)
         return self.stats
+
+    def _subscribe(self, consumer: Consumer, current: list[str]) -> list[str]:
+        """Subscribe to the routes whose pattern matches an existing topic.
+
+        A regex that matches no topic yet (no agent has created its response topic)
+        makes librdkafka rejoin the group again and again, which stalls consumption;
+        such a route is added when its first topic appears (checked every few seconds).
+        """
+        self._subscribed_at = time.monotonic()
+        try:
+            topics = list(consumer.list_topics(timeout=10).topics)
+        except KafkaException as exc:
+            log.warning("cannot list topics: %s", exc)
+            return current
+        routed = {found[0].name for t in topics if (found := self.router.route(t))}
+        wanted = [r.subscription for r in self.table if r.name in routed]
+        if wanted and wanted != current:
+            consumer.subscribe(wanted, on_assign=_log_assignment)
+            log.info("subscribed to %s", ", ".join(wanted))
+            return wanted
+        return current
 
     def _check_topics(self) -> None:
         try:
@@ -177,6 +204,7 @@ class Bridge:
         retried (its partition was rewound)."""
         done: dict[tuple[str, int], int] = {}
         redo: dict[tuple[str, int], int] = {}
+        calls: list[tuple[tuple[str, int], int, TaskCall]] = []
         dead: list[tuple[tuple[str, int], int]] = []
         failed_dlq: list[tuple[tuple[str, int], int]] = []
         for m in msgs:
@@ -187,7 +215,8 @@ class Bridge:
             if tp in redo:
                 continue  # keep a partition in order: everything after a failure is redone
             try:
-                call = self.router.call(tp[0], m.value(), clients.header_dict(m.headers()))
+                calls.append((tp, offset, self.router.call(
+                    tp[0], m.value(), clients.header_dict(m.headers()))))
             except Rejected as exc:
                 self._dead_letter(m, exc, failed_dlq)
                 dead.append((tp, offset))
@@ -195,15 +224,10 @@ class Bridge:
                 log.warning("cannot route %s[%d]@%d, will retry: %s", *tp, offset, exc)
                 redo[tp] = offset
                 continue
-            else:
-                try:
-                    self._publish(call, celery_producer)
-                except Exception as exc:  # noqa: BLE001  (the Celery broker is down: retry)
-                    log.warning("cannot publish %s for %s[%d]@%d, will retry: %s",
-                                call.task, *tp, offset, exc)
-                    redo[tp] = offset
-                    continue
             done[tp] = offset + 1
+        if calls and not self._publish_all(calls, celery_producer):
+            for tp, offset, _ in calls:  # the broker is down: all of them again
+                redo[tp] = min(redo.get(tp, offset), offset)
         if dead:
             if self.producer.flush(30):  # not all confirmed: redo them all, to be sure
                 failed_dlq = list(dead)
@@ -221,12 +245,20 @@ class Bridge:
             consumer.seek(TopicPartition(t, p, off))
         return not redo
 
-    def _publish(self, call: TaskCall, producer: Any) -> None:
-        self.app.send_task(call.task, args=call.args, task_id=call.task_id,
-                           ignore_result=True, producer=producer)
-        self.stats.published += 1
-        self.stats.by_task[call.task] = self.stats.by_task.get(call.task, 0) + 1
-        log.debug("published %s", call.task, extra={"correlation_id": call.correlation_id})
+    def _publish_all(self, calls: list[tuple[tuple[str, int], int, TaskCall]],
+                     producer: Any) -> bool:
+        """Publish the batch's tasks (see :mod:`chassis.kafka.publish`); False when the
+        broker refused them."""
+        try:
+            self.publisher.publish(producer, [call for _, _, call in calls])
+        except Exception as exc:  # noqa: BLE001  (the Celery broker is down: retry)
+            log.warning("cannot publish %d tasks, will retry: %s", len(calls), exc)
+            return False
+        for _, _, call in calls:
+            self.stats.by_task[call.task] = self.stats.by_task.get(call.task, 0) + 1
+            log.debug("published %s", call.task, extra={"correlation_id": call.correlation_id})
+        self.stats.published += len(calls)
+        return True
 
     # ------------------------------------------------------------ dead letters
 

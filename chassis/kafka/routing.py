@@ -70,6 +70,11 @@ class TaskCall:
     task_id: str | None = None
     correlation_id: str | None = None
 
+    @property
+    def summary(self) -> str:
+        """What monitoring (Flower) shows as the task's arguments."""
+        return f"(correlation_id={self.correlation_id})"
+
 
 @dataclass(frozen=True)
 class Incoming:
@@ -238,7 +243,7 @@ class Router:
         self._compiled = [(r, re.compile(r.pattern)) for r in table]
         self._by_topic: dict[str, tuple[Route, re.Match[str]] | None] = {}
 
-    def _route(self, topic: str) -> tuple[Route, re.Match[str]] | None:
+    def route(self, topic: str) -> tuple[Route, re.Match[str]] | None:
         if topic not in self._by_topic:
             found = None
             for route, rx in self._compiled:
@@ -251,7 +256,7 @@ class Router:
 
     def call(self, topic: str, value: bytes | None, headers: Mapping[str, str]) -> TaskCall:
         """The task for this message; Rejected when it cannot be used."""
-        found = self._route(topic)
+        found = self.route(topic)
         if found is None:
             raise Rejected(NO_ROUTE, f"no route for topic {topic}")
         route, m = found

@@ -1,0 +1,144 @@
+"""The bridge's routing table, without a broker: which topic becomes which task, and
+the reason code of every unusable message."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from chassis import config
+from chassis.kafka import routing
+from chassis.kafka.routing import Rejected, Router, routes
+
+CID = str(uuid.uuid4())
+
+
+class FakeDirectory:
+    def __init__(self) -> None:
+        self.plans = {"research": 3}
+        self.owners = {CID: "acme"}
+        self.requests = {(CID, "req-1")}
+
+    def plan_version(self, name: str, version: int | None) -> int | None:
+        latest = self.plans.get(name)
+        if latest is None or (version is not None and version > latest):
+            return None
+        return version or latest
+
+    def owner(self, correlation_id: str) -> str | None:
+        return self.owners.get(correlation_id)
+
+    def has_request(self, correlation_id: str, request_id: str) -> bool:
+        return (correlation_id, request_id) in self.requests
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Router:
+    return Router(routes(config.load({"CHASSIS_HOME": str(tmp_path)})), FakeDirectory())
+
+
+def reason(router: Router, topic: str, value: object, headers: dict[str, str]) -> str:
+    raw = value if isinstance(value, bytes) or value is None else json.dumps(value).encode()
+    with pytest.raises(Rejected) as info:
+        router.call(topic, raw, headers)
+    assert info.value.detail
+    return info.value.reason
+
+
+def test_start_request_becomes_chassis_start_of_the_latest_version(router: Router) -> None:
+    call = router.call("system.agent.research.process", b'{"q": 1}', {
+        "correlation_id": CID.upper(), "client_id": "acme", "request_id": "r1",
+        "project_id": "p", "fuel_budget": "40"})
+    assert call.task == routing.START_TASK and call.task_id == f"start-{CID}"
+    assert call.args == [{"plan": "research", "version": 3, "input": {"q": 1},
+                          "correlation_id": CID, "client_id": "acme", "project_id": "p",
+                          "request_id": "r1", "fuel_budget": 40}]
+
+
+def test_plan_header_names_the_plan_and_version(router: Router) -> None:
+    call = router.call("system.agent.other.process", None, {
+        "correlation_id": CID, "client_id": "acme", "plan": "research@2"})
+    assert (call.args[0]["plan"], call.args[0]["version"], call.args[0]["input"]) == (
+        "research", 2, None)
+    assert reason(router, "system.agent.other.process", None, {
+        "correlation_id": CID, "client_id": "acme", "plan": "research@9"}) == "unknown_plan"
+
+
+@pytest.mark.parametrize(("value", "headers", "expected"), [
+    (b"{nope", {"correlation_id": CID, "client_id": "a"}, "bad_json"),
+    ({"q": 1}, {"correlation_id": CID}, "missing_header"),
+    ({"q": 1}, {"client_id": "a"}, "missing_header"),
+    ({"q": 1}, {"correlation_id": "x", "client_id": "a"}, "bad_header"),
+    ({"q": 1}, {"correlation_id": CID, "client_id": "a", "fuel_budget": "-3"}, "bad_header"),
+])
+def test_unusable_start_requests(router: Router, value: object, headers: dict[str, str],
+                                 expected: str) -> None:
+    assert reason(router, "system.agent.research.process", value, headers) == expected
+
+
+def test_unknown_or_invalid_plan_name(router: Router) -> None:
+    headers = {"correlation_id": CID, "client_id": "a"}
+    assert reason(router, "system.agent.ghost.process", {}, headers) == "unknown_plan"
+    assert reason(router, "system.agent.bad name.process", {}, headers) == "unknown_plan"
+
+
+def test_resume_is_only_for_the_owner_of_an_existing_workflow(router: Router) -> None:
+    topic = "system.commands.workflow.resume"
+    call = router.call(topic, b'{"approved": false, "feedback": "no"}',
+                       {"correlation_id": CID, "client_id": "acme"})
+    assert (call.task, call.args) == (routing.RESUME_TASK, [CID, False, "no"])
+    ok = {"approved": True}
+    assert reason(router, topic, ok, {"correlation_id": CID, "client_id": "eve"}) == \
+        "client_mismatch"
+    assert reason(router, topic, ok, {"correlation_id": str(uuid.uuid4()),
+                                      "client_id": "acme"}) == "unknown_workflow"
+    assert reason(router, topic, ok, {"correlation_id": CID}) == "missing_header"
+    assert reason(router, topic, [1], {"correlation_id": CID, "client_id": "acme"}) == \
+        "bad_payload"
+
+
+def test_response_becomes_chassis_respond(router: Router) -> None:
+    topic = "system.responses.research"
+    call = router.call(topic, b'{"success": false, "error": {"code": 7}}',
+                       {"correlation_id": CID, "causation_id": "req-1"})
+    assert (call.task, call.args) == (routing.RESPOND_TASK,
+                                      [CID, "req-1", False, None, '{"code": 7}'])
+    h = {"correlation_id": CID, "causation_id": "req-1"}
+    assert reason(router, topic, {"success": True}, {**h, "client_id": "eve"}) == \
+        "client_mismatch"
+    assert reason(router, topic, {"success": True}, {**h, "causation_id": "req-2"}) == \
+        "unknown_request"
+    assert reason(router, topic, {"data": 1}, h) == "bad_payload"
+    assert reason(router, topic, {"success": True}, {"correlation_id": CID}) == \
+        "missing_header"
+
+
+def test_topics_without_a_route(router: Router) -> None:
+    assert reason(router, "something.else", {}, {}) == "no_route"
+
+
+def test_subscriptions_are_librdkafka_regexes(tmp_path: Path) -> None:
+    settings = config.load({"CHASSIS_HOME": str(tmp_path)})
+    assert [r.subscription for r in routes(settings)] == [
+        r"^system\.commands\.workflow\.resume$", r"^system\.agent\.(.+)\.process$",
+        r"^system\.responses\..*"]
+    literal = replace(settings, kafka_response_pattern="agents.answers")
+    assert routes(literal)[2].subscription == r"^agents\.answers$"
+
+
+def test_kafka_settings_from_the_environment(tmp_path: Path) -> None:
+    s = config.load({"CHASSIS_HOME": str(tmp_path)})
+    assert (s.kafka_bootstrap, s.kafka_dlq_topic, s.kafka_group) == (
+        None, "dlq.chassis", "chassis-bridge")
+    assert (s.relay_batch_size, s.relay_poll_interval) == (500, 0.2)
+    s = config.load({"CHASSIS_HOME": str(tmp_path), "CHASSIS_KAFKA_BOOTSTRAP": "k:9092",
+                     "CHASSIS_KAFKA_DLQ_TOPIC": "dead", "CHASSIS_KAFKA_GROUP": "g",
+                     "CHASSIS_KAFKA_RESPONSE_PATTERN": "^answers\\..*",
+                     "CHASSIS_RELAY_BATCH_SIZE": "50", "CHASSIS_RELAY_POLL_INTERVAL": "1.5"})
+    assert (s.kafka_bootstrap, s.kafka_dlq_topic, s.kafka_group, s.kafka_response_pattern,
+            s.relay_batch_size, s.relay_poll_interval) == (
+        "k:9092", "dead", "g", "^answers\\..*", 50, 1.5)
