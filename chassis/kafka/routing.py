@@ -10,9 +10,9 @@ topic                              task                 value / headers
 =================================  ===================  ===============================
 system.commands.workflow.resume    chassis.resume       {approved, feedback};
                                                         correlation_id, client_id
-system.agent.<plan>.process        chassis.start        initial request data; correlation_id,
-                                                        client_id, [request_id, project_id,
-                                                        fuel_budget, plan]
+system.agent.<plan>.process        chassis.start        initial request data; correlation_id
+                                                        (or request_id), client_id,
+                                                        [project_id, fuel_budget, plan]
 response pattern (default          chassis.respond      TaskResponse {success, data, error};
 system.responses.*)                                     correlation_id, causation_id,
                                                         [client_id]
@@ -39,6 +39,8 @@ RESPOND_TASK = "chassis.respond"
 RESUME_TASK = "chassis.resume"
 
 START_PATTERN = r"^system\.agent\.(?P<type>.+)\.process$"
+#: Namespace of the correlation_id derived from a start request's request_id.
+_START_NS = uuid.UUID("3b0d6a52-6f4e-4f55-8f0e-2f1b9c1d7a41")
 
 # dlq_reason codes
 BAD_JSON = "bad_json"
@@ -163,9 +165,16 @@ def _owned(msg: Incoming, d: Directory, cid: str, client_id: str | None) -> None
 
 def parse_start(msg: Incoming, d: Directory) -> TaskCall:
     """A start request: the value is the workflow's input; the plan is the topic's
-    ``<type>`` unless a ``plan`` header (``name`` or ``name@version``) names one."""
+    ``<type>`` unless a ``plan`` header (``name`` or ``name@version``) names one. Without
+    a correlation_id, one is derived from the request_id (the same request, the same
+    workflow); with neither, the message is refused."""
     data = _json(msg.value, "the start request")
-    cid = _uuid_header(msg, "correlation_id")
+    request_id = (msg.headers.get("request_id") or "").strip() or None
+    if not (msg.headers.get("correlation_id") or "").strip() and request_id:
+        # no workflow id given: derive it from the request, so a re-sent one is the same
+        cid = str(uuid.uuid5(_START_NS, request_id))
+    else:
+        cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
     budget: int | None = None
     if msg.headers.get(FUEL_HEADER, "").strip():
@@ -185,7 +194,7 @@ def parse_start(msg: Incoming, d: Directory) -> TaskCall:
         raise Rejected(UNKNOWN_PLAN, f"no registered {what}")
     payload = {"plan": name, "version": version, "input": data, "correlation_id": cid,
                "client_id": client_id, "project_id": msg.headers.get("project_id") or None,
-               "request_id": msg.headers.get("request_id") or None, "fuel_budget": budget}
+               "request_id": request_id, "fuel_budget": budget}
     return TaskCall(START_TASK, [payload], task_id=f"start-{cid}", correlation_id=cid)
 
 

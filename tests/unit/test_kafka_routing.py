@@ -142,3 +142,13 @@ def test_kafka_settings_from_the_environment(tmp_path: Path) -> None:
     assert (s.kafka_bootstrap, s.kafka_dlq_topic, s.kafka_group, s.kafka_response_pattern,
             s.relay_batch_size, s.relay_poll_interval) == (
         "k:9092", "dead", "g", "^answers\\..*", 50, 1.5)
+
+
+def test_start_without_correlation_id_derives_it_from_the_request_id(router: Router) -> None:
+    topic, headers = "system.agent.research.process", {"client_id": "a", "request_id": "r9"}
+    first = router.call(topic, b"{}", headers)
+    again = router.call(topic, b"{}", headers)
+    other = router.call(topic, b"{}", {**headers, "request_id": "r10"})
+    assert first.correlation_id == again.correlation_id != other.correlation_id
+    assert uuid.UUID(str(first.correlation_id))
+    assert reason(router, topic, {}, {"client_id": "a"}) == "missing_header"
