@@ -52,7 +52,7 @@ def bridge(batch_size: int, log_level: str | None) -> None:
     except ChassisError as exc:
         fail(str(exc))
     click.echo(f"bridge stopped: {stats.published} tasks published, "
-               f"{stats.dead_lettered} messages dead-lettered", err=True)
+               f"{stats.dead_lettered} dead-lettered", err=True)
 
 
 @main.command()
