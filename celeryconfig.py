@@ -8,6 +8,7 @@ from chassis.celery_conf import celery_settings
 from chassis.config import load
 
 _settings = load()
+_settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
 
 globals().update(celery_settings(_settings))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.schedules import crontab
 from kombu import Queue
 
 from chassis.config import Settings
@@ -14,6 +15,9 @@ AI_QUEUE = "chassis.ai"
 AI_PREFIX = "ai_"
 #: How often beat sends ``chassis.relay`` (when CHASSIS_KAFKA_BOOTSTRAP is set).
 RELAY_BEAT_SECONDS = 10.0
+SWEEP_TASK = "chassis.sweep"
+#: Celery's own task deleting expired results of database backends (Redis expires them).
+CLEANUP_TASK = "celery.backend_cleanup"
 STEP_TASK = "chassis.step"
 SUBTASK_TASK = "chassis.subtask"
 #: The same tasks for AI actions: their own names carry CHASSIS_AI_RATE_LIMIT.
@@ -50,7 +54,24 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "chassis.relay": {"queue": COORDINATION_QUEUE},
     "chassis.sweep": {"queue": COORDINATION_QUEUE},
     "celery.chord_unlock": {"queue": COORDINATION_QUEUE},
+    CLEANUP_TASK: {"queue": COORDINATION_QUEUE},
 }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """What ``celery beat`` sends. Every entry is idempotent and safe to receive twice
+    (two beats by mistake): see :mod:`chassis.sweep`; the clean-up deletes only rows
+    already expired. Each message expires after one period, so a backlog never piles up.
+    """
+    schedule: dict[str, dict[str, Any]] = {
+        "chassis-sweep": {"task": SWEEP_TASK, "schedule": settings.sweep_interval,
+                          "options": {"expires": settings.sweep_interval}},
+    }
+    if not settings.result_backend.startswith(("redis://", "rediss://")):
+        # Celery adds this one itself for such backends; declared here to be seen
+        schedule[CLEANUP_TASK] = {"task": CLEANUP_TASK, "schedule": crontab(minute=0, hour=4),
+                                  "options": {"expires": 12 * 3600}}
+    return schedule
 
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
@@ -67,7 +88,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_ignore_result": True,
-        "result_expires": 24 * 3600,
+        "result_expires": settings.result_expires,
         "result_extended": False,
         "task_queues": (Queue(COORDINATION_QUEUE), Queue(STEPS_QUEUE), Queue(AI_QUEUE)),
         "task_default_queue": STEPS_QUEUE,
@@ -76,6 +97,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "broker_transport_options": {},
     }
+    conf["beat_schedule"] = beat_schedule(settings)
+    conf["beat_schedule_filename"] = str(settings.home / "celerybeat-schedule")
     if settings.ai_rate_limit:
         # Celery enforces a rate limit per worker and per task name
         limit = {"rate_limit": settings.ai_rate_limit}

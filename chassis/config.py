@@ -94,6 +94,20 @@ class Settings:
     ai_rate_limit: str | None = None
     """CHASSIS_AI_RATE_LIMIT: Celery rate limit of AI step tasks per worker, e.g.
     ``60/m``; unset means no limit."""
+    step_timeout: float = 3600.0
+    """CHASSIS_STEP_TIMEOUT: seconds a step may stay dispatched or running (or an
+    external agent may take to answer) before the sweep re-dispatches it or, out of
+    attempts, fails the workflow."""
+    step_max_attempts: int = 3
+    """CHASSIS_STEP_MAX_ATTEMPTS: runs of a timed-out step (or sends of a fan-out's
+    sub-tasks) before the sweep fails the workflow."""
+    sweep_interval: float = 60.0
+    """CHASSIS_SWEEP_INTERVAL: seconds between two ``chassis.sweep`` tasks sent by beat."""
+    result_expires: int = 86400
+    """CHASSIS_RESULT_EXPIRES: seconds Celery keeps task results (Redis expires them
+    itself; database backends are cleaned by beat's ``celery.backend_cleanup``)."""
+    metrics_port: int = 9808
+    """CHASSIS_METRICS_PORT: port of ``chassis metrics`` (Prometheus text)."""
 
     @property
     def broker_dir(self) -> Path:
@@ -191,4 +205,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         ai_backoff=_number(env, "CHASSIS_AI_BACKOFF", 1.0),
         ai_max_backoff=_number(env, "CHASSIS_AI_MAX_BACKOFF", 30.0),
         ai_rate_limit=_rate_limit(env),
+        step_timeout=_number(env, "CHASSIS_STEP_TIMEOUT", 3600.0, least=0.001),
+        step_max_attempts=int(_number(env, "CHASSIS_STEP_MAX_ATTEMPTS", 3, least=1,
+                                      integer=True)),
+        sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 60.0, least=0.001),
+        result_expires=int(_number(env, "CHASSIS_RESULT_EXPIRES", 86400, integer=True)),
+        metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, integer=True)),
     )

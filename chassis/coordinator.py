@@ -49,6 +49,16 @@ class StepFailed:
 
 
 @dataclass(frozen=True)
+class StepTimedOut:
+    """The sweep found ``step`` stuck past the step timeout, out of attempts (or a
+    workflow waiting at ``step`` for dependencies that never came): the workflow fails
+    with ``error``. Late (the step moved on meanwhile) or repeated, it changes nothing."""
+
+    step: str
+    error: str
+
+
+@dataclass(frozen=True)
 class SubtasksSucceeded:
     """A fan-out chord finished: ``outputs`` by sub-task step name; ``errors`` likewise."""
 
@@ -77,7 +87,8 @@ class Resume:
     feedback: Any = None
 
 
-Event = Start | StepSucceeded | StepFailed | SubtasksSucceeded | ResponseReceived | Resume
+Event = (Start | StepSucceeded | StepFailed | StepTimedOut | SubtasksSucceeded
+         | ResponseReceived | Resume)
 
 # --------------------------------------------------------------------------- commands
 
@@ -210,6 +221,8 @@ def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
         d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=event.error))
         _fail(d, f"step '{event.step}' failed: {event.error}", step=event.step)
         return d
+    elif isinstance(event, StepTimedOut):
+        return _timed_out(d, plan, event)
     elif isinstance(event, SubtasksSucceeded):
         return _subtasks(d, plan, event)
     elif isinstance(event, ResponseReceived):
@@ -268,6 +281,20 @@ def _subtasks(d: Decision, plan: Plan, event: SubtasksSucceeded) -> Decision:
         _fail(d, f"sub-task '{failed[0]}' failed: {event.errors[failed[0]]}", step=failed[0])
         return d
     _fan_in(d, plan, event.step)
+    return d
+
+
+def _timed_out(d: Decision, plan: Plan, event: StepTimedOut) -> Decision:
+    s = d.state
+    rid = request_id_for(s.correlation_id, event.step)
+    if rid in s.awaited_steps:
+        d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=event.error))
+        parent = _step_of_request(s.correlation_id, plan, rid)[1]
+        if parent is not None:
+            d.commands.append(FinishStep(parent, StepStatus.FAILED, error=event.error))
+    elif s.awaited_steps or s.current_step != event.step:
+        return Decision(d.state, changed=False)  # it moved on since the sweep looked
+    _fail(d, event.error, step=event.step)
     return d
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,11 +31,28 @@ def bind(**fields: str | None) -> Iterator[None]:
         _context.reset(token)
 
 
+#: A correlation id, then maybe "/step": how the engine summarises a step task's
+#: arguments ("(cid/step: action)") and the bridge its tasks' ("(correlation_id=cid)").
+_SUMMARY = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+                      r"(?:/([^:)]+))?")
+
+
+def _celery_received(record: logging.LogRecord) -> dict[str, str | None]:
+    """Celery logs "Task ... received" before the task runs, outside any context, with
+    the task's id and argument summary in ``record.data``: take the ids from there."""
+    data = getattr(record, "data", None)
+    if not isinstance(data, dict) or "id" not in data:
+        return {}
+    found = _SUMMARY.search(str(data.get("args") or ""))
+    return {"task_id": data["id"], "correlation_id": found and found.group(1),
+            "step": found and found.group(2)}
+
+
 class ContextFilter(logging.Filter):
     """Puts correlation_id, step and task_id on every record ("-" when unknown)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ctx = _context.get() or {}
+        ctx = _context.get() or _celery_received(record)
         for name in FIELDS:
             if getattr(record, name, None) is None:
                 setattr(record, name, ctx.get(name) or _celery_task_id(name) or "-")

@@ -1,0 +1,61 @@
+"""Operations settings: timeouts, beat's schedule, routes (pure, no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+from celery.schedules import crontab
+
+from chassis import config
+from chassis.celery_conf import (
+    CLEANUP_TASK,
+    COORDINATION_QUEUE,
+    SWEEP_TASK,
+    TASK_ROUTES,
+    beat_schedule,
+    celery_settings,
+)
+from chassis.errors import ConfigError
+
+REDIS = {"CHASSIS_BROKER_URL": "redis://127.0.0.1:6379/3", "CHASSIS_HOME": "/tmp/x"}
+
+
+def test_defaults() -> None:
+    s = config.load({})
+    assert (s.step_timeout, s.step_max_attempts, s.sweep_interval) == (3600.0, 3, 60.0)
+    assert (s.result_expires, s.metrics_port) == (86400, 9808)
+
+
+def test_values_and_their_errors_name_the_variable() -> None:
+    s = config.load({"CHASSIS_STEP_TIMEOUT": "90", "CHASSIS_STEP_MAX_ATTEMPTS": "5",
+                     "CHASSIS_SWEEP_INTERVAL": "0.5", "CHASSIS_RESULT_EXPIRES": "600",
+                     "CHASSIS_METRICS_PORT": "9100"})
+    assert (s.step_timeout, s.step_max_attempts, s.sweep_interval) == (90.0, 5, 0.5)
+    assert (s.result_expires, s.metrics_port) == (600, 9100)
+    for name, bad in (("CHASSIS_STEP_TIMEOUT", "soon"), ("CHASSIS_STEP_MAX_ATTEMPTS", "0"),
+                      ("CHASSIS_SWEEP_INTERVAL", "-1"), ("CHASSIS_METRICS_PORT", "http")):
+        with pytest.raises(ConfigError, match=name):
+            config.load({name: bad})
+
+
+def test_beat_sends_the_sweep_every_interval_and_each_message_expires() -> None:
+    s = config.load({**REDIS, "CHASSIS_SWEEP_INTERVAL": "30"})
+    sweep = beat_schedule(s)["chassis-sweep"]
+    assert sweep == {"task": SWEEP_TASK, "schedule": 30.0, "options": {"expires": 30.0}}
+    assert TASK_ROUTES[SWEEP_TASK] == {"queue": COORDINATION_QUEUE}
+
+
+def test_redis_expires_results_itself_a_database_backend_is_cleaned_by_beat() -> None:
+    redis = config.load(REDIS)
+    assert CLEANUP_TASK not in beat_schedule(redis)
+    assert celery_settings(redis)["result_expires"] == 86400
+    db = config.load({**REDIS, "CHASSIS_RESULT_BACKEND": "db+postgresql://h/db"})
+    cleanup = beat_schedule(db)[CLEANUP_TASK]
+    assert cleanup["task"] == CLEANUP_TASK
+    assert cleanup["schedule"] == crontab(minute=0, hour=4)
+
+
+def test_the_relay_fallback_joins_the_schedule_only_with_kafka() -> None:
+    assert "chassis-relay" not in celery_settings(config.load(REDIS))["beat_schedule"]
+    conf = celery_settings(config.load({**REDIS, "CHASSIS_KAFKA_BOOTSTRAP": "k:9092"}))
+    assert {"chassis-sweep", "chassis-relay"} <= set(conf["beat_schedule"])
+    assert conf["beat_schedule_filename"] == "/tmp/x/celerybeat-schedule"
