@@ -5,6 +5,7 @@ from __future__ import annotations
 from chassis.cli import (  # noqa: F401  (register their commands)
     db,
     kafka,
+    ops,
     plans,
     registry,
     workflows,

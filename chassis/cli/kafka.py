@@ -9,7 +9,7 @@ from types import FrameType
 
 import click
 
-from chassis import config
+from chassis import config, logs
 from chassis.cli.base import main
 from chassis.cli.output import fail
 from chassis.errors import ChassisError
@@ -18,8 +18,7 @@ from chassis.errors import ChassisError
 def _setup(level: str | None) -> tuple[config.Settings, threading.Event]:
     """Logging to stderr (the CLI's job) and a stop event set by SIGTERM and SIGINT."""
     settings = config.load()
-    logging.basicConfig(level=(level or settings.log_level).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format, (level or settings.log_level).upper())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -1,0 +1,96 @@
+"""``chassis health``, ``chassis metrics`` and ``chassis sweep``: operating a deployment."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import click
+
+from chassis import config, health, logs
+from chassis.cli.base import main
+from chassis.cli.output import fail, print_json
+from chassis.errors import ChassisError
+
+
+@main.command("health")
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="Seconds each check may take.")
+@click.option("--only", "parts", multiple=True, type=click.Choice(list(health.CHECKS)),
+              help="Check only this part (repeatable).")
+def health_command(timeout: float, parts: tuple[str, ...]) -> None:
+    """Check the database, the Celery broker and Kafka (when CHASSIS_KAFKA_BOOTSTRAP is
+    set) with real connections. Prints each part; exits 1 naming the parts that fail
+    (for container health checks)."""
+    try:
+        results = health.check(config.load(), timeout, parts or tuple(health.CHECKS))
+    except ChassisError as exc:
+        fail(str(exc))
+    for r in results:
+        click.echo(str(r), err=not r.ok)
+    failed = [r.part for r in results if not r.ok]
+    if failed:
+        fail(f"unhealthy: {', '.join(failed)}")
+
+
+@main.command("metrics")
+@click.option("--port", type=int, default=None,
+              help="Port to serve on (default CHASSIS_METRICS_PORT, 9808).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+def metrics_command(port: int | None, host: str) -> None:
+    """Serve Prometheus metrics (agentchassis_*) on http://HOST:PORT/metrics, computed
+    from the database (and Kafka, when configured) at each scrape. Runs until SIGTERM
+    or Ctrl-C."""
+    from prometheus_client import start_http_server
+
+    from chassis.metrics import registry
+
+    settings = config.load()
+    logs.configure(settings.log_format, settings.log_level)
+    port = settings.metrics_port if port is None else port
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server, _ = start_http_server(port, host, registry(settings))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    except ChassisError as exc:
+        fail(str(exc))
+    click.echo(f"serving metrics on http://{host}:{port}/metrics", err=True)
+    stop.wait()
+    server.shutdown()
+
+
+@main.command("sweep")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def sweep_command(as_json: bool) -> None:
+    """Run the stuck-step sweep once, now (beat sends chassis.sweep every
+    CHASSIS_SWEEP_INTERVAL seconds): steps stuck past CHASSIS_STEP_TIMEOUT are sent
+    again or, out of attempts, fail their workflow."""
+    from chassis.api import Client
+    from chassis.sweep import Sweeper
+
+    settings = config.load()
+    try:
+        report = Sweeper(Client(settings).engine, settings).sweep()
+    except ChassisError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({**report.counts(), "redispatched_steps": report.redispatched,
+                    "failed_steps": report.failed})
+        return
+    if report.locked_out:
+        click.echo("another sweep is running: nothing done")
+        return
+    click.echo(f"{len(report.redispatched)} stuck step(s) dispatched again, "
+               f"{len(report.failed)} workflow(s) failed")
+    for name in report.redispatched:
+        click.echo(f"  dispatched again: {name}")
+    for name in report.failed:
+        click.echo(f"  failed: {name}")
