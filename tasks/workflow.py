@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task
@@ -9,9 +10,12 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 
 from chassis import config, logs, runtime
 from chassis.coordinator import ResponseReceived
+from chassis.errors import InvalidTransition
 from chassis.runtime import engine, relay_outbox
 from chassis.store.db import dispose_engines
 from tasks.celery_app import app
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name="chassis.step", bind=True)
@@ -53,8 +57,12 @@ def fanout(correlation_id: str, step: str) -> None:
 
 @app.task(name="chassis.resume")
 def resume(correlation_id: str, approved: bool, feedback: Any = None) -> None:
-    """Resume a paused workflow (sent by other apps and the Kafka bridge)."""
-    engine(app).resume(correlation_id, approved, feedback)
+    """Resume a paused workflow (sent by other apps and the Kafka bridge). A resume of a
+    workflow no longer paused (a duplicate command) changes nothing and is not an error."""
+    try:
+        engine(app).resume(correlation_id, approved, feedback)
+    except InvalidTransition as exc:
+        log.info("resume ignored: %s", exc, extra={"correlation_id": correlation_id})
 
 
 @app.task(name="chassis.start")
