@@ -1,0 +1,92 @@
+"""The Procfile, docker-compose.yml, Dockerfile and .env.example: complete and valid.
+
+``docker-compose config`` (the Debian package docker-compose) validates the compose
+file; the test skips when the binary is not installed (it is not needed to run the
+tests, and no Docker engine is: `config` only reads the file).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+APP_SERVICES = {"migrate", "worker", "beat", "flower", "bridge", "relay", "metrics"}
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines if line and not line.startswith("#"))
+
+
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_procfile_runs_every_process_with_the_real_commands() -> None:
+    procs = {name: cmd.strip() for name, cmd in procfile().items()}
+    assert set(procs) == {"worker", "beat", "flower", "bridge", "relay", "metrics"}
+    assert procs["worker"].startswith("celery -A tasks worker")
+    assert "--events" in procs["worker"]  # Flower sees tasks only from workers' events
+    assert "chassis.coordination,chassis.steps,chassis.ai" in procs["worker"]
+    assert procs["beat"].startswith("celery -A tasks beat")
+    assert procs["flower"] == "celery -A tasks flower"
+    assert (procs["bridge"], procs["relay"]) == ("chassis bridge", "chassis relay")
+    assert procs["metrics"] == "chassis metrics"
+
+
+def test_compose_has_every_service_with_health_checks_and_start_order() -> None:
+    services = compose()["services"]
+    assert {"postgres", "redis", "kafka"} | APP_SERVICES == set(services)
+    for name in ("postgres", "redis", "kafka"):
+        assert services[name]["healthcheck"]["test"], name
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    assert services["migrate"]["command"] == ["chassis", "db", "upgrade"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in APP_SERVICES - {"migrate"}:
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["redis"]["condition"] == "service_healthy", name
+    flower = services["flower"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert flower["environment"]["CHASSIS_DATABASE_URL"].startswith("postgresql://")
+
+
+def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    empty = tmp_path / "empty.env"  # a developer's .env must not change the verdict
+    empty.write_text("")
+    done = subprocess.run([binary, "--env-file", str(empty), "-f", "docker-compose.yml",
+                           "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert services["worker"]["environment"]["CHASSIS_BROKER_URL"] == "redis://redis:6379/0"
+
+
+def test_dockerfile_installs_the_package_and_runs_unprivileged() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^RUN pip install \.", text, re.M)
+    assert re.search(r"^USER chassis", text, re.M)
+    assert "chassis\", \"health\"" in text
+
+
+def test_env_example_names_only_known_variables() -> None:
+    """Each variable is read by chassis/config.py, or is Flower's own (FLOWER_*)."""
+    names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(),
+                           re.M))
+    source = (ROOT / "chassis" / "config.py").read_text()
+    assert {"CHASSIS_DATABASE_URL", "CHASSIS_BROKER_URL", "FLOWER_BASIC_AUTH"} <= names
+    assert not {n for n in names if f'"{n}"' not in source and not n.startswith("FLOWER_")}
