@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from celery.schedules import crontab
@@ -108,6 +109,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         conf.setdefault("beat_schedule", {})["chassis-relay"] = {
             "task": "chassis.relay", "schedule": RELAY_BEAT_SECONDS,
             "options": {"expires": RELAY_BEAT_SECONDS}}
+    if settings.result_backend.startswith("file://"):
+        # the file-system result backend needs its folder to exist
+        Path(settings.result_backend[len("file://"):]).mkdir(parents=True, exist_ok=True)
     if settings.embedded_broker:
         queue = settings.broker_dir / "queue"
         control = settings.broker_dir / "control"

@@ -172,7 +172,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         if broker.startswith(("redis://", "rediss://")):
             backend = broker
         else:
-            backend = f"db+sqlite:///{home / 'results.db'}"
+            backend = f"file://{home / 'results'}"
     api_key = (env.get("ANTHROPIC_API_KEY") or "").strip() or None
     return Settings(
         home=home,

@@ -22,7 +22,7 @@ def test_empty_environment_is_fully_embedded(
     assert settings.broker_url == "filesystem://"
     assert settings.embedded_broker is True
     assert settings.broker_dir == home / "broker"
-    assert settings.result_backend == f"db+sqlite:///{home / 'results.db'}"
+    assert settings.result_backend == f"file://{home / 'results'}"
     assert settings.kafka_bootstrap is None
     assert settings.action_modules == ()
     assert (settings.log_format, settings.log_level) == ("text", "INFO")
@@ -34,7 +34,7 @@ def test_chassis_home_moves_the_embedded_files(tmp_path: Path) -> None:
     home = (tmp_path / "state").resolve()
     assert settings.home == home
     assert settings.database_url == f"sqlite:///{home / 'chassis.db'}"
-    assert settings.result_backend == f"db+sqlite:///{home / 'results.db'}"
+    assert settings.result_backend == f"file://{home / 'results'}"
     assert settings.embedded_broker is True
 
 
