@@ -90,3 +90,13 @@ def test_env_example_names_only_known_variables() -> None:
     source = (ROOT / "chassis" / "config.py").read_text()
     assert {"CHASSIS_DATABASE_URL", "CHASSIS_BROKER_URL", "FLOWER_BASIC_AUTH"} <= names
     assert not {n for n in names if f'"{n}"' not in source and not n.startswith("FLOWER_")}
+
+
+def test_the_operations_guide_has_every_variable_in_its_table() -> None:
+    source = (ROOT / "chassis" / "config.py").read_text()
+    read = set(re.findall(r'"((?:CHASSIS|ANTHROPIC)_[A-Z0-9_]+)"', source))
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    table = guide[guide.index("## Configuration"):]
+    rows = set(re.findall(r"^\| `([A-Z0-9_]+)`", table, re.M))
+    rows |= {f"CHASSIS_CLAUDE_{tier}_MODEL" for tier in ("HAIKU", "SONNET", "OPUS")}
+    assert read - rows == set()
