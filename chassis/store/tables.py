@@ -17,6 +17,21 @@ JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 UUIDType = sa.String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql")
 TS = sa.DateTime(timezone=True)
 
+
+
+def _id() -> sa.Column[int]:
+    """A row id: BIGINT on PostgreSQL, INTEGER (SQLite's rowid alias) on SQLite."""
+    return sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+                     primary_key=True, autoincrement=True)
+
+
+def _workflow() -> sa.Column[str]:
+    """The owning workflow; its rows go with it."""
+    return sa.Column("correlation_id", UUIDType,
+                     sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
+                     nullable=False)
+
+
 orchestrator_state = sa.Table(
     "orchestrator_state",
     metadata,
@@ -49,11 +64,8 @@ orchestrator_state = sa.Table(
 step_runs = sa.Table(
     "step_runs",
     metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
-    sa.Column("correlation_id", UUIDType,
-              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
-              nullable=False),
+    _id(),
+    _workflow(),
     sa.Column("step_name", sa.String(255), nullable=False),
     sa.Column("parent_step", sa.String(255)),
     sa.Column("action", sa.String(255), nullable=False),
@@ -74,11 +86,8 @@ step_runs = sa.Table(
 fuel_ledger = sa.Table(
     "fuel_ledger",
     metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
-    sa.Column("correlation_id", UUIDType,
-              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
-              nullable=False),
+    _id(),
+    _workflow(),
     sa.Column("client_id", sa.String(255), nullable=False),
     sa.Column("step_name", sa.String(255), nullable=False),
     sa.Column("action", sa.String(255), nullable=False),
@@ -92,8 +101,7 @@ fuel_ledger = sa.Table(
 outbox = sa.Table(
     "outbox",
     metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    _id(),
     sa.Column("correlation_id", UUIDType),
     sa.Column("topic", sa.String(255), nullable=False),
     sa.Column("key", sa.String(255)),
