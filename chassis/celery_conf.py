@@ -17,7 +17,7 @@ AI_PREFIX = "ai_"
 #: How often beat sends ``chassis.relay`` (when CHASSIS_KAFKA_BOOTSTRAP is set).
 RELAY_BEAT_SECONDS = 10.0
 SWEEP_TASK = "chassis.sweep"
-#: Celery's own task deleting expired results of database backends (Redis expires them).
+#: Celery's own task deleting expired results (Redis expires them itself).
 CLEANUP_TASK = "celery.backend_cleanup"
 STEP_TASK = "chassis.step"
 SUBTASK_TASK = "chassis.subtask"

@@ -105,7 +105,7 @@ class Settings:
     """CHASSIS_SWEEP_INTERVAL: seconds between two ``chassis.sweep`` tasks sent by beat."""
     result_expires: int = 86400
     """CHASSIS_RESULT_EXPIRES: seconds Celery keeps task results (Redis expires them
-    itself; database backends are cleaned by beat's ``celery.backend_cleanup``)."""
+    itself; the others are cleaned by beat's ``celery.backend_cleanup``)."""
     metrics_port: int = 9808
     """CHASSIS_METRICS_PORT: port of ``chassis metrics`` (Prometheus text)."""
 
