@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -239,31 +240,148 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its descendants (``/proc/<pid>/task/*/children``)."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        try:
+            for t in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    todo.extend(int(k) for k in (t / "children").read_text().split())
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def _kb_field(path: str, name: str) -> float:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    """Current resident set size of one process in MiB (0 when it is gone)."""
+    return _kb_field(f"/proc/{pid}/status", "VmRSS:")
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size in MiB: pages shared by several processes (a prefork pool's
+    copy-on-write pages) split between them, so a tree's sum counts them once."""
+    return _kb_field(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
 class CpuMeter:
-    """CPU seconds spent by the worker (main process and pool) and by the PostgreSQL
-    backends of the bench database between ``start`` and ``stop``. On a busy machine
-    wall times are noisy; CPU per run is much steadier (it misses time spent waiting,
-    e.g. for the commit's fsync)."""
+    """CPU seconds spent by a system's processes (the Celery worker's tree, or the DBOS
+    process) and by the PostgreSQL backends of its database between ``start`` and
+    ``stop``. On a busy machine wall times are noisy; CPU per run is much steadier (it
+    misses time spent waiting, e.g. for the commit's fsync)."""
 
-    def __init__(self, worker: Worker, pg: PostgresDatabase) -> None:
-        self.worker, self.pg = worker, pg
+    def __init__(self, pids: Callable[[], dict[str, list[int]]]) -> None:
+        self.pids = pids  # {"worker": [...], "postgres": [...]}
         self._before: dict[str, dict[int, float]] = {}
-
-    def _pids(self) -> dict[str, list[int]]:
-        p = self.worker.pids()
-        return {"worker": p["main"] + p["children"], "postgres": self.pg.backend_pids()}
 
     def start(self) -> None:
         self._before = {k: {pid: cpu_seconds(pid) for pid in v}
-                        for k, v in self._pids().items()}
+                        for k, v in self.pids().items()}
 
     def stop(self) -> dict[str, float]:
         out = {}
-        for k, pids in self._pids().items():
+        for k, pids in self.pids().items():
             before = self._before.get(k, {})
             out[f"{k}_cpu_s"] = round(sum(max(0.0, cpu_seconds(pid) - before.get(pid, 0.0))
                                           for pid in pids), 3)
         return out
+
+
+class RssSampler:
+    """Samples the resident memory of process trees every ``interval`` seconds in a
+    thread: the sum of VmRSS over a tree (the Celery worker: main process and pool
+    children; DBOS: its one process), and the sum of PSS (shared pages counted once).
+    ``label`` says which system is running, so each system's peak is the peak of its own
+    process tree while its own runs ran."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.trees: dict[str, int] = {}  # tree name -> root pid
+        self.label: str | None = None
+        self.peaks: dict[tuple[str | None, str], float] = {}
+        self.pss_peaks: dict[tuple[str | None, str], float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, name: str, root: int) -> None:
+        self.trees[name] = root
+
+    def sample(self) -> None:
+        label = self.label
+        for name, root in list(self.trees.items()):
+            pids = tree_pids(root)
+            rss = sum(rss_mb(p) for p in pids)
+            pss = sum(pss_mb(p) for p in pids)
+            for key in ((label, name), (None, name)):
+                if rss > self.peaks.get(key, 0.0):
+                    self.peaks[key] = rss
+                if pss > self.pss_peaks.get(key, 0.0):
+                    self.pss_peaks[key] = pss
+
+    def peak(self, tree: str, label: str | None = None, pss: bool = False) -> float | None:
+        v = (self.pss_peaks if pss else self.peaks).get((label, tree))
+        return None if v is None else round(v, 1)
+
+    def __enter__(self) -> RssSampler:
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self.sample()
+        self._thread = threading.Thread(target=loop, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class OtherLoad:
+    """How busy the rest of the machine was during the bench: CPU time of the whole
+    machine (``/proc/stat``) minus the bench's own process tree (the bench, the worker,
+    DBOS) and the PostgreSQL backends of its databases, as a share of all cores. The
+    load average cannot tell: the bench's own processes are in it. Approximate: the
+    PostgreSQL server's background processes (WAL writer, checkpointer) count as other."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0 = self._busy()
+        self.own0 = self._own([])
+
+    @staticmethod
+    def _busy() -> float:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        vals = [int(x) for x in fields]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return (sum(vals[:8]) - idle) / _TICK  # without guest time (counted in user)
+
+    @staticmethod
+    def _own(backends: list[int]) -> float:
+        return sum(cpu_seconds(p) for p in [*tree_pids(os.getpid()), *backends]) + \
+            sum(os.times()[2:4])  # reaped children (py-spy runs, psql...)
+
+    def stop(self, backends: list[int]) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        cores = os.cpu_count() or 1
+        busy = self._busy() - self.busy0
+        own = self._own(backends) - self.own0
+        other = max(0.0, busy - own)
+        return {"wall_s": round(wall, 1), "machine_busy_share": round(busy / (wall * cores), 3),
+                "other_processes_share": round(other / (wall * cores), 3)}
 
 
 # ------------------------------------------------------------------ machine
@@ -276,6 +394,7 @@ def machine(pg: PostgresDatabase, rd: RedisDatabase, worker: Worker) -> dict[str
 
     return {
         "cores": os.cpu_count(),
+        "git": git_state(),
         "cpu": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -288,6 +407,22 @@ def machine(pg: PostgresDatabase, rd: RedisDatabase, worker: Worker) -> dict[str
                    "prefetch_multiplier": int(worker.env.get("CHASSIS_PREFETCH_MULTIPLIER")
                                               or 4)},
     }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the files that differed from it (the work tree is what
+    the worker imports)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no",
+                                        "--", "chassis", "tasks", "celeryconfig.py")
+               .splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "modified_engine_files": changed}
 
 
 def _cpu_model() -> str:
