@@ -24,6 +24,13 @@ _STATE = """s AS (
   WHERE correlation_id = %(cid)s AND version = %(b_version)s
   RETURNING correlation_id)"""
 
+_JSON_COLUMNS = ("awaited_steps", "collected_data", "initial_request_data", "final_result",
+                 "plan")
+_NEW = """s AS (
+  INSERT INTO orchestrator_state ({columns}) VALUES ({values})
+  ON CONFLICT (correlation_id) DO NOTHING
+  RETURNING correlation_id)"""
+
 _PARTS: dict[str, str] = {
     "ledger": """INSERT INTO fuel_ledger (correlation_id, client_id, step_name, action, amount,
     idempotency_key, created_at)
@@ -54,15 +61,41 @@ _PARTS: dict[str, str] = {
   FROM s, jsonb_to_recordset(%(messages)s) AS x(topic text, key text, headers jsonb,
     payload jsonb, dedup_key text, created_at timestamptz)""",
 }
-_sql_cache: dict[frozenset[str], str] = {}
+_sql_cache: dict[tuple[str, frozenset[str]], str] = {}
 
 
-def _sql(parts: frozenset[str]) -> str:
-    sql = _sql_cache.get(parts)
+def _sql(head: str, parts: frozenset[str]) -> str:
+    sql = _sql_cache.get((head, parts))
     if sql is None:
-        ctes = [_STATE] + [f"{name} AS ({_PARTS[name]})" for name in _PARTS if name in parts]
-        sql = _sql_cache[parts] = "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM s"
+        ctes = [head] + [f"{name} AS ({_PARTS[name]})" for name in _PARTS if name in parts]
+        sql = "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM s"
+        _sql_cache[(head, parts)] = sql
     return sql
+
+
+def _json(value: Any) -> Jsonb | None:
+    """SQL NULL stays NULL; anything else is stored as JSONB."""
+    return None if value is None else Jsonb(value)
+
+
+def _run(conn: sa.Connection, head: str, params: dict[str, Any], rows: Rows) -> bool:
+    parts = set()
+    for name in _PARTS:
+        batch = getattr(rows, name)
+        if batch:
+            parts.add(name)
+            params[name] = _plain(batch)
+    count = conn.exec_driver_sql(_sql(head, frozenset(parts)), params).scalar_one()
+    return int(count) == 1
+
+
+def create(conn: sa.Connection, values: dict[str, Any], rows: Rows) -> bool:
+    """Insert a new workflow and its first rows at once; False when it already exists."""
+    columns = sorted(values)
+    head = _NEW.format(columns=", ".join(columns),
+                       values=", ".join(f"%({c})s" for c in columns))
+    params = {c: _json(values[c]) if c in _JSON_COLUMNS else values[c] for c in columns}
+    return _run(conn, head, params, rows)
 
 
 def _plain(rows: list[Row]) -> Jsonb:
@@ -75,15 +108,6 @@ def write(conn: sa.Connection, values: dict[str, Any], cid: str, version: int,
     """Write the new state and its rows at once; False when ``version`` is stale."""
     params: dict[str, Any] = {
         **values, "cid": cid, "b_version": version,
-        "awaited_steps": Jsonb(values["awaited_steps"]),
-        "collected_data": Jsonb(values["collected_data"]),
-        "final_result": None if values["final_result"] is None else Jsonb(values["final_result"]),
+        **{c: _json(values[c]) for c in _JSON_COLUMNS if c in values},
     }
-    parts = set()
-    for name in _PARTS:
-        batch = getattr(rows, name)
-        if batch:
-            parts.add(name)
-            params[name] = _plain(batch)
-    count = conn.exec_driver_sql(_sql(frozenset(parts)), params).scalar_one()
-    return int(count) == 1
+    return _run(conn, _STATE, params, rows)

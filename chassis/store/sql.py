@@ -136,14 +136,20 @@ class SqlStore:
                   "plan": plan_to_dict(plan), "plan_name": plan_name,
                   "plan_version": plan_version, "fuel_budget": s.fuel_budget, "version": 1,
                   "created_at": ts, "updated_at": ts}
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(orchestrator_state.insert().values(**values))
-                self._apply(conn, s, decision.commands, ts)
-        except IntegrityError:
-            if self.exists(s.correlation_id):
-                return False
-            raise
+        if self._claims is not None:  # PostgreSQL: one statement, one round trip
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                if not pg.create(conn, values, rows_for(s, decision.commands, ts)):
+                    return False
+        else:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(orchestrator_state.insert().values(**values))
+                    self._apply(conn, s, decision.commands, ts)
+            except IntegrityError:
+                if self.exists(s.correlation_id):
+                    return False
+                raise
         s.version = 1
         self._plans.put(s.correlation_id, plan)
         return True
