@@ -26,6 +26,7 @@ from bench.env import (
     RssSampler,
     Worker,
     cpu_seconds,
+    git_state,
     log,
     machine,
     tree_pids,
@@ -248,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     others = OtherLoad()
+    code = git_state()  # what the worker and the bench import: the work tree, now
     if load_start[0] > (os.cpu_count() or 1) * 0.5:
         log(f"warning: load average {load_start[0]:.2f} on {os.cpu_count()} cores: other "
             "processes compete for the CPU and the figures will be noisy")
@@ -337,7 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         busy = others.stop(pg.backend_pids() + (dbos_pg.backend_pids() if dbos else []))
         log(f"the rest of the machine used {busy['other_processes_share']:.0%} of the CPU "
             f"during the bench (the bench itself and its databases excluded)")
-        mach = machine(pg, rd, worker)
+        code_end = git_state()
+        if code_end != code:
+            code = {**code, "changed_during_run": code_end}
+            log(f"warning: the engine's code changed during the run: {code_end} (the "
+                f"worker ran what was there at the start: {code})")
+        mach = machine(pg, rd, worker, git=code)
         mach["dbos"] = _version("dbos")
         mach["dbos_config"] = dbos.config if dbos is not None else None
         doc = {

@@ -387,14 +387,15 @@ class OtherLoad:
 # ------------------------------------------------------------------ machine
 
 
-def machine(pg: PostgresDatabase, rd: RedisDatabase, worker: Worker) -> dict[str, Any]:
+def machine(pg: PostgresDatabase, rd: RedisDatabase, worker: Worker,
+            git: dict[str, Any] | None = None) -> dict[str, Any]:
     import celery
     import kombu
     import sqlalchemy
 
     return {
         "cores": os.cpu_count(),
-        "git": git_state(),
+        "git": git or git_state(),
         "cpu": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -410,8 +411,8 @@ def machine(pg: PostgresDatabase, rd: RedisDatabase, worker: Worker) -> dict[str
 
 
 def git_state() -> dict[str, Any]:
-    """The commit measured, and the files that differed from it (the work tree is what
-    the worker imports)."""
+    """HEAD, and the engine's files that differ from it (the worker imports the work
+    tree as it is when the worker starts; ``bench.cli`` records it then)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
