@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 JOIN_TASK = "chassis.join"
 FANOUT_TASK = "chassis.fanout"
-RESUME_TASK = "chassis.resume"
 
 
 def run_action(payload: dict[str, Any]) -> co.StepSucceeded | co.StepFailed:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -298,10 +298,3 @@ class SqlStore:
             q = q.where(orchestrator_state.c.status == status)
         with self.engine.connect() as conn:
             return [_row_to_state(r) for r in conn.execute(q).all()]
-
-    def stale_dispatched(self, older_than: datetime) -> Iterator[dict[str, Any]]:
-        """Step runs dispatched but never started before ``older_than`` (lost messages)."""
-        with self.engine.connect() as conn:
-            yield from (dict(r._mapping) for r in conn.execute(
-                sa.select(step_runs).where(step_runs.c.status == StepStatus.DISPATCHED,
-                                           step_runs.c.dispatched_at < older_than)).all())
