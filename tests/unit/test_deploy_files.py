@@ -13,8 +13,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.helpers import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = {"migrate", "worker", "beat", "flower", "bridge", "relay", "metrics"}
@@ -64,8 +65,9 @@ def test_compose_has_every_service_with_health_checks_and_start_order() -> None:
 
 def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    require_service("docker-compose", binary is not None,
+                    "not installed (apt-get install docker-compose; .ci/run installs it)")
+    assert binary is not None
     empty = tmp_path / "empty.env"  # a developer's .env must not change the verdict
     empty.write_text("")
     done = subprocess.run([binary, "--env-file", str(empty), "-f", "docker-compose.yml",
