@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, chord
 
-from chassis import actions, logs
+from chassis import actions
 from chassis import coordinator as co
 from chassis.celery_conf import step_task_for, subtask_task_for
 from chassis.plan import Plan
@@ -73,20 +73,19 @@ class Engine:
     def run_step(self, payload: dict[str, Any], task_id: str | None) -> None:
         """Body of the ``chassis.step`` task."""
         cid, step = payload["cid"], payload["step"]
-        with logs.bind(correlation_id=cid, step=step, task_id=task_id):
-            claim = self.store.claim(cid, step, task_id)
-            if claim is None:
-                log.info("step %s already finished: duplicate delivery ignored", step)
-                return
-            log.debug("step %s attempt %d", step, claim[0])
-            self.apply(cid, run_action(payload), claim[1])
+        # the worker's log context (tasks/log_context.py) already carries cid/step/task
+        claim = self.store.claim(cid, step, task_id)
+        if claim is None:
+            log.info("step %s already finished: duplicate delivery ignored", step)
+            return
+        log.debug("step %s attempt %d", step, claim[0])
+        self.apply(cid, run_action(payload), claim[1])
 
     def run_subtask(self, payload: dict[str, Any], task_id: str | None) -> dict[str, Any]:
         """Body of ``chassis.subtask``: no transaction of its own; its result (with its
         start time) goes to the chord callback, which records all sub-tasks at once."""
         started = now().isoformat()
-        with logs.bind(correlation_id=payload["cid"], step=payload["step"], task_id=task_id):
-            event = run_action(payload)
+        event = run_action(payload)
         if isinstance(event, co.StepFailed):
             return {"step": event.step, "error": event.error, "started_at": started}
         return {"step": event.step, "output": event.output, "started_at": started}

@@ -7,20 +7,14 @@ from celery import Celery
 from chassis import config
 from chassis.api import Client
 from chassis.engine import Engine
-from chassis.store import SqlStore
-from chassis.store.db import make_engine
 
-_engines: dict[int, Engine] = {}
 _clients: dict[int, Client] = {}
 
 
 def engine(app: Celery) -> Engine:
-    """The engine that sends with ``app`` and stores in CHASSIS_DATABASE_URL."""
-    eng = _engines.get(id(app))
-    if eng is None:
-        store = SqlStore(make_engine(config.load().database_url))
-        eng = _engines[id(app)] = Engine(store, app)
-    return eng
+    """The engine that sends with ``app`` and stores in CHASSIS_DATABASE_URL (the
+    worker's client's: one store, and one set of connection pools, per process)."""
+    return client(app).engine
 
 
 def client(app: Celery) -> Client:
@@ -44,7 +38,6 @@ def relay_outbox() -> int:
 def reset() -> None:
     """Forget engines, clients and the relay (after a fork: connections must not be
     shared)."""
-    _engines.clear()
     _clients.clear()
     from chassis.kafka import relay
 

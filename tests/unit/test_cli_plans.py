@@ -8,7 +8,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
@@ -18,21 +17,12 @@ from click.testing import CliRunner, Result
 from chassis import actions
 from chassis.cli import main
 from chassis.plan import json_schema
+from tests.unit.test_validation import FOUR_PROBLEMS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BLOG = EXAMPLES / "blog_post.yaml"
 RESEARCH = EXAMPLES / "research_assistant.yaml"
 
-FOUR_PROBLEMS: dict[str, Any] = {
-    "start_step": "a",
-    "steps": {
-        "a": {"action": "echo", "next_step": "b"},
-        "b": {"action": "echo", "next_step": "a"},
-        "c": {"action": "echo", "next_step": "nowhere"},
-        "d": {"action": "summarize"},
-        "e": {"action": "fan_out"},
-    },
-}
 
 
 def run(*args: str) -> Result:
