@@ -1,4 +1,5 @@
-"""The public Python API for other apps: start a workflow, read its status, resume it.
+"""The public Python API for other apps: start a workflow, read its status, resume,
+cancel or retry it.
 
 Enqueueing needs only the database and broker URLs (the environment, or arguments),
 never the user's action code::
@@ -25,8 +26,8 @@ from chassis import actions, config, validation
 from chassis import coordinator as co
 from chassis.celery_conf import celery_settings
 from chassis.engine import Engine
-from chassis.errors import InputError, PlanFileError, PlanNotFound
-from chassis.plan import Plan, load_plan, parse_plan
+from chassis.errors import InputError, InvalidTransition, PlanFileError, PlanNotFound
+from chassis.plan import PAUSE, Plan, load_plan, parse_plan
 from chassis.registry import NAME_RE, PlanRegistry, parse_ref
 from chassis.state import SETTLED, Status, WorkflowState
 from chassis.store import SqlStore
@@ -42,21 +43,76 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat() if ts else None
 
 
-def status_dict(s: WorkflowState, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The status document of ``chassis status --json``."""
+def _attempt_doc(r: dict[str, Any]) -> dict[str, Any]:
+    return {"attempt": r["attempt"], "status": r["status"], "error": r["error"],
+            "error_type": r["error_type"], "deliveries": r["deliveries"],
+            "dispatched_at": _iso(r["dispatched_at"]), "due_at": _iso(r["due_at"]),
+            "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
+
+
+def _step_docs(rows: list[dict[str, Any]], plan: Plan | None) -> list[dict[str, Any]]:
+    """One entry per step or sub-task (its latest attempt), with every attempt."""
+    by_step: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:  # in id order: first dispatch first
+        by_step.setdefault(r["step_name"], []).append(r)
+    docs = []
+    for name, attempts in by_step.items():
+        attempts.sort(key=lambda r: r["attempt"])
+        last = attempts[-1]
+        errors = [r["error"] for r in attempts if r["error"] and r["status"] == "FAILED"]
+        docs.append({
+            "name": name, "action": last["action"], "status": last["status"],
+            "attempts": last["attempt"],
+            "max_attempts": plan.policy(name).max_attempts if plan else None,
+            "parent_step": last["parent_step"],
+            "error": last["error"] or (errors[-1] if errors else None),
+            "dispatched_at": _iso(last["dispatched_at"]), "due_at": _iso(last["due_at"]),
+            "started_at": _iso(last["started_at"]), "finished_at": _iso(last["finished_at"]),
+            "history": [_attempt_doc(r) for r in attempts],
+        })
+    return docs
+
+
+def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
+    """Where a workflow that has not finished is waiting, in words."""
+    if s.status.finished:
+        return None
+    open_ = [d for d in steps if d["status"] not in ("COMPLETED", "FAILED", "CANCELLED")]
+    if s.status is Status.PAUSED_FOR_HUMAN_INPUT:
+        return f"a human's approval at step '{s.current_step}'"
+    subs = [d for d in open_ if d["parent_step"]]
+    if subs:
+        names = ", ".join(d["name"] for d in subs[:5]) + (", ..." if len(subs) > 5 else "")
+        return f"{len(subs)} sub-task(s) of '{subs[0]['parent_step']}': {names}"
+    for d in open_:
+        if d["action"] in (PAUSE, "fan_out"):
+            continue
+        of = f" of {d['max_attempts']}" if d["max_attempts"] else ""
+        what = {"SCHEDULED": f"retry due at {d['due_at']}", "DISPATCHED": "queued",
+                "RUNNING": f"running since {d['started_at']}",
+                "AWAITING": "waiting for the agent's answer"}.get(d["status"], d["status"])
+        return f"step '{d['name']}', attempt {d['attempts']}{of}: {what}"
+    if s.current_step:
+        return f"dependencies of step '{s.current_step}'"
+    return None
+
+
+def status_dict(s: WorkflowState, steps: list[dict[str, Any]],
+                plan: Plan | None = None) -> dict[str, Any]:
+    """The status document of ``chassis status --json``: ``steps`` holds one entry per
+    step or sub-task (its latest attempt, ``attempts`` the attempt number, ``error`` the
+    last error) with its ``history`` of attempts; ``waiting_for`` says where it waits."""
+    step_docs = _step_docs(steps, plan)
     return {
         "correlation_id": s.correlation_id, "client_id": s.client_id,
         "project_id": s.project_id, "status": s.status.value,
-        "current_step": s.current_step or None, "awaited_steps": s.awaited_steps,
+        "current_step": s.current_step or None, "waiting_for": waiting_for(s, step_docs),
+        "awaited_steps": s.awaited_steps,
         "collected_data": s.collected_data, "input": s.initial_request_data,
         "final_result": s.final_result, "error": s.error,
         "fuel": {"budget": s.fuel_budget, "spent": s.fuel_spent,
                  "remaining": s.fuel_remaining},
-        "steps": [{"name": r["step_name"], "action": r["action"], "status": r["status"],
-                   "attempts": r["attempts"], "parent_step": r["parent_step"],
-                   "error": r["error"], "dispatched_at": _iso(r["dispatched_at"]),
-                   "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
-                  for r in steps],
+        "steps": step_docs,
         "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at),
         "version": s.version,
     }
@@ -126,7 +182,7 @@ class Client:
             app.conf.update(celery_settings(self.settings))
         self.app = app
         self.store = SqlStore(make_engine(self.settings.database_url))
-        self.engine = Engine(self.store, app, in_worker=in_worker)
+        self.engine = Engine(self.store, app, self.settings, in_worker=in_worker)
         self.registry = PlanRegistry(self.store.engine)
 
     def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None,
@@ -136,6 +192,9 @@ class Client:
               plan_name: str | None = None, plan_version: int | None = None) -> str:
         """Start a workflow and return its correlation_id. Starting one whose id exists
         is a no-op that returns that id. Bad input raises before anything is written.
+        An unreachable broker raises :class:`~chassis.errors.BrokerUnavailable` (with
+        ``correlation_id``) after the workflow is recorded: it starts by itself once the
+        broker is back, and starting the same id again is safe.
 
         ``plan`` is a Plan, a mapping, a file, or a registered name (``name@N`` for a
         given version); the workflow stores a snapshot of the plan it started with.
@@ -185,12 +244,51 @@ class Client:
     def status(self, correlation_id: str) -> dict[str, Any]:
         """The workflow's status document (raises WorkflowNotFound)."""
         cid = _correlation_id(correlation_id)
-        return status_dict(self.store.get(cid), self.store.steps(cid))
+        return status_dict(self.store.get(cid), self.store.steps(cid), self.store.get_plan(cid))
 
     def resume(self, correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
-        """Approve or reject a paused workflow; returns its status after the decision."""
+        """Approve or reject a paused workflow; returns its status after the decision.
+
+        The same answer given again, once recorded (a repeated command), changes nothing
+        and returns the status with ``"resume": "already recorded"``; resuming a workflow
+        that is not paused otherwise raises InvalidTransition."""
         cid = _correlation_id(correlation_id)
-        self.engine.resume(cid, approved, feedback)
+        if not isinstance(approved, bool):
+            raise InputError(f"approved must be true or false, got {approved!r}")
+        try:
+            self.engine.resume(cid, approved, feedback)
+        except InvalidTransition:
+            if self._answered(cid) != approved:
+                raise
+            return {**self.status(cid), "resume": "already recorded"}
+        return self.status(cid)
+
+    def _answered(self, cid: str) -> bool | None:
+        """The answer recorded for the workflow's latest pause, if any."""
+        pauses = [r for r in self.store.steps(cid)
+                  if r["action"] == PAUSE and isinstance(r["output"], dict)]
+        if not pauses:
+            return None
+        answer = max(pauses, key=lambda r: r["id"])["output"].get("approved")
+        return answer if isinstance(answer, bool) else None
+
+    def cancel(self, correlation_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Cancel a workflow that has not finished: in-flight attempts are revoked
+        (terminated on the prefork pool), late results ignored, status CANCELLED, a
+        WORKFLOW_CANCELLED event in the outbox. Cancelling a finished workflow raises
+        InvalidTransition and changes nothing. Returns the status after the decision."""
+        cid = _correlation_id(correlation_id)
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise InputError("reason must be a text of at most 1000 characters")
+        self.engine.cancel(cid, reason or None)
+        return self.status(cid)
+
+    def retry(self, correlation_id: str) -> dict[str, Any]:
+        """Retry a FAILED workflow from its failed step with fresh attempts, keeping
+        every completed output and the ledger; anything else raises InvalidTransition.
+        Returns the status after the decision."""
+        cid = _correlation_id(correlation_id)
+        self.engine.retry(cid)
         return self.status(cid)
 
     def ledger(self, correlation_id: str) -> list[dict[str, Any]]:
@@ -252,3 +350,13 @@ def get_status(correlation_id: str) -> dict[str, Any]:
 def resume_workflow(correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
     """Approve or reject a paused workflow (see :meth:`Client.resume`)."""
     return _client().resume(correlation_id, approved, feedback)
+
+
+def cancel_workflow(correlation_id: str, reason: str | None = None) -> dict[str, Any]:
+    """Cancel a workflow (see :meth:`Client.cancel`)."""
+    return _client().cancel(correlation_id, reason)
+
+
+def retry_workflow(correlation_id: str) -> dict[str, Any]:
+    """Retry a FAILED workflow (see :meth:`Client.retry`)."""
+    return _client().retry(correlation_id)

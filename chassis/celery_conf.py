@@ -24,6 +24,12 @@ SUBTASK_TASK = "chassis.subtask"
 #: The same tasks for AI actions: their own names carry CHASSIS_AI_RATE_LIMIT.
 AI_STEP_TASK = "chassis.ai_step"
 AI_SUBTASK_TASK = "chassis.ai_subtask"
+RESUME_TASK = "chassis.resume"
+CANCEL_TASK = "chassis.cancel"
+RETRY_TASK = "chassis.retry"
+START_TASK = "chassis.start"
+RESPOND_TASK = "chassis.respond"
+RELAY_TASK = "chassis.relay"
 
 
 def queue_for(action: str) -> str:
@@ -47,14 +53,13 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     SUBTASK_TASK: {"queue": STEPS_QUEUE},
     AI_STEP_TASK: {"queue": AI_QUEUE},
     AI_SUBTASK_TASK: {"queue": AI_QUEUE},
-    "chassis.join": {"queue": COORDINATION_QUEUE},
-    "chassis.resume": {"queue": COORDINATION_QUEUE},
-    "chassis.fanout": {"queue": COORDINATION_QUEUE},
-    "chassis.start": {"queue": COORDINATION_QUEUE},
-    "chassis.respond": {"queue": COORDINATION_QUEUE},
-    "chassis.relay": {"queue": COORDINATION_QUEUE},
-    "chassis.sweep": {"queue": COORDINATION_QUEUE},
-    "celery.chord_unlock": {"queue": COORDINATION_QUEUE},
+    RESUME_TASK: {"queue": COORDINATION_QUEUE},
+    CANCEL_TASK: {"queue": COORDINATION_QUEUE},
+    RETRY_TASK: {"queue": COORDINATION_QUEUE},
+    START_TASK: {"queue": COORDINATION_QUEUE},
+    RESPOND_TASK: {"queue": COORDINATION_QUEUE},
+    RELAY_TASK: {"queue": COORDINATION_QUEUE},
+    SWEEP_TASK: {"queue": COORDINATION_QUEUE},
     CLEANUP_TASK: {"queue": COORDINATION_QUEUE},
 }
 
@@ -107,7 +112,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     if settings.kafka_bootstrap:
         # the fallback publisher of the outbox; `chassis relay` is the fast path
         conf.setdefault("beat_schedule", {})["chassis-relay"] = {
-            "task": "chassis.relay", "schedule": RELAY_BEAT_SECONDS,
+            "task": RELAY_TASK, "schedule": RELAY_BEAT_SECONDS,
             "options": {"expires": RELAY_BEAT_SECONDS}}
     if settings.result_backend.startswith("file://"):
         # the file-system result backend needs its folder to exist
@@ -121,7 +126,6 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "data_folder_in": str(queue), "data_folder_out": str(queue),
             "control_folder": str(control), "polling_interval": 0.05,
         }
-        conf["result_chord_retry_interval"] = 0.2
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         vt = settings.visibility_timeout
         # look for abandoned (unacked) messages often enough to honour a short timeout

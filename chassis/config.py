@@ -95,14 +95,24 @@ class Settings:
     """CHASSIS_AI_RATE_LIMIT: Celery rate limit of AI step tasks per worker, e.g.
     ``60/m``; unset means no limit."""
     step_timeout: float = 3600.0
-    """CHASSIS_STEP_TIMEOUT: seconds a step may stay dispatched or running (or an
-    external agent may take to answer) before the sweep re-dispatches it or, out of
-    attempts, fails the workflow."""
-    step_max_attempts: int = 3
-    """CHASSIS_STEP_MAX_ATTEMPTS: runs of a timed-out step (or sends of a fan-out's
-    sub-tasks) before the sweep fails the workflow."""
-    sweep_interval: float = 60.0
-    """CHASSIS_SWEEP_INTERVAL: seconds between two ``chassis.sweep`` tasks sent by beat."""
+    """CHASSIS_STEP_TIMEOUT: seconds one attempt may run (or an external agent take to
+    answer) when its plan sets no ``timeout``; also how long a workflow may wait for
+    dependencies that never come."""
+    lease_seconds: float = 15.0
+    """CHASSIS_LEASE_SECONDS: a running attempt's lease, renewed by its worker every
+    third of it; once it expires (the worker died) the sweep sends the attempt again."""
+    redispatch_after: float = 20.0
+    """CHASSIS_REDISPATCH_AFTER: seconds a dispatched attempt may wait unclaimed, while
+    its queue is empty, before the sweep sends it again (a message lost by the broker or
+    a failed publish); doubled after each re-send, and ten times as long while the queue
+    holds messages (it may just be waiting its turn)."""
+    max_deliveries: int = 3
+    """CHASSIS_MAX_DELIVERIES: times one attempt may be started before a worker losing
+    it once more fails the attempt (error type WorkerLost): a step that kills its
+    worker cannot loop for ever."""
+    sweep_interval: float = 5.0
+    """CHASSIS_SWEEP_INTERVAL: seconds between two ``chassis.sweep`` tasks sent by beat
+    (retries due, lost and timed-out attempts are found at this pace)."""
     result_expires: int = 86400
     """CHASSIS_RESULT_EXPIRES: seconds Celery keeps task results (Redis expires them
     itself; the others are cleaned by beat's ``celery.backend_cleanup``)."""
@@ -181,17 +191,20 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         result_backend=backend,
         kafka_bootstrap=env.get("CHASSIS_KAFKA_BOOTSTRAP") or None,
         action_modules=_split(env.get("CHASSIS_ACTION_MODULES")),
-        visibility_timeout=int(env.get("CHASSIS_VISIBILITY_TIMEOUT") or 3600),
-        prefetch_multiplier=int(env.get("CHASSIS_PREFETCH_MULTIPLIER") or 4),
+        visibility_timeout=int(_number(env, "CHASSIS_VISIBILITY_TIMEOUT", 3600, least=1,
+                                       integer=True)),
+        prefetch_multiplier=int(_number(env, "CHASSIS_PREFETCH_MULTIPLIER", 4, least=1,
+                                        integer=True)),
         log_format=(env.get("CHASSIS_LOG_FORMAT") or "text").lower(),
         log_level=(env.get("CHASSIS_LOG_LEVEL") or "INFO").upper(),
         kafka_response_pattern=(env.get("CHASSIS_KAFKA_RESPONSE_PATTERN")
                                 or Settings.kafka_response_pattern),
         kafka_dlq_topic=env.get("CHASSIS_KAFKA_DLQ_TOPIC") or Settings.kafka_dlq_topic,
         kafka_group=env.get("CHASSIS_KAFKA_GROUP") or Settings.kafka_group,
-        relay_batch_size=int(env.get("CHASSIS_RELAY_BATCH_SIZE") or Settings.relay_batch_size),
-        relay_poll_interval=float(env.get("CHASSIS_RELAY_POLL_INTERVAL")
-                                  or Settings.relay_poll_interval),
+        relay_batch_size=int(_number(env, "CHASSIS_RELAY_BATCH_SIZE", Settings.relay_batch_size,
+                                     least=1, integer=True)),
+        relay_poll_interval=_number(env, "CHASSIS_RELAY_POLL_INTERVAL",
+                                    Settings.relay_poll_interval, least=0.001),
         embedded_broker=embedded,
         ai_provider=_ai_provider(env, api_key),
         anthropic_api_key=api_key,
@@ -206,9 +219,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         ai_max_backoff=_number(env, "CHASSIS_AI_MAX_BACKOFF", 30.0),
         ai_rate_limit=_rate_limit(env),
         step_timeout=_number(env, "CHASSIS_STEP_TIMEOUT", 3600.0, least=0.001),
-        step_max_attempts=int(_number(env, "CHASSIS_STEP_MAX_ATTEMPTS", 3, least=1,
-                                      integer=True)),
-        sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 60.0, least=0.001),
+        lease_seconds=_number(env, "CHASSIS_LEASE_SECONDS", 15.0, least=1.0),
+        redispatch_after=_number(env, "CHASSIS_REDISPATCH_AFTER", 20.0, least=0.001),
+        max_deliveries=int(_number(env, "CHASSIS_MAX_DELIVERIES", 3, least=1, integer=True)),
+        sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 5.0, least=0.001),
         result_expires=int(_number(env, "CHASSIS_RESULT_EXPIRES", 86400, integer=True)),
         metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, integer=True)),
     )

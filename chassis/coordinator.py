@@ -1,322 +1,339 @@
 """The saga coordinator: pure decision logic, no I/O.
 
 ``decide(state, plan, event)`` returns a :class:`Decision`: the new state and the
-commands to carry out (debit fuel, dispatch a Celery step or a fan-out chord, send a
-request to an external agent, write an outbox message, record a step's outcome). The
-executor (``chassis.engine``) persists the state and the commands' rows in one
-transaction and only then sends anything, so every transition is durable before its
-effects, and replaying an event that was already applied decides nothing.
+commands to carry out (debit fuel, dispatch a Celery step or a fan-out group, schedule
+a retry, send a request to an external agent, write an outbox message, record an
+attempt's outcome, revoke tasks). The executor (``chassis.engine``) persists the state
+and the commands' rows in one transaction and only then sends anything, so every
+transition is durable before its effects, and replaying an event that was already
+applied decides nothing.
+
+Attempts are part of the state: ``state.attempts[step]`` is the latest attempt of each
+step or sub-task, and every attempt has its own request id (its Celery task id and an
+agent's causation_id), history row and debit. An event names the attempt it is about;
+one about an attempt no longer awaited (a duplicate, a late result after a timeout or
+a retry) changes nothing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from chassis import fuel
+from chassis.commands import (
+    Command,
+    Debit,
+    Decision,
+    Emit,
+    FinishStep,
+    RecordStep,
+    Revoke,
+    RunFanOut,
+    RunStep,
+    ScheduleStep,
+    SendRequest,
+    Usage,
+)
 from chassis.errors import InvalidTransition
+from chassis.events import (
+    Cancel,
+    Event,
+    ResponseReceived,
+    Resume,
+    Retry,
+    RetryDue,
+    Stalled,
+    Start,
+    StepFailed,
+    StepSucceeded,
+    SubtasksSucceeded,
+)
 from chassis.plan import COMPLETE, FAN_OUT, PAUSE, Plan, Step
 from chassis.state import Status, StepStatus, WorkflowState, request_id_for
 
 NOTIFICATION_TOPIC = "system.notifications.ui"
 RESUME_TOPIC = "system.commands.workflow.resume"
+CANCEL_TOPIC = "system.commands.workflow.cancel"
 REJECTED_ERROR = "Workflow rejected by user"
-
-# ----------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Start:
-    """The workflow was just created (or a sweep asks to re-evaluate it)."""
-
-
-@dataclass(frozen=True)
-class StepSucceeded:
-    """A Celery step returned ``output``."""
-
-    step: str
-    output: Any
-
-
-@dataclass(frozen=True)
-class StepFailed:
-    """A Celery step (or fan-out sub-task) raised; the workflow fails with ``error``."""
-
-    step: str
-    error: str
-
-
-@dataclass(frozen=True)
-class StepTimedOut:
-    """The sweep found ``step`` stuck past the step timeout, out of attempts (or a
-    workflow waiting at ``step`` for dependencies that never came): the workflow fails
-    with ``error``. Late (the step moved on meanwhile) or repeated, it changes nothing."""
-
-    step: str
-    error: str
-
-
-@dataclass(frozen=True)
-class SubtasksSucceeded:
-    """A fan-out chord finished: ``outputs`` by sub-task step name; ``errors`` likewise."""
-
-    step: str
-    outputs: dict[str, Any]
-    errors: dict[str, str] = field(default_factory=dict)
-    started: dict[str, str] = field(default_factory=dict)
-    """When each sub-task started (ISO time): sub-tasks record nothing themselves."""
-
-
-@dataclass(frozen=True)
-class ResponseReceived:
-    """An external agent answered the request ``request_id`` (its ``causation_id``)."""
-
-    request_id: str
-    success: bool
-    data: Any = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Resume:
-    """A human approved or rejected a paused workflow."""
-
-    approved: bool
-    feedback: Any = None
-
-
-Event = (Start | StepSucceeded | StepFailed | StepTimedOut | SubtasksSucceeded
-         | ResponseReceived | Resume)
-
-# --------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True)
-class Debit:
-    """Charge ``amount`` fuel for ``step`` (one ledger row, idempotent by step)."""
-
-    step: str
-    action: str
-    amount: int
-
-
-@dataclass(frozen=True)
-class RunStep:
-    """Run ``action`` as a Celery task for ``step``."""
-
-    step: str
-    action: str
-    params: dict[str, Any]
-    request_id: str
-    parent_step: str | None = None
-
-
-@dataclass(frozen=True)
-class RunFanOut:
-    """Run ``subtasks`` as a Celery group whose chord callback reports back for ``step``."""
-
-    step: str
-    subtasks: tuple[RunStep, ...]
-
-
-@dataclass(frozen=True)
-class SendRequest:
-    """Send a TaskRequest to an external agent on ``topic`` (through the outbox)."""
-
-    step: str
-    action: str
-    topic: str
-    request_id: str
-    headers: dict[str, str]
-    payload: dict[str, Any]
-    parent_step: str | None = None
-
-
-@dataclass(frozen=True)
-class Emit:
-    """Write an outgoing message (notification or event) to the outbox."""
-
-    topic: str
-    key: str
-    headers: dict[str, str]
-    payload: dict[str, Any]
-    dedup_key: str
-
-
-@dataclass(frozen=True)
-class FinishStep:
-    """Record a step run's outcome."""
-
-    step: str
-    status: StepStatus
-    output: Any = None
-    error: str | None = None
-    started_at: str | None = None
-
-
-@dataclass(frozen=True)
-class RecordStep:
-    """Record a step the coordinator carried out itself (pause, complete)."""
-
-    step: str
-    action: str
-    status: StepStatus
-
-
-Command = Debit | RunStep | RunFanOut | SendRequest | Emit | FinishStep | RecordStep
-
-
-@dataclass
-class Decision:
-    """The coordinator's answer: the new state and what to do. ``changed`` is False when
-    the event was a duplicate or arrived too late: nothing is to be written or sent."""
-
-    state: WorkflowState
-    commands: list[Command] = field(default_factory=list)
-    changed: bool = True
-
+#: Retries due later than this are kept in the database (SCHEDULED) and sent by the
+#: sweep when due; sooner ones are sent at once with a Celery countdown. A broker holds
+#: a countdown message unacknowledged, so long ones would outlive Redis' visibility
+#: timeout (and RabbitMQ's consumer timeout) and be delivered twice.
+COUNTDOWN_LIMIT = 10.0
 
 # --------------------------------------------------------------------------- decide
 
 
 def json_roundtrip(value: Any) -> Any:
-    """``value`` as it will read back from JSON storage; TypeError if it is not JSON."""
+    """``value`` as it will read back from JSON storage; TypeError if it is not JSON
+    (NaN and infinities included) or holds a NUL character, which PostgreSQL refuses."""
     try:
-        return json.loads(json.dumps(value))
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"not JSON-serialisable: {exc}") from exc
+    if "\\u0000" in text:
+        raise TypeError("not storable: a string holds a NUL character (\\u0000)")
+    return json.loads(text)
 
 
 def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     """Apply ``event`` to ``state`` under ``plan``. Never mutates its arguments.
 
-    Raises :class:`InvalidTransition` for a resume of a workflow that is not paused.
+    Raises :class:`InvalidTransition` for a resume of a workflow that is not paused,
+    a cancel of a finished one, or a retry of one that has not failed.
     """
-    if isinstance(event, Resume) and state.status is not Status.PAUSED_FOR_HUMAN_INPUT:
-        raise InvalidTransition(
-            f"workflow {state.correlation_id} is not paused for human input "
-            f"(status: {state.status}); only a paused workflow can be resumed",
-            correlation_id=state.correlation_id,
-        )
-    if state.status.finished:
+    handler = _HANDLERS[type(event)]
+    _check_allowed(state, event)
+    if state.status.finished and not isinstance(event, Retry):
         return Decision(state, changed=False)
     new = copy.copy(state)
     new.awaited_steps = list(state.awaited_steps)
     new.collected_data = dict(state.collected_data)
+    new.attempts = {k: list(v) for k, v in state.attempts.items()}
     d = Decision(new)
-    if isinstance(event, Start):
-        if new.status is not Status.RUNNING or new.awaited_steps:
-            return Decision(state, changed=False)
-    elif isinstance(event, StepSucceeded):
-        if not _take(new, event.step):
-            return Decision(state, changed=False)
-        new.collected_data[event.step] = event.output
-        d.commands.append(FinishStep(event.step, StepStatus.COMPLETED, output=event.output))
-        _step_done(new, plan, event.step)
-    elif isinstance(event, StepFailed):
-        if request_id_for(new.correlation_id, event.step) not in new.awaited_steps:
-            return Decision(state, changed=False)
-        d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=event.error))
-        _fail(d, f"step '{event.step}' failed: {event.error}", step=event.step)
-        return d
-    elif isinstance(event, StepTimedOut):
-        return _timed_out(d, plan, event)
-    elif isinstance(event, SubtasksSucceeded):
-        return _subtasks(d, plan, event)
-    elif isinstance(event, ResponseReceived):
-        return _response(d, plan, event)
-    elif isinstance(event, Resume):
-        for rid in new.awaited_steps:  # the pause step waits for this answer
-            name, _ = _step_of_request(new.correlation_id, plan, rid)
-            if name is not None:
-                d.commands.append(FinishStep(
-                    name, StepStatus.COMPLETED if event.approved else StepStatus.FAILED,
-                    output={"approved": event.approved, "feedback": event.feedback}))
-        new.awaited_steps = []
-        if not event.approved:
-            _fail(d, REJECTED_ERROR)
-            return d
-        if event.feedback is not None:
-            new.collected_data["human_feedback"] = event.feedback
-        new.status = Status.RUNNING
-    _advance(d, plan)
+    answer = handler(d, plan, event)
+    if answer is not None:  # nothing to do: the state as it was
+        return Decision(state, changed=False)
     return d
 
 
-def _take(state: WorkflowState, step: str) -> bool:
-    """Remove ``step``'s request from the awaited list; False when it was not awaited."""
-    rid = request_id_for(state.correlation_id, step)
-    if rid not in state.awaited_steps:
+def _check_allowed(s: WorkflowState, event: Event) -> None:
+    cid = s.correlation_id
+    if isinstance(event, Resume) and s.status is not Status.PAUSED_FOR_HUMAN_INPUT:
+        raise InvalidTransition(
+            f"workflow {cid} is not paused for human input (status: {s.status}); only a "
+            "paused workflow can be resumed", correlation_id=cid)
+    if isinstance(event, Cancel) and s.status.finished:
+        raise InvalidTransition(
+            f"workflow {cid} is already {s.status}; only a workflow that has not finished "
+            "can be cancelled", correlation_id=cid)
+    if isinstance(event, Retry) and s.status is not Status.FAILED:
+        raise InvalidTransition(
+            f"workflow {cid} is {s.status}; only a FAILED workflow can be retried",
+            correlation_id=cid)
+
+
+def _unchanged(d: Decision) -> Decision:
+    return Decision(d.state, changed=False)
+
+
+# ------------------------------------------------------------------------ handlers
+# Each returns None (the decision ``d`` as built) or an unchanged Decision.
+
+Handler = Callable[[Decision, Plan, Any], Decision | None]
+
+
+def _on_start(d: Decision, plan: Plan, event: Start) -> Decision | None:
+    if d.state.status is not Status.RUNNING or d.state.awaited_steps:
+        return _unchanged(d)
+    _advance(d, plan)
+    return None
+
+
+def _on_succeeded(d: Decision, plan: Plan, event: StepSucceeded) -> Decision | None:
+    if not _take(d.state, event.step, event.attempt):
+        return _unchanged(d)
+    _record_output(d, event.step, event.attempt, event.output)
+    d.commands.append(FinishStep(event.step, StepStatus.COMPLETED, output=event.output,
+                                 attempt=event.attempt))
+    _step_done(d, plan, event.step)
+    return None
+
+
+def _on_failed(d: Decision, plan: Plan, event: StepFailed) -> Decision | None:
+    if not _take(d.state, event.step, event.attempt):
+        return _unchanged(d)
+    _attempt_failed(d, plan, event.step, event.attempt, event.error, event.error_types)
+    return None
+
+
+def _on_subtasks(d: Decision, plan: Plan, event: SubtasksSucceeded) -> Decision | None:
+    taken = [name for name in sorted(event.outputs)
+             if _take(d.state, name, event.attempts.get(name, 1))]
+    if not taken:
+        return _unchanged(d)
+    for name in taken:
+        _record_output(d, name, event.attempts.get(name, 1), event.outputs[name])
+    _fan_in(d, plan, event.step)
+    return None
+
+
+def _on_response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision | None:
+    found = _awaited_attempt(d.state, plan, event.request_id)
+    if found is None:
+        return _unchanged(d)
+    name, attempt = found
+    d.state.awaited_steps.remove(event.request_id)
+    if event.success:
+        _record_output(d, name, attempt, event.data)
+        d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=event.data,
+                                     attempt=attempt))
+        _step_done(d, plan, name)
+    else:
+        error = event.error or "the agent reported failure without an error message"
+        types = (event.error_type,) if event.error_type else ()
+        _attempt_failed(d, plan, name, attempt, error, types)
+    return None
+
+
+def _on_resume(d: Decision, plan: Plan, event: Resume) -> Decision | None:
+    s = d.state
+    pause = None
+    for rid in s.awaited_steps:  # the pause step waits for this answer
+        found = _awaited_attempt(s, plan, rid)
+        if found is not None:
+            pause = found
+            d.commands.append(FinishStep(
+                found[0], StepStatus.COMPLETED if event.approved else StepStatus.FAILED,
+                output={"approved": event.approved, "feedback": event.feedback},
+                attempt=found[1]))
+    s.awaited_steps = []
+    if not event.approved:
+        _fail(d, plan, REJECTED_ERROR, step=pause[0] if pause else None)
+        return None
+    if event.feedback is not None:
+        s.collected_data["human_feedback"] = event.feedback
+    s.status = Status.RUNNING
+    if pause is not None:
+        s.current_step = plan.steps[pause[0]].next_step or ""
+    _advance(d, plan)
+    return None
+
+
+def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
+    s = d.state
+    progress = s.attempts.get(event.step)
+    rid = request_id_for(s.correlation_id, event.step, event.attempt)
+    if (progress is None or progress[0] != event.attempt or not _scheduled(progress)
+            or rid not in s.awaited_steps):
+        return _unchanged(d)
+    progress[2] = 0
+    action, topic, params = _work_of(plan, event.step)
+    owned = plan.subtask(event.step)
+    parent = owned[0] if owned else None
+    timeout = plan.timeout(event.step)
+    if topic:
+        d.commands.append(_request(s, event.step, action, topic, event.attempt, params,
+                                   parent, timeout, scheduled=True))
+    else:
+        d.commands.append(RunStep(event.step, action, dict(params), rid, parent,
+                                  event.attempt, timeout, scheduled=True))
+    return None
+
+
+def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
+    s = d.state
+    error = "Workflow cancelled" + (f": {event.reason}" if event.reason else "")
+    revoke = _abandon(d, plan, "cancelled")
+    if revoke:
+        d.commands.append(Revoke(tuple(revoke)))
+    _finish_fan_out(d, plan, StepStatus.CANCELLED, error)
+    s.status = Status.CANCELLED
+    s.error = error
+    d.commands.append(_event(s, "WORKFLOW_CANCELLED", {"reason": event.reason},
+                             f"{s.correlation_id}:WORKFLOW_CANCELLED"))
+    return None
+
+
+def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
+    s = d.state
+    s.status = Status.RUNNING
+    s.error = None
+    s.final_result = None
+    for progress in s.attempts.values():  # a fresh retry budget for every step
+        progress[1] = progress[0]
+        progress[2] = 0
+    step = plan.steps.get(s.current_step)
+    if step is not None and step.action == FAN_OUT:
+        for st in step.sub_tasks:
+            name = st.step_name
+            if name in event.outputs and name not in s.collected_data:
+                s.collected_data[name] = event.outputs[name]
+    _advance(d, plan)
+    return None
+
+
+def _on_stalled(d: Decision, plan: Plan, event: Stalled) -> Decision | None:
+    s = d.state
+    if s.status is not Status.RUNNING or s.awaited_steps or s.current_step != event.step:
+        return _unchanged(d)  # it moved on since the sweep looked
+    _fail(d, plan, event.error, step=event.step)
+    return None
+
+
+_HANDLERS: dict[type, Handler] = {
+    Start: _on_start, StepSucceeded: _on_succeeded, StepFailed: _on_failed,
+    SubtasksSucceeded: _on_subtasks, ResponseReceived: _on_response, Resume: _on_resume,
+    RetryDue: _on_retry_due, Cancel: _on_cancel, Retry: _on_retry, Stalled: _on_stalled,
+}
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _scheduled(progress: list[int]) -> bool:
+    return len(progress) > 2 and bool(progress[2])
+
+
+def _take(s: WorkflowState, step: str, attempt: int) -> bool:
+    """Remove an attempt's request from the awaited list; False when it was not awaited."""
+    rid = request_id_for(s.correlation_id, step, attempt)
+    if rid not in s.awaited_steps:
         return False
-    state.awaited_steps.remove(rid)
+    s.awaited_steps.remove(rid)
     return True
 
 
-def _step_done(state: WorkflowState, plan: Plan, step: str) -> None:
-    """After a Celery step: move on to its next step."""
-    if not state.awaited_steps:
-        state.current_step = plan.steps[step].next_step or ""
-        state.status = Status.RUNNING
+def _awaited_attempt(s: WorkflowState, plan: Plan, request_id: str) -> tuple[str, int] | None:
+    """(step, attempt) of an awaited request id; None when it is not awaited."""
+    if request_id not in s.awaited_steps:
+        return None
+    cid = s.correlation_id
+    for name, progress in s.attempts.items():
+        if request_id_for(cid, name, progress[0]) == request_id:
+            return name, progress[0]
+    # a workflow started before attempts were recorded: first attempts only
+    for name, step in plan.steps.items():
+        if request_id_for(cid, name) == request_id:
+            return name, 1
+        for st in step.sub_tasks:
+            if request_id_for(cid, st.step_name) == request_id:
+                return st.step_name, 1
+    return None
 
 
-def _subtasks(d: Decision, plan: Plan, event: SubtasksSucceeded) -> Decision:
+def _work_of(plan: Plan, name: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(action, topic, params) of a step or sub-task."""
+    owned = plan.subtask(name)
+    if owned is not None:
+        st = owned[1]
+        return st.resolved_action, st.topic, st.params
+    step = plan.steps[name]
+    return step.action, step.topic, step.params
+
+
+def _record_output(d: Decision, name: str, attempt: int, output: Any) -> None:
     s = d.state
-    taken = [name for name in sorted({*event.outputs, *event.errors}) if _take(s, name)]
-    if not taken:
-        return Decision(d.state, changed=False)
-    for name in taken:
-        started = event.started.get(name)
-        if name in event.errors:
-            d.commands.append(FinishStep(name, StepStatus.FAILED, error=event.errors[name],
-                                         started_at=started))
-        else:
-            s.collected_data[name] = event.outputs[name]
-            d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=event.outputs[name],
-                                         started_at=started))
-    failed = [n for n in taken if n in event.errors]
-    if failed:
-        d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=event.errors[failed[0]]))
-        _fail(d, f"sub-task '{failed[0]}' failed: {event.errors[failed[0]]}", step=failed[0])
-        return d
-    _fan_in(d, plan, event.step)
-    return d
+    s.collected_data[name] = output
+    if isinstance(output, dict) and "usage" in output:
+        # token usage is kept with the attempt's debit, to price by tokens later
+        d.commands.append(Usage(fuel.ledger_key(s.correlation_id, name, attempt),
+                                output["usage"]))
 
 
-def _timed_out(d: Decision, plan: Plan, event: StepTimedOut) -> Decision:
+def _step_done(d: Decision, plan: Plan, name: str) -> None:
+    """After a step (or sub-task) succeeded: fan in, or move on to the next step."""
     s = d.state
-    rid = request_id_for(s.correlation_id, event.step)
-    if rid in s.awaited_steps:
-        d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=event.error))
-        parent = _step_of_request(s.correlation_id, plan, rid)[1]
-        if parent is not None:
-            d.commands.append(FinishStep(parent, StepStatus.FAILED, error=event.error))
-    elif s.awaited_steps or s.current_step != event.step:
-        return Decision(d.state, changed=False)  # it moved on since the sweep looked
-    _fail(d, event.error, step=event.step)
-    return d
-
-
-def _response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision:
-    s = d.state
-    step_name, parent = _step_of_request(s.correlation_id, plan, event.request_id)
-    if step_name is None or event.request_id not in s.awaited_steps:
-        return Decision(d.state, changed=False)
-    s.awaited_steps.remove(event.request_id)
-    if not event.success:
-        error = event.error or "the agent reported failure without an error message"
-        d.commands.append(FinishStep(step_name, StepStatus.FAILED, error=error))
-        _fail(d, f"step '{step_name}' failed: {error}", step=step_name)
-        return d
-    s.collected_data[step_name] = event.data
-    d.commands.append(FinishStep(step_name, StepStatus.COMPLETED, output=event.data))
-    if parent is not None:
-        _fan_in(d, plan, parent)
-    elif not s.awaited_steps:
+    owned = plan.subtask(name)
+    if owned is not None:
+        _fan_in(d, plan, owned[0])
+        return
+    if not s.awaited_steps:
+        s.current_step = plan.steps[name].next_step or ""
         s.status = Status.RUNNING
         _advance(d, plan)
-    return d
 
 
 def _fan_in(d: Decision, plan: Plan, fan_step: str) -> None:
@@ -327,35 +344,115 @@ def _fan_in(d: Decision, plan: Plan, fan_step: str) -> None:
     outputs = {st.step_name: s.collected_data.get(st.step_name)
                for st in plan.steps[fan_step].sub_tasks}
     s.collected_data[fan_step] = outputs
-    d.commands.append(FinishStep(fan_step, StepStatus.COMPLETED, output=outputs))
+    d.commands.append(FinishStep(fan_step, StepStatus.COMPLETED, output=outputs,
+                                 attempt=_attempt_of(s, fan_step)))
+    s.current_step = plan.steps[fan_step].next_step or ""
     s.status = Status.RUNNING
     _advance(d, plan)
 
 
-def _step_of_request(cid: str, plan: Plan, request_id: str) -> tuple[str | None, str | None]:
-    """(step name, parent fan_out step or None) of a request id."""
-    for name, step in plan.steps.items():
-        if request_id_for(cid, name) == request_id:
-            return name, None
-        for st in step.sub_tasks:
-            if request_id_for(cid, st.step_name) == request_id:
-                return st.step_name, name
-    return None, None
+def _attempt_of(s: WorkflowState, name: str) -> int:
+    progress = s.attempts.get(name)
+    return progress[0] if progress else 1
 
 
-def _fail(d: Decision, error: str, step: str | None = None) -> None:
+def _attempt_failed(d: Decision, plan: Plan, name: str, attempt: int, error: str,
+                    error_types: tuple[str, ...]) -> None:
+    """An attempt failed (its request is no longer awaited): retry it, or fail."""
     s = d.state
+    d.commands.append(FinishStep(name, StepStatus.FAILED, error=error, attempt=attempt,
+                                 error_type=error_types[0] if error_types else None))
+    policy = plan.policy(name)
+    progress = s.attempts.setdefault(name, [attempt, 0, 0])
+    used = attempt - progress[1]
+    retryable = policy.retryable(error_types)
+    if retryable and used < policy.max_attempts:
+        action, topic, params = _work_of(plan, name)
+        if _charge(d, plan, name, action, fuel.cost(action)):
+            owned = plan.subtask(name)
+            delay = policy.delay(used, seed=f"{s.correlation_id}/{name}/{attempt}")
+            _dispatch(d, plan, name, action, topic, params, attempt + 1,
+                      owned[0] if owned else None, delay)
+        return
+    what = "sub-task" if plan.subtask(name) else "step"
+    if not retryable and used < policy.max_attempts:
+        why = f" ({error_types[0]} is not retried)"
+    elif policy.max_attempts > 1 or used > 1:
+        why = f" after {used} attempt{'s' if used != 1 else ''}"
+    else:
+        why = ""
+    _fail(d, plan, f"{what} '{name}' failed{why}: {error}", step=name)
+
+
+def _charge(d: Decision, plan: Plan, name: str, action: str, amount: int) -> bool:
+    """Count ``amount`` as spent before an attempt is dispatched; False (and the workflow
+    FAILED with the original's message) when too little fuel is left."""
+    s = d.state
+    if s.fuel_remaining < amount:
+        _fail(d, plan, f"insufficient fuel for action '{action}': "
+                       f"have {s.fuel_remaining}, need {amount}", step=name)
+        return False
+    s.fuel_spent += amount
+    return True
+
+
+def _debit(d: Decision, name: str, action: str, attempt: int) -> None:
+    """The ledger row of one attempt's price (counted as spent by :func:`_charge`)."""
+    amount = fuel.cost(action)
+    if amount:
+        d.commands.append(Debit(name, action, amount,
+                                fuel.ledger_key(d.state.correlation_id, name, attempt)))
+
+
+def _is_task(plan: Plan, name: str) -> bool:
+    """True when attempts of this step or sub-task are Celery tasks."""
+    action, topic, _ = _work_of(plan, name)
+    return not topic and action != PAUSE
+
+
+def _abandon(d: Decision, plan: Plan, why: str) -> list[str]:
+    """Mark every awaited attempt CANCELLED (a late result then records nothing); the
+    request ids of those that are Celery tasks."""
+    s = d.state
+    tasks = []
+    for rid in list(s.awaited_steps):
+        found = _awaited_attempt(s, plan, rid)
+        if found is None:
+            continue
+        name, attempt = found
+        d.commands.append(FinishStep(name, StepStatus.CANCELLED, error=why, attempt=attempt))
+        if _is_task(plan, name):
+            tasks.append(rid)
+    s.awaited_steps = []
+    return tasks
+
+
+def _finish_fan_out(d: Decision, plan: Plan, status: StepStatus, error: str) -> None:
+    """A fan_out step whose sub-tasks were under way ends with the workflow."""
+    s = d.state
+    step = plan.steps.get(s.current_step)
+    if step is not None and step.action == FAN_OUT and s.current_step in s.attempts \
+            and s.current_step not in s.collected_data:
+        d.commands.append(FinishStep(s.current_step, status, error=error,
+                                     attempt=_attempt_of(s, s.current_step)))
+
+
+def _fail(d: Decision, plan: Plan | None, error: str, step: str | None = None) -> None:
+    s = d.state
+    if plan is not None:
+        _abandon(d, plan, "not needed: the workflow failed")
+        _finish_fan_out(d, plan, StepStatus.FAILED, error)
     s.status = Status.FAILED
     s.error = error
     s.awaited_steps = []
-    d.commands.append(_event(s, "WORKFLOW_FAILED", {"error": error, "step": step}))
+    d.commands.append(_event(s, "WORKFLOW_FAILED", {"error": error, "step": step},
+                             f"{s.correlation_id}:WORKFLOW_FAILED:{s.version}"))
 
 
-def _event(s: WorkflowState, event_type: str, extra: dict[str, Any]) -> Emit:
+def _event(s: WorkflowState, event_type: str, extra: dict[str, Any], dedup: str) -> Emit:
     payload = {"event_type": event_type, "correlation_id": s.correlation_id,
                "project_id": s.project_id, "client_id": s.client_id, **extra}
-    return Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s),
-                payload, f"{s.correlation_id}:{event_type}")
+    return Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload, dedup)
 
 
 def base_headers(s: WorkflowState) -> dict[str, str]:
@@ -379,51 +476,70 @@ def _advance(d: Decision, plan: Plan) -> None:
         return
     step = plan.steps.get(name)
     if step is None:
-        _fail(d, f"step '{name}' not found in plan", step=name)
+        _fail(d, plan, f"step '{name}' not found in plan", step=name)
         return
     if any(dep not in s.collected_data for dep in step.dependencies):
         return  # waits until its dependencies' outputs are present
-    subs = [st.resolved_action for st in step.sub_tasks] if step.action == FAN_OUT else []
-    need = fuel.price(step.action, subs)
-    if s.fuel_remaining < need:
-        _fail(d, f"insufficient fuel for action '{step.action}': "
-                 f"have {s.fuel_remaining}, need {need}", step=name)
+    if step.action == FAN_OUT:
+        _fan_out(d, plan, name, step)
         return
-    s.fuel_spent += need
-    if fuel.cost(step.action):
-        d.commands.append(Debit(name, step.action, fuel.cost(step.action)))
+    attempt = _attempt_of(s, name) + 1 if name in s.attempts else 1
+    if not _charge(d, plan, name, step.action, fuel.cost(step.action)):
+        return
     if step.action == COMPLETE:
-        d.commands.append(RecordStep(name, COMPLETE, StepStatus.COMPLETED))
+        _debit(d, name, step.action, attempt)
+        _set_attempt(s, name, attempt)
+        d.commands.append(RecordStep(name, COMPLETE, StepStatus.COMPLETED, attempt))
         _complete(d)
     elif step.action == PAUSE:
-        _pause(d, name, step)
-    elif step.action == FAN_OUT:
-        _fan_out(d, name, step)
-    elif step.topic:
-        rid = request_id_for(s.correlation_id, name)
-        d.commands.append(_request(s, name, step.action, step.topic, rid, step.params))
-        s.awaited_steps = [rid]
-        s.status = Status.AWAITING_RESPONSES
-        s.current_step = step.next_step or ""
+        _debit(d, name, step.action, attempt)
+        _pause(d, name, step, attempt)
     else:
-        rid = request_id_for(s.correlation_id, name)
-        d.commands.append(RunStep(name, step.action, dict(step.params), rid))
-        s.awaited_steps = [rid]
+        _dispatch(d, plan, name, step.action, step.topic, step.params, attempt, None, 0.0)
+
+
+def _set_attempt(s: WorkflowState, name: str, attempt: int, scheduled: bool = False) -> None:
+    base = s.attempts[name][1] if name in s.attempts else 0
+    s.attempts[name] = [attempt, base, int(scheduled)]
+
+
+def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None,
+              params: dict[str, Any], attempt: int, parent: str | None, delay: float,
+              group: list[RunStep] | None = None) -> None:
+    """Debit, then send (or schedule) attempt ``attempt`` of a step or sub-task, whose
+    price :func:`_charge` has counted. A Celery sub-task sent at once joins ``group``."""
+    s = d.state
+    _debit(d, name, action, attempt)
+    rid = request_id_for(s.correlation_id, name, attempt)
+    timeout = plan.timeout(name)
+    later = delay > COUNTDOWN_LIMIT or (topic is not None and delay > 0)
+    _set_attempt(s, name, attempt, scheduled=later)
+    if later:
+        d.commands.append(ScheduleStep(name, action, rid, attempt, delay, parent))
+    elif topic:
+        d.commands.append(_request(s, name, action, topic, attempt, params, parent, timeout))
+    else:
+        run = RunStep(name, action, dict(params), rid, parent, attempt, timeout, delay)
+        (group if group is not None else d.commands).append(run)  # type: ignore[arg-type]
+    s.awaited_steps.append(rid)
+    if topic or parent is not None:
+        s.status = Status.AWAITING_RESPONSES
 
 
 def _complete(d: Decision) -> None:
     s = d.state
     s.status = Status.COMPLETED
     s.final_result = dict(s.collected_data)
-    d.commands.append(_event(s, "WORKFLOW_COMPLETED", {"final_result": s.final_result}))
+    d.commands.append(_event(s, "WORKFLOW_COMPLETED", {"final_result": s.final_result},
+                             f"{s.correlation_id}:WORKFLOW_COMPLETED"))
 
 
-def _pause(d: Decision, name: str, step: Step) -> None:
+def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
     s = d.state
     s.status = Status.PAUSED_FOR_HUMAN_INPUT
-    s.current_step = step.next_step or ""
-    s.awaited_steps = [request_id_for(s.correlation_id, name)]  # awaits the human's answer
-    d.commands.append(RecordStep(name, PAUSE, StepStatus.AWAITING))
+    _set_attempt(s, name, attempt)
+    s.awaited_steps = [request_id_for(s.correlation_id, name, attempt)]  # the human's answer
+    d.commands.append(RecordStep(name, PAUSE, StepStatus.AWAITING, attempt))
     payload = {
         "event_type": "WORKFLOW_PAUSED_FOR_APPROVAL",
         "correlation_id": s.correlation_id,
@@ -432,33 +548,56 @@ def _pause(d: Decision, name: str, step: Step) -> None:
         "message": f"Step '{step.description or name}' requires your approval",
         "data_for_review": dict(s.collected_data),
     }
+    dedup = f"{s.correlation_id}:paused:{name}" + (f"#{attempt}" if attempt > 1 else "")
     d.commands.append(Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload,
-                           f"{s.correlation_id}:paused:{name}"))
+                           dedup))
 
 
-def _fan_out(d: Decision, name: str, step: Step) -> None:
+def _fan_out(d: Decision, plan: Plan, name: str, step: Step) -> None:
+    """Price all sub-tasks still to run (and the fan_out itself, the first time) at
+    once, then send them: Celery ones as one group, agents' through the outbox."""
     s = d.state
+    again = name in s.attempts  # an operator's retry: only the sub-tasks without output
+    todo = [st for st in step.sub_tasks if not (again and st.step_name in s.collected_data)]
+    need = sum(fuel.cost(st.resolved_action) for st in todo) + (0 if again
+                                                                 else fuel.cost(FAN_OUT))
+    if not _charge(d, plan, name, FAN_OUT, need):
+        return
+    attempt = _attempt_of(s, name) + 1 if again else 1
+    if not again:
+        _debit(d, name, FAN_OUT, 1)
+    _set_attempt(s, name, attempt)
+    d.commands.append(RecordStep(name, FAN_OUT, StepStatus.AWAITING, attempt,
+                                 pending=sum(_is_task(plan, st.step_name) for st in todo)))
     celery: list[RunStep] = []
-    for st in step.sub_tasks:
-        action = st.resolved_action
-        rid = request_id_for(s.correlation_id, st.step_name)
-        if fuel.cost(action):
-            d.commands.append(Debit(st.step_name, action, fuel.cost(action)))
-        if st.topic:
-            d.commands.append(_request(s, st.step_name, action, st.topic, rid, st.params, name))
-        else:
-            celery.append(RunStep(st.step_name, action, dict(st.params), rid, parent_step=name))
-        s.awaited_steps.append(rid)
+    for st in todo:
+        n = _attempt_of(s, st.step_name) + 1 if st.step_name in s.attempts else 1
+        _dispatch(d, plan, st.step_name, st.resolved_action, st.topic, st.params, n, name,
+                  0.0, celery)
     if celery:
         d.commands.append(RunFanOut(name, tuple(celery)))
     s.status = Status.AWAITING_RESPONSES
-    s.current_step = step.next_step or ""
+    if not todo:
+        _fan_in(d, plan, name)
 
 
-def _request(s: WorkflowState, step: str, action: str, topic: str, rid: str,
-             params: dict[str, Any], parent: str | None = None) -> SendRequest:
+def _request(s: WorkflowState, step: str, action: str, topic: str, attempt: int,
+             params: dict[str, Any], parent: str | None = None,
+             timeout: float | None = None, scheduled: bool = False) -> SendRequest:
+    rid = request_id_for(s.correlation_id, step, attempt)
     headers = base_headers(s)
     headers["causation_id"] = s.request_id or s.correlation_id
     headers["request_id"] = rid
     payload = {"action": action, "data": s.step_data(), "params": dict(params)}
-    return SendRequest(step, action, topic, rid, headers, payload, parent_step=parent)
+    dedup = f"{s.correlation_id}:request:{step}" + (f"#{attempt}" if attempt > 1 else "")
+    return SendRequest(step, action, topic, rid, headers, payload, parent, attempt, timeout,
+                       dedup, scheduled)
+
+
+__all__ = [
+    "CANCEL_TOPIC", "COUNTDOWN_LIMIT", "NOTIFICATION_TOPIC", "REJECTED_ERROR", "RESUME_TOPIC",
+    "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "RecordStep",
+    "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
+    "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",
+    "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip",
+]

@@ -1,13 +1,15 @@
 """A real Celery worker started in-process, for the embedded default (and tests).
 
 It consumes the same queues as ``celery -A tasks worker`` from a thread of this
-process, so ``chassis demo`` and ``chassis run --wait`` need no server at all.
+process, so ``chassis demo`` and ``chassis run --wait`` need no server at all. A second
+thread runs the sweep (retries due, timeouts, lost work) as beat would.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,9 +29,23 @@ class _Worker(WorkController):
         self.ready.set()
 
 
+log = logging.getLogger(__name__)
+
+
+def _sweeping(sweep: Callable[[], Any], interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            sweep()
+        except Exception as exc:  # the next round tries again
+            log.warning("embedded sweep failed: %s", exc)
+
+
 @contextmanager
-def embedded_worker(app: Celery, concurrency: int = 2, timeout: float = 30.0) -> Iterator[Any]:
-    """Run a worker of ``app`` in a background thread for the duration of the block."""
+def embedded_worker(app: Celery, concurrency: int = 2, timeout: float = 30.0,
+                    sweep: Callable[[], Any] | None = None,
+                    sweep_interval: float = 5.0) -> Iterator[Any]:
+    """Run a worker of ``app`` in a background thread for the duration of the block,
+    and ``sweep`` every ``sweep_interval`` seconds in another."""
     app.finalize()
     app.set_current()
     worker = _Worker(app=app, concurrency=concurrency, pool="threads", loglevel="WARNING",
@@ -41,9 +57,14 @@ def embedded_worker(app: Celery, concurrency: int = 2, timeout: float = 30.0) ->
     thread.start()
     if not worker.ready.wait(timeout):
         raise RuntimeError(f"the embedded Celery worker did not start within {timeout} s")
+    stop = threading.Event()
+    if sweep is not None:
+        threading.Thread(target=_sweeping, args=(sweep, sweep_interval, stop),
+                         name="chassis-embedded-sweep", daemon=True).start()
     try:
         yield worker
     finally:
+        stop.set()
         worker_state.should_terminate = 0
         thread.join(timeout)
         worker_state.should_terminate = None

@@ -1,63 +1,124 @@
 """The executor: carries out the coordinator's decisions with the store and Celery.
 
 A step's way through here costs one broker hop (the next step's task) and two database
-transactions: the claim (the step run becomes RUNNING, attempt counted) and the
-transition (output recorded, next step priced, debited and dispatched, all at once).
+round trips: the claim (the attempt becomes RUNNING under a lease) and the transition
+(outcome recorded, next step priced, debited and dispatched, all at once). A fan-out's
+sub-task records its own success instead, and the last one applies the fan-in.
 Messages are sent only after the transaction that decided them has committed.
+
+Failures of the infrastructure are not the action's: inside a worker, an operation
+that cannot reach the database is tried again until it can, and a publish that keeps
+failing is left to the sweep (the attempt's row says it is due). A client (CLI, API)
+gets :class:`~chassis.errors.DatabaseUnavailable` or
+:class:`~chassis.errors.BrokerUnavailable` instead, saying whether the request was
+recorded.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
-from celery import Celery, chord
+from celery import Celery, group
+from celery.exceptions import Retry
 
-from chassis import actions
+from chassis import actions, infra
 from chassis import coordinator as co
 from chassis.celery_conf import step_task_for, subtask_task_for
-from chassis.plan import Plan
-from chassis.state import StepStatus, WorkflowState
-from chassis.store import SqlStore
-from chassis.store.sql import now
+from chassis.config import Settings
+from chassis.deadline import AttemptDeadline, time_limit
+from chassis.errors import BrokerUnavailable, DatabaseUnavailable, StepAttemptFailed
+from chassis.heartbeat import Heartbeat
+from chassis.plan import FAN_OUT, Plan
+from chassis.policy import TIMEOUT_ERROR
+from chassis.state import WorkflowState
+from chassis.store import SqlStore, Stuck
+from chassis.store.db import mask_url
 
 log = logging.getLogger(__name__)
 
-JOIN_TASK = "chassis.join"
-FANOUT_TASK = "chassis.fanout"
+T = TypeVar("T")
+
+#: Seconds past an attempt's timeout before Celery's hard time limit kills the process
+#: running it (prefork), should the action not stop at its deadline.
+HARD_LIMIT_GRACE = 30.0
+#: Seconds a worker keeps trying to publish before leaving the message to the sweep.
+PUBLISH_PATIENCE = 30.0
 
 
-def run_action(payload: dict[str, Any]) -> co.StepSucceeded | co.StepFailed:
-    """Run the payload's action; any exception becomes a failure carrying its message."""
-    step = payload["step"]
+def error_types(exc: BaseException) -> tuple[str, ...]:
+    """Names of the exception's class and base classes, most specific first."""
+    return tuple(c.__name__ for c in type(exc).__mro__ if c not in (BaseException, object))
+
+
+def run_action(payload: dict[str, Any], timeout: float | None) -> co.StepSucceeded | co.StepFailed:
+    """Run the payload's action within ``timeout`` (where the pool allows interrupting
+    it); any exception becomes a failed attempt carrying its message and type."""
+    step, attempt = payload["step"], int(payload.get("attempt") or 1)
     try:
         fn = actions.get(payload["action"])
-        return co.StepSucceeded(step, co.json_roundtrip(fn(payload["data"], payload["params"])))
-    except Exception as exc:  # noqa: BLE001  (a raised exception fails the workflow)
+        with time_limit(timeout):
+            result = fn(payload["data"], payload["params"])
+        return co.StepSucceeded(step, co.json_roundtrip(result), attempt)
+    except AttemptDeadline:
+        return co.StepFailed(step, f"timed out after {timeout:g} s", attempt, (TIMEOUT_ERROR,))
+    except Exception as exc:  # noqa: BLE001  (a raised exception is a failed attempt)
         message = str(exc) or type(exc).__name__
-        log.warning("step %s failed: %s", step, message,
+        log.warning("step %s attempt %d failed: %s", step, attempt, message,
                     extra={"correlation_id": payload["cid"], "step": step})
-        return co.StepFailed(step, message)
+        return co.StepFailed(step, message, attempt, error_types(exc))
+
+
+@dataclass
+class Outcome:
+    """What became of one delivery of an attempt, for the task to report to Celery."""
+
+    correlation_id: str
+    step: str
+    attempt: int
+    ran: bool = True
+    """False for a duplicate delivery (the attempt finished, or runs elsewhere)."""
+    error: str | None = None
+    retrying: bool = False
+
+    def report(self) -> None:
+        """Raise what tells Celery (and Flower) the truth: nothing for a success, RETRY
+        when another attempt follows, FAILURE otherwise. The failure is already recorded."""
+        if self.error is None:
+            return
+        exc = StepAttemptFailed(f"step '{self.step}' attempt {self.attempt} failed: "
+                                f"{self.error}", correlation_id=self.correlation_id,
+                                step=self.step, attempt=self.attempt, retrying=self.retrying)
+        if self.retrying:
+            raise Retry(str(exc), exc)
+        raise exc
 
 
 class Engine:
-    """Starts, advances and resumes workflows; ``app`` is the Celery app that sends tasks.
+    """Starts, advances, resumes, cancels and retries workflows; ``app`` sends tasks.
 
-    ``in_worker``: chords are built here only inside a worker. Elsewhere (an app using
-    the API) a fan-out is handed to a worker by one small task, because Celery's Redis
-    backend would subscribe the sending process to every sub-task's result.
+    ``in_worker``: True inside a Celery worker, where an unreachable service is waited
+    for; a client gets an error instead.
     """
 
-    def __init__(self, store: SqlStore, app: Celery, *, in_worker: bool = True) -> None:
+    def __init__(self, store: SqlStore, app: Celery, settings: Settings, *,
+                 in_worker: bool = True) -> None:
         self.store = store
         self.app = app
+        self.settings = settings
         self.in_worker = in_worker
+        self.heartbeat = Heartbeat(store.renew_leases, settings.lease_seconds)
 
     # -------------------------------------------------------------- transitions
 
     def create(self, decision: co.Decision, plan: Plan, **plan_ref: Any) -> bool:
         """Persist a new workflow's Start decision, then send what it calls for."""
-        created = self.store.create(decision, plan, **plan_ref)
+        cid = decision.state.correlation_id
+        created = self._db(lambda: self.store.create(decision, plan, **plan_ref),
+                           "recording the new workflow", cid)
         if created:
             self.dispatch(decision)
         return created
@@ -65,97 +126,178 @@ class Engine:
     def apply(self, cid: str, event: co.Event,
               state: WorkflowState | None = None) -> co.Decision:
         """Apply one event durably, then send what it calls for."""
-        decision = self.store.transition(cid, lambda s, p: co.decide(s, p, event), state)
+        decision = self._db(
+            lambda: self.store.transition(cid, lambda s, p: co.decide(s, p, event), state),
+            f"recording {type(event).__name__}", cid)
         if decision.changed:
             self.dispatch(decision)
         return decision
 
-    def run_step(self, payload: dict[str, Any], task_id: str | None) -> None:
-        """Body of the ``chassis.step`` task."""
+    def run_step(self, payload: dict[str, Any], task_id: str | None) -> Outcome:
+        """Body of the step and sub-task tasks: claim the attempt, run its action under
+        a lease, record the outcome (a sub-task's success: its own row, then the fan-in
+        when it was the last)."""
         cid, step = payload["cid"], payload["step"]
+        attempt = int(payload.get("attempt") or 1)
+        timeout = float(payload.get("timeout") or self.settings.step_timeout)
         # the worker's log context (tasks/log_context.py) already carries cid/step/task
-        claim = self.store.claim(cid, step, task_id)
+        claim = infra.persist(lambda: self.store.claim(
+            cid, step, attempt, task_id, lease=self.settings.lease_seconds, timeout=timeout),
+            f"claiming step {step}", correlation_id=cid)
         if claim is None:
-            log.info("step %s already finished: duplicate delivery ignored", step)
-            return
-        log.debug("step %s attempt %d", step, claim[0])
-        self.apply(cid, run_action(payload), claim[1])
-
-    def run_subtask(self, payload: dict[str, Any], task_id: str | None) -> dict[str, Any]:
-        """Body of ``chassis.subtask``: no transaction of its own; its result (with its
-        start time) goes to the chord callback, which records all sub-tasks at once."""
-        started = now().isoformat()
-        event = run_action(payload)
+            log.info("step %s attempt %d finished, cancelled or running elsewhere: "
+                     "duplicate delivery ignored", step, attempt)
+            return Outcome(cid, step, attempt, ran=False)
+        log.debug("step %s attempt %d, delivery %d", step, attempt, claim.deliveries)
+        with self.heartbeat.hold(claim.row_id):
+            event = run_action(payload, timeout)
+        parent = payload.get("parent")
+        if parent and isinstance(event, co.StepSucceeded):
+            recorded, pending = infra.persist(
+                lambda: self.store.record_subtask(cid, step, attempt, event.output),
+                f"recording sub-task {step}", correlation_id=cid)
+            if not recorded:
+                log.info("sub-task %s attempt %d is no longer awaited: result ignored",
+                         step, attempt)
+            elif pending is not None and pending <= 0:
+                self.fan_in(cid, parent)
+            return Outcome(cid, step, attempt)
+        decision = self.apply(cid, event, claim.state)
         if isinstance(event, co.StepFailed):
-            return {"step": event.step, "error": event.error, "started_at": started}
-        return {"step": event.step, "output": event.output, "started_at": started}
+            return Outcome(cid, step, attempt, error=event.error,
+                           retrying=decision.retries(step))
+        return Outcome(cid, step, attempt)
+
+    def fan_in(self, cid: str, parent: str) -> co.Decision:
+        """Collect the recorded outputs of fan-out ``parent``'s sub-tasks."""
+        done = self._db(lambda: self.store.completed_subtasks(cid, parent),
+                        "reading sub-task outputs", cid)
+        return self.apply(cid, co.SubtasksSucceeded(
+            parent, {n: out for n, (_, out) in done.items()},
+            {n: a for n, (a, _) in done.items()}))
 
     def resume(self, cid: str, approved: bool, feedback: Any = None) -> co.Decision:
         """Approve (feedback kept as human_feedback) or reject a paused workflow.
         Raises WorkflowNotFound or InvalidTransition, having changed nothing."""
         return self.apply(cid, co.Resume(approved, feedback))
 
-    def join(self, cid: str, step: str, results: list[dict[str, Any]]) -> None:
-        """Body of the chord callback: record every sub-task's output and continue."""
-        outputs = {r["step"]: r.get("output") for r in results if "error" not in r}
-        errors = {r["step"]: r["error"] for r in results if "error" in r}
-        started = {r["step"]: r["started_at"] for r in results if r.get("started_at")}
-        self.apply(cid, co.SubtasksSucceeded(step, outputs, errors, started))
+    def cancel(self, cid: str, reason: str | None = None) -> co.Decision:
+        """Cancel a workflow that has not finished (InvalidTransition otherwise)."""
+        return self.apply(cid, co.Cancel(reason))
+
+    def retry(self, cid: str) -> co.Decision:
+        """Retry a FAILED workflow from its failed step (InvalidTransition otherwise);
+        sub-tasks of a failed fan-out that had succeeded are kept."""
+        state = self._db(lambda: self.store.get(cid), "reading the workflow", cid)
+        outputs: dict[str, tuple[int, Any]] = {}
+        plan = self._db(lambda: self.store.get_plan(cid), "reading the plan", cid)
+        step = plan.steps.get(state.current_step)
+        if step is not None and step.action == FAN_OUT:
+            outputs = self._db(lambda: self.store.completed_subtasks(cid, state.current_step),
+                               "reading sub-task outputs", cid)
+        return self.apply(cid, co.Retry({n: o for n, (_, o) in outputs.items()},
+                                        {n: a for n, (a, _) in outputs.items()}))
 
     # -------------------------------------------------------------- sending
 
     def dispatch(self, decision: co.Decision) -> None:
-        """Send the Celery tasks a committed decision calls for."""
+        """Send the Celery tasks (and revokes) a committed decision calls for."""
         s = decision.state
         for c in decision.commands:
             if isinstance(c, co.RunStep):
-                self.app.send_task(step_task_for(c.action), args=[message(s, c)],
-                                   task_id=c.request_id, ignore_result=True,
-                                   argsrepr=_repr(s, c), kwargsrepr="{}")
-            elif isinstance(c, co.RunFanOut) and not self.in_worker:
-                self.app.send_task(FANOUT_TASK, args=[s.correlation_id, c.step],
-                                   ignore_result=True)
+                self._publish(partial(self._send, s, c), s.correlation_id)
             elif isinstance(c, co.RunFanOut):
-                self._chord(s, c)
-            if isinstance(c, co.RunStep | co.RunFanOut):
-                log.debug("dispatched %s", c.step,
-                          extra={"correlation_id": s.correlation_id, "step": c.step})
+                self._publish(partial(self._group, s, c), s.correlation_id)
+            elif isinstance(c, co.Revoke):
+                self._revoke(s.correlation_id, c.task_ids)
 
-    def _chord(self, s: WorkflowState, c: co.RunFanOut) -> None:
-        header = [self.app.signature(subtask_task_for(t.action), args=[message(s, t)],
-                                     options={"task_id": t.request_id,
-                                              "argsrepr": _repr(s, t), "kwargsrepr": "{}"})
-                  for t in c.subtasks]
-        body = self.app.signature(JOIN_TASK, args=[s.correlation_id, c.step],
-                                  options={"ignore_result": True})
-        chord(header, app=self.app)(body)
+    def resend(self, row: Stuck) -> None:
+        """Send an attempt again, as it was first sent (the sweep's re-send; the claim
+        makes a duplicate harmless)."""
+        state = self.store.get(row.correlation_id)
+        plan = self.store.get_plan(row.correlation_id)
+        owned = plan.subtask(row.step)
+        params = owned[1].params if owned else plan.steps[row.step].params
+        self._send(state, co.RunStep(row.step, row.action, dict(params), row.request_id or "",
+                                     row.parent_step, row.attempt, plan.timeout(row.step)))
 
-    def fan_out(self, cid: str, step: str) -> None:
-        """Body of ``chassis.fanout``: send the chord of a fan-out decided elsewhere,
-        unless its sub-tasks are already under way (a duplicate delivery)."""
-        state = self.store.get(cid)
-        plan = self.store.get_plan(cid)
-        runs = {r["step_name"]: r for r in self.store.steps(cid) if r["parent_step"] == step}
-        todo = tuple(co.RunStep(t.step_name, t.resolved_action, dict(t.params),
-                                r["request_id"], parent_step=step)
-                     for t in plan.steps[step].sub_tasks
-                     if (r := runs.get(t.step_name)) and not t.topic)
-        if todo and all(runs[t.step]["status"] == StepStatus.DISPATCHED for t in todo):
-            self._chord(state, co.RunFanOut(step, todo))
-        else:
-            log.info("fan-out %s already under way: duplicate ignored", step,
-                     extra={"correlation_id": cid, "step": step})
+    def _send(self, s: WorkflowState, c: co.RunStep) -> None:
+        name = subtask_task_for(c.action) if c.parent_step else step_task_for(c.action)
+        self.app.send_task(name, args=[message(s, c)], task_id=c.request_id,
+                           countdown=c.delay or None, ignore_result=True,
+                           time_limit=self._hard_limit(c), argsrepr=_repr(s, c),
+                           kwargsrepr="{}")
+
+    def _group(self, s: WorkflowState, c: co.RunFanOut) -> None:
+        sigs = [self.app.signature(
+            subtask_task_for(t.action), args=[message(s, t)],
+            options={"task_id": t.request_id, "ignore_result": True,
+                     "time_limit": self._hard_limit(t), "argsrepr": _repr(s, t),
+                     "kwargsrepr": "{}"}) for t in c.subtasks]
+        group(sigs, app=self.app).apply_async(add_to_parent=False)
+
+    def _hard_limit(self, c: co.RunStep) -> float:
+        return (c.timeout or self.settings.step_timeout) + HARD_LIMIT_GRACE
+
+    def _revoke(self, cid: str, task_ids: tuple[str, ...]) -> None:
+        """Revoke (and on prefork terminate) the tasks; late results are ignored anyway."""
+        try:
+            self.app.control.revoke(list(task_ids), terminate=True, signal="SIGKILL")
+        except Exception as exc:
+            if not infra.is_broker_error(exc):
+                raise
+            log.warning("could not revoke %d task(s), the broker is unreachable (%s); "
+                        "their results will be ignored", len(task_ids), exc,
+                        extra={"correlation_id": cid})
+
+    def _publish(self, send: Callable[[], None], cid: str) -> None:
+        if self.in_worker:
+            try:
+                infra.persist(send, "publishing a task", correlation_id=cid,
+                              give_up_after=PUBLISH_PATIENCE)
+            except Exception as exc:
+                if not infra.is_broker_error(exc):
+                    raise
+                log.error("broker unreachable: the task stays dispatched in the database "
+                          "and the sweep sends it again (%s)", exc,
+                          extra={"correlation_id": cid})
+            return
+        try:
+            send()
+        except Exception as exc:
+            if not infra.is_broker_error(exc):
+                raise
+            raise BrokerUnavailable(
+                f"workflow {cid} is recorded, but the broker at "
+                f"{mask_url(self.settings.broker_url)} is unreachable "
+                f"({' '.join(str(exc).split())}); it goes on by itself once the broker is "
+                "back (the sweep sends it), and repeating the command is safe",
+                service="broker", recorded=True, correlation_id=cid) from None
+
+    def _db(self, fn: Callable[[], T], doing: str, cid: str) -> T:
+        if self.in_worker:
+            return infra.persist(fn, doing, correlation_id=cid)
+        try:
+            return fn()
+        except Exception as exc:
+            if not infra.is_database_error(exc):
+                raise
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {mask_url(self.settings.database_url)} "
+                f"while {doing} for workflow {cid} "
+                f"({' '.join(str(getattr(exc, 'orig', None) or exc).split())[:300]}); "
+                "nothing was changed, try again once it is back",
+                service="database", recorded=False, correlation_id=cid) from None
 
 
 def _repr(s: WorkflowState, c: co.RunStep) -> str:
     """What Flower and the logs show for a step task (Celery would repr the whole payload,
     collected data included, on every send)."""
-    return f"({s.correlation_id}/{c.step}: {c.action})"
+    return f"({s.correlation_id}/{c.step}#{c.attempt}: {c.action})"
 
 
 def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:
-    """The task payload of one step: what it runs and the data it sees."""
+    """The task payload of one attempt: what it runs and the data it sees."""
     return {"cid": s.correlation_id, "step": c.step, "action": c.action, "params": c.params,
-            "data": s.step_data(), "parent": c.parent_step}
-
-
+            "data": s.step_data(), "parent": c.parent_step, "attempt": c.attempt,
+            "timeout": c.timeout}

@@ -72,6 +72,47 @@ class InsufficientFuel(ChassisError):
         self.need = need
 
 
+class ServiceUnavailable(ChassisError):
+    """The database or the broker could not be reached. ``recorded`` says whether the
+    request was written before that (then it goes on by itself once the service is
+    back, and repeating it is safe)."""
+
+    def __init__(self, message: str, *, service: str, recorded: bool,
+                 correlation_id: str | None = None) -> None:
+        super().__init__(message, correlation_id=correlation_id)
+        self.service = service
+        self.recorded = recorded
+
+
+class BrokerUnavailable(ServiceUnavailable):
+    """The Celery broker could not be reached."""
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database could not be reached."""
+
+
+class StepAttemptFailed(ChassisError):
+    """How a worker reports an attempt whose action failed to Celery (and Flower), after
+    the failure has been recorded: ``retrying`` when another attempt follows."""
+
+    def __init__(self, message: str, *, correlation_id: str, step: str, attempt: int,
+                 retrying: bool = False) -> None:
+        super().__init__(message, correlation_id=correlation_id, step=step)
+        self.attempt = attempt
+        self.retrying = retrying
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable for the prefork pool
+        return (_rebuild_attempt_failed, (self.message, self.correlation_id, self.step,
+                                          self.attempt, self.retrying))
+
+
+def _rebuild_attempt_failed(message: str, correlation_id: str, step: str, attempt: int,
+                            retrying: bool) -> StepAttemptFailed:
+    return StepAttemptFailed(message, correlation_id=correlation_id, step=step,
+                             attempt=attempt, retrying=retrying)
+
+
 class ActionError(ChassisError):
     """An action failed; the workflow fails with this message."""
 

@@ -59,6 +59,7 @@ def fuel_from_headers(headers: Mapping[str, str]) -> int:
         raise ValueError(f"invalid fuel value in header: {headers[FUEL_HEADER]!r}") from exc
 
 
-def ledger_key(correlation_id: str, step: str) -> str:
-    """Idempotency key of a debit: one debit per step per workflow."""
-    return f"{correlation_id}:{step}"
+def ledger_key(correlation_id: str, step: str, attempt: int = 1) -> str:
+    """Idempotency key of a debit: one debit per attempt of a step per workflow (the
+    first attempt keeps the original's ``correlation_id:step``)."""
+    return f"{correlation_id}:{step}" if attempt == 1 else f"{correlation_id}:{step}#{attempt}"

@@ -32,9 +32,10 @@ def bind(**fields: str | None) -> Iterator[None]:
 
 
 #: A correlation id, then maybe "/step": how the engine summarises a step task's
-#: arguments ("(cid/step: action)") and the bridge its tasks' ("(correlation_id=cid)").
+#: arguments ("(cid/step#attempt: action)") and the bridge its tasks'
+#: ("(correlation_id=cid)").
 _SUMMARY = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
-                      r"(?:/([^:)]+))?")
+                      r"(?:/([^:)#]+))?")
 
 
 def _celery_received(record: logging.LogRecord) -> dict[str, str | None]:

@@ -14,15 +14,29 @@ it parses as ``""`` and validation reports it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from chassis.errors import PlanError, PlanFileError
+from chassis.policy import (
+    ERROR_NAME,
+    ERROR_NAME_MAX,
+    MAX_ATTEMPTS_LIMIT,
+    MAX_NON_RETRYABLE,
+    MAX_SECONDS,
+    RETRY_FIELDS,
+    RetryOptions,
+    RetryPolicy,
+    last_timeout,
+    resolve,
+)
 
 #: Actions the coordinator carries out itself; they never run as a Celery task.
 FAN_OUT = "fan_out"
@@ -43,6 +57,10 @@ class SubTask:
     """Action to run; defaults to ``step_name``."""
     params: dict[str, Any] = field(default_factory=dict)
     """Handed to the action."""
+    retry: RetryOptions | None = None
+    """How failed attempts are retried (merged over the fan_out step's and the plan's)."""
+    timeout: float | None = None
+    """Seconds one attempt may run (or an agent take to answer)."""
 
     @property
     def resolved_action(self) -> str:
@@ -62,6 +80,20 @@ class Step:
     next_step: str | None = None
     sub_tasks: tuple[SubTask, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
+    retry: RetryOptions | None = None
+    """How failed attempts are retried (merged over ``defaults.retry``); on a fan_out
+    step, the default of its sub-tasks."""
+    timeout: float | None = None
+    """Seconds one attempt may run (or an agent take to answer); on a fan_out step, the
+    default of its sub-tasks."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Plan-level settings for every step that sets nothing."""
+
+    retry: RetryOptions | None = None
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +104,37 @@ class Plan:
     steps: dict[str, Step]
     name: str | None = None
     description: str | None = None
+    defaults: Defaults = field(default_factory=Defaults)
+
+    @cached_property
+    def _owners(self) -> dict[str, tuple[str, SubTask]]:
+        """Sub-task step_name → (its fan_out step, the sub-task)."""
+        out: dict[str, tuple[str, SubTask]] = {}
+        for name, step in self.steps.items():
+            for st in step.sub_tasks:
+                out.setdefault(st.step_name, (name, st))
+        return out
+
+    def subtask(self, name: str) -> tuple[str, SubTask] | None:
+        """(fan_out step, sub-task) of a sub-task's step_name; None for a step."""
+        return self._owners.get(name)
+
+    def policy(self, name: str) -> RetryPolicy:
+        """The retry policy of a step or sub-task, its layers merged."""
+        owned = self.subtask(name)
+        if owned is not None:
+            return resolve((self.defaults.retry, self.steps[owned[0]].retry, owned[1].retry))
+        step = self.steps.get(name)
+        return resolve((self.defaults.retry, step.retry if step else None))
+
+    def timeout(self, name: str) -> float | None:
+        """Seconds one attempt of a step or sub-task may take; None when unset."""
+        owned = self.subtask(name)
+        if owned is not None:
+            return last_timeout((self.defaults.timeout, self.steps[owned[0]].timeout,
+                                 owned[1].timeout))
+        step = self.steps.get(name)
+        return last_timeout((self.defaults.timeout, step.timeout if step else None))
 
 
 # ------------------------------------------------------------------------ field docs
@@ -83,6 +146,11 @@ PLAN_FIELDS: Mapping[str, str] = {
     "description": "What the workflow does.",
     "start_step": "Name of the step the workflow starts with.",
     "steps": "The steps, by step name. A step's output is stored under its name.",
+    "defaults": "Settings for every step that sets nothing: retry, timeout.",
+}
+DEFAULTS_FIELDS: Mapping[str, str] = {
+    "retry": "Retry policy of every step (a step's own retry is merged over it).",
+    "timeout": "Seconds one attempt of a step may run (or an agent take to answer).",
 }
 STEP_FIELDS: Mapping[str, str] = {
     "action": "What the step does: a registered action, an external agent's action "
@@ -94,12 +162,19 @@ STEP_FIELDS: Mapping[str, str] = {
     "next_step": "Name of the step that runs after this one; unset ends the workflow.",
     "sub_tasks": "For fan_out: the branches run in parallel.",
     "params": "Parameters handed to the action.",
+    "retry": "Retry policy of failed attempts, merged over defaults.retry (on a fan_out "
+             "step: the default of its sub-tasks).",
+    "timeout": "Seconds one attempt may run, or an external agent take to answer; a "
+               "later result is ignored (on a fan_out step: the default of its sub-tasks).",
 }
 SUB_TASK_FIELDS: Mapping[str, str] = {
     "step_name": "Name the sub-task's output is stored under; unique within the plan.",
     "topic": "Kafka topic of an external agent; unset means a Celery action.",
     "action": "Action to run; defaults to step_name.",
     "params": "Parameters handed to the action.",
+    "retry": "Retry policy of failed attempts, merged over the fan_out step's and "
+             "defaults.retry.",
+    "timeout": "Seconds one attempt may run, or an external agent take to answer.",
 }
 
 
@@ -164,6 +239,91 @@ class _Reader:
             return {}
         return dict(value)
 
+    def seconds(self, place: str, value: object) -> float | None:
+        """An optional positive number of seconds (at most a week)."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(place, f"expected a number of seconds, got {_type_name(value)}")
+            return None
+        if not math.isfinite(value) or value <= 0:
+            self.problem(place, f"must be a positive number of seconds, got {value!r}")
+            return None
+        if value > MAX_SECONDS:
+            self.problem(place, f"must be at most {MAX_SECONDS:g} seconds (a week), "
+                                f"got {value!r}")
+            return None
+        return float(value)
+
+    def retry(self, place: str, value: object) -> RetryOptions | None:
+        """An optional retry policy mapping; every bad field is a problem."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.problem(place, f"expected a retry mapping, got {_type_name(value)}")
+            return None
+        self.fields(place, value, RETRY_FIELDS)
+        attempts = value.get("max_attempts")
+        if attempts is not None:
+            if isinstance(attempts, bool) or not isinstance(attempts, int):
+                self.problem(f"{place}.max_attempts",
+                             f"expected a whole number, got {_type_name(attempts)}")
+                attempts = None
+            elif not 1 <= attempts <= MAX_ATTEMPTS_LIMIT:
+                self.problem(f"{place}.max_attempts", f"must be from 1 to "
+                                                      f"{MAX_ATTEMPTS_LIMIT}, got {attempts}")
+                attempts = None
+        coefficient = value.get("backoff_coefficient")
+        if coefficient is not None:
+            if isinstance(coefficient, bool) or not isinstance(coefficient, int | float):
+                self.problem(f"{place}.backoff_coefficient",
+                             f"expected a number, got {_type_name(coefficient)}")
+                coefficient = None
+            elif not (math.isfinite(coefficient) and 1 <= coefficient <= 100):
+                self.problem(f"{place}.backoff_coefficient",
+                             f"must be from 1 to 100, got {coefficient!r}")
+                coefficient = None
+        return RetryOptions(
+            max_attempts=attempts,
+            initial_interval=self.seconds(f"{place}.initial_interval",
+                                          value.get("initial_interval")),
+            backoff_coefficient=None if coefficient is None else float(coefficient),
+            max_interval=self.seconds(f"{place}.max_interval", value.get("max_interval")),
+            non_retryable=self.error_names(f"{place}.non_retryable",
+                                           value.get("non_retryable")),
+        )
+
+    def error_names(self, place: str, value: object) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            self.problem(place, f"expected a list of error type names, got "
+                                f"{_type_name(value)}")
+            return None
+        if len(value) > MAX_NON_RETRYABLE:
+            self.problem(place, f"at most {MAX_NON_RETRYABLE} names, got {len(value)}")
+            return None
+        good = []
+        for i, item in enumerate(value):
+            if (isinstance(item, str) and len(item) <= ERROR_NAME_MAX
+                    and ERROR_NAME.match(item)):
+                good.append(item)
+            else:
+                shown = repr(item) if isinstance(item, str) else _type_name(item)
+                self.problem(f"{place}[{i}]", f"expected an error type name such as "
+                                              f"ValueError, got {shown[:80]}")
+        return tuple(good)
+
+    def defaults(self, place: str, value: object) -> Defaults:
+        if value is None:
+            return Defaults()
+        if not isinstance(value, dict):
+            self.problem(place, f"expected a mapping, got {_type_name(value)}")
+            return Defaults()
+        self.fields(place, value, DEFAULTS_FIELDS)
+        return Defaults(retry=self.retry(f"{place}.retry", value.get("retry")),
+                        timeout=self.seconds(f"{place}.timeout", value.get("timeout")))
+
     def sub_task(self, place: str, data: object) -> SubTask | None:
         if not isinstance(data, dict):
             self.problem(place, f"expected a sub-task mapping, got {_type_name(data)}")
@@ -174,6 +334,8 @@ class _Reader:
             topic=self.name(f"{place}.topic", data.get("topic")),
             action=self.name(f"{place}.action", data.get("action")),
             params=self.params(f"{place}.params", data.get("params")),
+            retry=self.retry(f"{place}.retry", data.get("retry")),
+            timeout=self.seconds(f"{place}.timeout", data.get("timeout")),
         )
 
     def step(self, place: str, data: object) -> Step | None:
@@ -189,6 +351,8 @@ class _Reader:
             next_step=self.name(f"{place}.next_step", data.get("next_step")),
             sub_tasks=self.sub_tasks(f"{place}.sub_tasks", data.get("sub_tasks")),
             params=self.params(f"{place}.params", data.get("params")),
+            retry=self.retry(f"{place}.retry", data.get("retry")),
+            timeout=self.seconds(f"{place}.timeout", data.get("timeout")),
         )
 
     def sub_tasks(self, place: str, value: object) -> tuple[SubTask, ...]:
@@ -237,6 +401,7 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
     r.fields("plan", data, PLAN_FIELDS)
     name = r.name("name", data.get("name"))
     description = r.text("description", data.get("description"), "") or None
+    defaults = r.defaults("defaults", data.get("defaults"))
     start = data.get("start_step")
     if start is None or start == "":
         r.problem("plan", "missing required field 'start_step'")
@@ -267,7 +432,7 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
                 steps[key] = step
     if not complete:
         return None, r.problems
-    return Plan(start_step, steps, name, description), r.problems
+    return Plan(start_step, steps, name, description, defaults), r.problems
 
 
 def parse_plan(data: object) -> Plan:
@@ -382,7 +547,16 @@ def _sub_task_to_dict(st: SubTask) -> dict[str, Any]:
         out["action"] = st.action
     if st.params:
         out["params"] = dict(st.params)
+    _failure_fields(out, st.retry, st.timeout)
     return out
+
+
+def _failure_fields(out: dict[str, Any], retry: RetryOptions | None,
+                    timeout: float | None) -> None:
+    if retry is not None:
+        out["retry"] = retry.to_dict()
+    if timeout is not None:
+        out["timeout"] = timeout
 
 
 def _step_to_dict(step: Step) -> dict[str, Any]:
@@ -399,6 +573,7 @@ def _step_to_dict(step: Step) -> dict[str, Any]:
         out["sub_tasks"] = [_sub_task_to_dict(st) for st in step.sub_tasks]
     if step.params:
         out["params"] = dict(step.params)
+    _failure_fields(out, step.retry, step.timeout)
     return out
 
 
@@ -409,6 +584,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         out["name"] = plan.name
     if plan.description is not None:
         out["description"] = plan.description
+    defaults: dict[str, Any] = {}
+    _failure_fields(defaults, plan.defaults.retry, plan.defaults.timeout)
+    if defaults:
+        out["defaults"] = defaults
     out["start_step"] = plan.start_step
     out["steps"] = {name: _step_to_dict(step) for name, step in plan.steps.items()}
     return out
@@ -420,10 +599,28 @@ def json_schema() -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of the plan format, for editors and other languages."""
     optional_name: dict[str, Any] = {"type": ["string", "null"]}
     params = {"type": ["object", "null"]}
+    seconds = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_SECONDS}
 
     def props(fields: Mapping[str, str], types: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
         return {key: {**types[key], "description": doc} for key, doc in fields.items()}
 
+    retry_ref = {"anyOf": [{"$ref": "#/$defs/retry"}, {"type": "null"}]}
+    retry = {
+        "type": "object",
+        "description": "How failed attempts are retried: exponential backoff with jitter.",
+        "additionalProperties": False,
+        "properties": props(RETRY_FIELDS, {
+            "max_attempts": {"type": ["integer", "null"], "minimum": 1,
+                             "maximum": MAX_ATTEMPTS_LIMIT},
+            "initial_interval": seconds,
+            "backoff_coefficient": {"type": ["number", "null"], "minimum": 1,
+                                    "maximum": 100},
+            "max_interval": seconds,
+            "non_retryable": {"type": ["array", "null"], "maxItems": MAX_NON_RETRYABLE,
+                              "items": {"type": "string", "pattern": ERROR_NAME.pattern,
+                                        "maxLength": ERROR_NAME_MAX}},
+        }),
+    }
     sub_task = {
         "type": "object",
         "description": "One branch of a fan_out step.",
@@ -432,6 +629,7 @@ def json_schema() -> dict[str, Any]:
         "properties": props(SUB_TASK_FIELDS, {
             "step_name": {"type": "string", "minLength": 1},
             "topic": optional_name, "action": optional_name, "params": params,
+            "retry": retry_ref, "timeout": seconds,
         }),
     }
     step = {
@@ -447,6 +645,7 @@ def json_schema() -> dict[str, Any]:
             "next_step": optional_name,
             "sub_tasks": {"type": ["array", "null"], "items": {"$ref": "#/$defs/sub_task"}},
             "params": params,
+            "retry": retry_ref, "timeout": seconds,
         }),
     }
     return {
@@ -464,13 +663,17 @@ def json_schema() -> dict[str, Any]:
             "steps": {"type": "object", "minProperties": 1,
                       "propertyNames": {"minLength": 1},
                       "additionalProperties": {"$ref": "#/$defs/step"}},
+            "defaults": {"anyOf": [{"type": "null"}, {
+                "type": "object", "additionalProperties": False,
+                "properties": props(DEFAULTS_FIELDS, {"retry": retry_ref,
+                                                      "timeout": seconds})}]},
         }),
-        "$defs": {"step": step, "sub_task": sub_task},
+        "$defs": {"step": step, "sub_task": sub_task, "retry": retry},
     }
 
 
 __all__ = [
-    "COMPLETE", "FAN_OUT", "PAUSE", "RESERVED_ACTIONS", "Plan", "Step", "SubTask",
+    "COMPLETE", "FAN_OUT", "PAUSE", "RESERVED_ACTIONS", "Defaults", "Plan", "Step", "SubTask",
     "json_schema", "load_plan", "load_plan_data", "loads_plan", "loads_plan_data",
     "parse_plan", "parse_plan_partial", "plan_to_dict",
 ]

@@ -1,78 +1,100 @@
-"""The sweep (``chassis.sweep``, sent by celery beat): steps and workflows stuck past
-CHASSIS_STEP_TIMEOUT are re-dispatched or, out of attempts, failed.
+"""The sweep (``chassis.sweep``, sent by celery beat every CHASSIS_SWEEP_INTERVAL
+seconds, default 5): the clock of the failure model. Each run, in this order:
 
-What counts as stuck, and what the sweep does about it:
+1. **due retries**: a SCHEDULED attempt whose retry time has come is reported to the
+   coordinator (:class:`~chassis.events.RetryDue`), which sends it;
+2. **timeouts**: an attempt RUNNING past its deadline, or an agent's request not
+   answered in time (its step's ``timeout``, else CHASSIS_STEP_TIMEOUT), is a failed
+   attempt (error type ``StepTimeout``): the coordinator retries it or fails the step;
+3. **lost workers**: a RUNNING attempt whose lease expired (its worker stopped renewing
+   it: killed, out of memory, cut off) is sent again, the same attempt with the same
+   task id; one started CHASSIS_MAX_DELIVERIES times already is a failed attempt
+   instead (error type ``WorkerLost``), so a step that kills its worker cannot loop;
+4. **lost messages**: a DISPATCHED attempt that no worker has claimed (a message lost
+   with a broker restart, or a publish that failed while the broker was down) is sent
+   again once its queue is empty and it has waited CHASSIS_REDISPATCH_AFTER seconds
+   (ten times that while the queue holds messages: it may only be waiting its turn),
+   the wait doubling after each re-send;
+5. **fan-ins**: a fan-out whose sub-tasks all recorded success but was never collected
+   (the last sub-task's worker died in between) is collected;
+6. **stalls**: a RUNNING workflow that has waited CHASSIS_STEP_TIMEOUT for dependencies
+   that never came fails.
 
-- a Celery step DISPATCHED (its message was lost, or no worker took it yet) or RUNNING
-  (its worker died, or the action hangs) for longer than the timeout: it is sent
-  again; the claim makes a duplicate delivery harmless. A RUNNING step that has already
-  been run ``CHASSIS_STEP_MAX_ATTEMPTS`` times fails the workflow instead;
-- a fan-out whose Celery sub-tasks have not reported back in time: its chord is sent
-  again (``chassis.fanout``), up to the same number of sends, then the workflow fails;
-- an external agent's step (a Kafka request) not answered in time fails the workflow;
-- a RUNNING workflow waiting that long for dependencies that never came fails.
-
-Paused workflows wait for a human as long as it takes: the sweep leaves them alone.
-
-Two sweeps at once (two beat processes by mistake) do nothing twice. On PostgreSQL a
-sweep takes a transaction-scoped advisory lock and a second one returns at once; on
-every database a re-dispatch is a conditional update (only the sweep whose update
-matched sends), and a failure is a coordinator transition checked against the
-workflow's version, so only one is written (with its outbox event).
+Decisions (failing an attempt, retrying, failing a workflow) are the coordinator's; the
+sweep only reports events and re-sends what was already decided. A re-send is a
+conditional update of the attempt's row, so of two sweeps at once (two beats by
+mistake) only one sends; on PostgreSQL a sweep also takes an advisory lock and a second
+one returns at once. Paused workflows wait for a human as long as it takes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from functools import partial
 
 import sqlalchemy as sa
+from kombu.exceptions import ChannelError
 
 from chassis import coordinator as co
+from chassis import infra
+from chassis.celery_conf import queue_for
 from chassis.config import Settings
-from chassis.engine import FANOUT_TASK, Engine
-from chassis.plan import FAN_OUT, PAUSE
-from chassis.state import Status, StepStatus
+from chassis.engine import Engine
+from chassis.policy import TIMEOUT_ERROR, WORKER_LOST_ERROR
+from chassis.store import Stuck
 from chassis.store.sql import now
-from chassis.store.tables import orchestrator_state, step_runs
 
 log = logging.getLogger(__name__)
 
 #: pg_try_advisory_xact_lock key held by a running sweep ("sweep").
 SWEEP_LOCK_KEY = 0x7377656570
-#: Rows looked at per sweep; the rest wait for the next one.
+#: Rows looked at per kind and sweep; the rest wait for the next one.
 BATCH = 500
-
-_ACTIVE = (Status.RUNNING.value, Status.AWAITING_RESPONSES.value)
-_RUNNABLE = (StepStatus.DISPATCHED.value, StepStatus.RUNNING.value)
+#: How much longer an unclaimed attempt may wait while its queue is not empty.
+BUSY_QUEUE_FACTOR = 10
+#: Re-sends double the wait up to this many times.
+MAX_DOUBLINGS = 8
 
 
 @dataclass
 class SweepReport:
-    """What one sweep did (``cid/step`` names)."""
+    """What one sweep did (``cid/step#attempt`` names)."""
 
-    redispatched: list[str] = field(default_factory=list)
+    sent_due: list[str] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    fanned_in: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     locked_out: bool = False
     """Another sweep held the lock: this one did nothing."""
 
     def counts(self) -> dict[str, int]:
-        return {"redispatched": len(self.redispatched), "failed": len(self.failed),
+        return {"sent_due": len(self.sent_due), "timed_out": len(self.timed_out),
+                "resent": len(self.resent), "lost": len(self.lost),
+                "fanned_in": len(self.fanned_in), "failed": len(self.failed),
                 "locked_out": int(self.locked_out)}
+
+    @property
+    def acted(self) -> bool:
+        return any(v for k, v in self.counts().items() if k != "locked_out")
+
+
+def _name(row: Stuck) -> str:
+    return f"{row.correlation_id}/{row.step}#{row.attempt}"
 
 
 class Sweeper:
-    """Finds stuck steps and workflows of ``engine``'s store and acts on them."""
+    """Finds due, overdue, lost and stalled attempts of ``engine``'s store."""
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
-        self.db = engine.store.engine
-        self.timeout = settings.step_timeout
-        self.max_attempts = settings.step_max_attempts
+        self.store = engine.store
+        self.settings = settings
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
@@ -81,132 +103,133 @@ class Sweeper:
                 report.locked_out = True
                 log.info("sweep: another sweep is running; skipped")
                 return report
-            cutoff = now() - timedelta(seconds=self.timeout)
-            fan_outs: dict[tuple[str, str], list[Any]] = {}
-            for row in self._stuck_steps(cutoff):
-                if row.parent_step is not None and row.status == StepStatus.DISPATCHED:
-                    fan_outs.setdefault((str(row.correlation_id), row.parent_step),
-                                        []).append(row)
-                elif row.status in _RUNNABLE:
-                    self._step(row, cutoff, report)
-                elif row.action not in (FAN_OUT, PAUSE):  # an external agent's request
-                    self._fail(row, f"step '{row.step_name}' timed out after "
-                                    f"{self.timeout:g} s waiting for the agent's response",
-                               report)
-            for (cid, parent), rows in fan_outs.items():
-                self._fan_out(cid, parent, rows, cutoff, report)
-            self._waiting_workflows(cutoff, report)
-        if report.redispatched or report.failed:
-            log.info("sweep: %d steps re-dispatched, %d workflows failed",
-                     len(report.redispatched), len(report.failed))
+            self._each(self.store.due(BATCH), self._send_due, report)
+            self._each(self.store.overdue(self.settings.step_timeout, BATCH), self._time_out,
+                       report)
+            self._each(self.store.lost(BATCH), self._lost, report)
+            depths: dict[str, int | None] = {}
+            self._each(self.store.unclaimed(self._cutoff(self.settings.redispatch_after),
+                                            BATCH),
+                       lambda row, rep: self._unclaimed(row, rep, depths), report)
+            for cid, step in self.store.waiting_fan_ins(self.settings.redispatch_after, BATCH):
+                self._guard(partial(self._fan_in, cid, step, report), cid)
+            for cid, step in self.store.stalled(self.settings.step_timeout, BATCH):
+                self._guard(partial(self._stalled, cid, step, report), cid)
+        if report.acted:
+            log.info("sweep: %s", ", ".join(f"{k} {v}" for k, v in report.counts().items()
+                                            if v and k != "locked_out"))
         return report
 
-    # ------------------------------------------------------------------ actions
+    # ------------------------------------------------------------------ each kind
 
-    def _step(self, row: Any, cutoff: datetime, report: SweepReport) -> None:
-        cid, name = str(row.correlation_id), row.step_name
-        if row.status == StepStatus.RUNNING and row.attempts >= self.max_attempts:
-            self._fail(row, f"step '{name}' timed out after {self.timeout:g} s "
-                            f"(attempt {row.attempts} of {self.max_attempts})", report)
-            return
-        state = self.engine.store.get(cid)
-        if row.request_id not in state.awaited_steps:
-            return  # it finished since we looked
-        touched = _touch(self.db, cutoff, step_runs.c.id == row.id,
-                         step_runs.c.status == row.status)
-        if not touched:
-            return  # another sweep, or the step itself, got there first
-        step = self.engine.store.get_plan(cid).steps[name]
-        self.engine.dispatch(co.Decision(state, [co.RunStep(
-            name, row.action, dict(step.params), row.request_id)]))
-        report.redispatched.append(f"{cid}/{name}")
-        log.warning("step %s stuck %s since %s: dispatched again", name, row.status,
-                    row.started_at or row.dispatched_at,
-                    extra={"correlation_id": cid, "step": name})
-
-    def _fan_out(self, cid: str, parent: str, rows: list[Any], cutoff: datetime,
-                 report: SweepReport) -> None:
-        sends = 1 + max(r.attempts for r in rows)  # sub-tasks count the sweep's re-sends
-        if sends >= self.max_attempts:
-            self._fail(rows[0], f"step '{rows[0].step_name}' timed out after "
-                                f"{self.timeout:g} s ({sends} sends of fan-out "
-                                f"'{parent}')", report)
-            return
-        touched = _touch(self.db, cutoff, step_runs.c.correlation_id == cid,
-                         step_runs.c.parent_step == parent,
-                         step_runs.c.status == StepStatus.DISPATCHED,
-                         attempts=step_runs.c.attempts + 1)
-        if not touched:
-            return
-        self.engine.app.send_task(FANOUT_TASK, args=[cid, parent], ignore_result=True)
-        report.redispatched.append(f"{cid}/{parent}")
-        log.warning("fan-out %s stuck since %s: its sub-tasks are sent again", parent,
-                    min(r.dispatched_at for r in rows),
-                    extra={"correlation_id": cid, "step": parent})
-
-    def _fail(self, row: Any, error: str, report: SweepReport) -> None:
-        self._apply_timeout(str(row.correlation_id), row.step_name, error, report)
-
-    def _apply_timeout(self, cid: str, step: str, error: str, report: SweepReport) -> None:
-        decision = self.engine.apply(cid, co.StepTimedOut(step, error))
+    def _send_due(self, row: Stuck, report: SweepReport) -> None:
+        decision = self.engine.apply(row.correlation_id, co.RetryDue(row.step, row.attempt))
         if decision.changed:
+            report.sent_due.append(_name(row))
+
+    def _time_out(self, row: Stuck, report: SweepReport) -> None:
+        timeout = self.store.get_plan(row.correlation_id).timeout(row.step) \
+            or self.settings.step_timeout
+        error = (f"no answer from the agent within {timeout:g} s" if row.status == "AWAITING"
+                 else f"timed out after {timeout:g} s")
+        decision = self.engine.apply(row.correlation_id, co.StepFailed(
+            row.step, error, row.attempt, (TIMEOUT_ERROR,)))
+        if decision.changed:
+            report.timed_out.append(_name(row))
+            log.warning("step %s attempt %d %s", row.step, row.attempt, error,
+                        extra={"correlation_id": row.correlation_id, "step": row.step})
+
+    def _lost(self, row: Stuck, report: SweepReport) -> None:
+        if row.deliveries >= self.settings.max_deliveries:
+            error = (f"its worker was lost {row.deliveries} times while running it "
+                     f"(CHASSIS_MAX_DELIVERIES={self.settings.max_deliveries})")
+            decision = self.engine.apply(row.correlation_id, co.StepFailed(
+                row.step, error, row.attempt, (WORKER_LOST_ERROR,)))
+            if decision.changed:
+                report.lost.append(_name(row))
+            return
+        self._resend(row, report, "its worker was lost (lease expired)")
+
+    def _unclaimed(self, row: Stuck, report: SweepReport,
+                   depths: dict[str, int | None]) -> None:
+        queue = queue_for(row.action)
+        if queue not in depths:
+            depths[queue] = self._depth(queue)
+        wait = self.settings.redispatch_after * 2 ** min(row.sends, MAX_DOUBLINGS)
+        if depths[queue] != 0:  # not empty (or unknown): it may be waiting its turn
+            wait *= BUSY_QUEUE_FACTOR
+        sent = row.sent_at or row.dispatched_at
+        if (now() - sent).total_seconds() > wait:
+            self._resend(row, report, f"not started {wait:g} s after it was sent")
+
+    def _resend(self, row: Stuck, report: SweepReport, why: str) -> None:
+        if not self.store.mark_resent(row):
+            return  # another sweep, or the worker, got there first
+        self.engine.resend(row)
+        report.resent.append(_name(row))
+        log.warning("step %s attempt %d sent again: %s", row.step, row.attempt, why,
+                    extra={"correlation_id": row.correlation_id, "step": row.step})
+
+    def _fan_in(self, cid: str, step: str, report: SweepReport) -> None:
+        if self.engine.fan_in(cid, step).changed:
+            report.fanned_in.append(f"{cid}/{step}")
+
+    def _stalled(self, cid: str, step: str, report: SweepReport) -> None:
+        state, plan = self.store.get(cid), self.store.get_plan(cid)
+        wanted = plan.steps[step].dependencies if step in plan.steps else ()
+        missing = ", ".join(d for d in wanted if d not in state.collected_data)
+        error = (f"step '{step}' waited {self.settings.step_timeout:g} s for its "
+                 f"dependencies: {missing or '-'}")
+        if self.engine.apply(cid, co.Stalled(step, error)).changed:
             report.failed.append(f"{cid}/{step}")
             log.warning("workflow failed by the sweep: %s", error,
                         extra={"correlation_id": cid, "step": step})
 
-    def _waiting_workflows(self, cutoff: datetime, report: SweepReport) -> None:
-        """RUNNING, nothing awaited, unchanged since the cutoff: dependencies never met."""
-        q = (sa.select(orchestrator_state.c.correlation_id, orchestrator_state.c.current_step,
-                       orchestrator_state.c.awaited_steps)
-             .where(orchestrator_state.c.status == Status.RUNNING.value,
-                    orchestrator_state.c.updated_at < cutoff)
-             .limit(BATCH))
-        with self.db.connect() as conn:
-            rows = [r for r in conn.execute(q).all() if not r.awaited_steps]
-        for cid, step, _ in rows:
-            cid = str(cid)
-            state, plan = self.engine.store.get(cid), self.engine.store.get_plan(cid)
-            wanted = plan.steps[step].dependencies if step in plan.steps else ()
-            missing = ", ".join(d for d in wanted if d not in state.collected_data)
-            self._apply_timeout(cid, step, f"step '{step}' timed out after {self.timeout:g} s "
-                                           f"waiting for its dependencies: {missing or '-'}",
-                                report)
+    # ------------------------------------------------------------------ helpers
 
-    # ------------------------------------------------------------------ database
+    def _each(self, rows: list[Stuck], act: Callable[[Stuck, SweepReport], None],
+              report: SweepReport) -> None:
+        for row in rows:
+            self._guard(partial(act, row, report), row.correlation_id)
 
-    def _stuck_steps(self, cutoff: datetime) -> list[Any]:
-        s = step_runs.c
-        old = sa.and_(s.dispatched_at < cutoff, sa.or_(s.started_at.is_(None),
-                                                      s.started_at < cutoff))
-        q = (sa.select(s.id, s.correlation_id, s.step_name, s.parent_step, s.action, s.status,
-                       s.attempts, s.request_id, s.dispatched_at, s.started_at)
-             .join(orchestrator_state,
-                   orchestrator_state.c.correlation_id == s.correlation_id)
-             .where(orchestrator_state.c.status.in_(_ACTIVE), old,
-                    s.status.in_([*_RUNNABLE, StepStatus.AWAITING.value]))
-             .order_by(s.id).limit(BATCH))
-        with self.db.connect() as conn:
-            return list(conn.execute(q).all())
+    @staticmethod
+    def _guard(fn: Callable[[], None], cid: str) -> None:
+        """One workflow's trouble must not stop the sweep for the others (an unreachable
+        service does: the next sweep tries again)."""
+        try:
+            fn()
+        except Exception as exc:
+            if infra.is_infrastructure_error(exc):
+                raise
+            log.exception("sweep: workflow %s: %s", cid, exc, extra={"correlation_id": cid})
+
+    @staticmethod
+    def _cutoff(seconds: float) -> datetime:
+        return now() - timedelta(seconds=seconds)
+
+    def _depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue`` (0 when it does not exist); None if unknown."""
+        try:
+            with self.engine.app.connection_for_read() as conn:
+                return int(conn.default_channel.queue_declare(queue=queue,
+                                                              passive=True).message_count)
+        except ChannelError:
+            return 0  # Redis and the file-system broker: an empty queue does not exist
+        except Exception as exc:
+            log.debug("cannot read the length of queue %s: %s", queue, exc)
+            return None
 
     @contextmanager
     def _lock(self) -> Iterator[bool]:
         """Held for the whole sweep on PostgreSQL; other databases rely on the
         conditional updates and versioned transitions alone."""
-        if self.db.dialect.name != "postgresql":
+        db = self.store.engine
+        if db.dialect.name != "postgresql":
             yield True
             return
-        with self.db.connect() as conn, conn.begin():
+        with db.connect() as conn, conn.begin():
             yield bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"),
                                     {"k": SWEEP_LOCK_KEY}).scalar())
 
 
-def _touch(db: sa.Engine, cutoff: datetime, *where: Any, **values: Any) -> bool:
-    """Mark stuck rows dispatched now, if they are still stuck; True when any were
-    (only one of two concurrent sweeps can match)."""
-    s = step_runs.c
-    stmt = (step_runs.update()
-            .where(*where, s.dispatched_at < cutoff,
-                   sa.or_(s.started_at.is_(None), s.started_at < cutoff))
-            .values(dispatched_at=now(), **values))
-    with db.begin() as conn:
-        return conn.execute(stmt).rowcount > 0
+__all__ = ["SWEEP_LOCK_KEY", "SweepReport", "Sweeper"]

@@ -19,6 +19,7 @@ from collections.abc import Collection
 from chassis import actions
 from chassis.errors import PlanError
 from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Plan, Step
+from chassis.policy import merged_problems
 
 #: Keys of a step's data that are not step outputs.
 RESERVED_NAMES = frozenset({"input", "human_feedback"})
@@ -51,6 +52,7 @@ def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[s
         elif step.sub_tasks:
             problems.append(f"{place}: sub_tasks are only used by fan_out, "
                             f"not by action {step.action!r}")
+        problems += _failure_problems(place, name, step, plan)
     problems += [f"cycle: {' -> '.join([*cycle, cycle[0]])}" for cycle in _cycles(plan, owner)]
     return problems
 
@@ -129,6 +131,22 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
             problems.append(f"{sp}: reserved action {action!r} cannot run as a sub-task")
         elif action not in known and not st.topic:
             problems.append(_unknown(sp, action, known))
+    return problems
+
+
+def _failure_problems(place: str, name: str, step: Step, plan: Plan) -> list[str]:
+    """retry and timeout: only where an attempt runs (a fan_out passes them on to its
+    sub-tasks); merged layers must still make sense."""
+    if step.action in RESERVED_ACTIONS - {FAN_OUT}:
+        if step.retry is not None or step.timeout is not None:
+            return [f"{place}: retry and timeout do not apply to {step.action}"]
+        return []
+    problems = merged_problems(place, plan.policy(name))
+    if step.action == FAN_OUT:
+        for i, st in enumerate(step.sub_tasks):
+            if st.step_name and plan.subtask(st.step_name) == (name, st):
+                problems += merged_problems(f"{place}.sub_tasks[{i}]",
+                                            plan.policy(st.step_name))
     return problems
 
 

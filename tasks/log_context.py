@@ -19,11 +19,8 @@ def workflow_ids(task: str, args: Any, kwargs: Any) -> tuple[str | None, str | N
     first = args[0] if args else None
     if isinstance(first, dict):  # step and sub-task payloads; a Kafka start request
         return first.get("cid") or first.get("correlation_id"), first.get("step")
-    if task == "chassis.join" and len(args) >= 3:  # (results, correlation_id, step)
-        return args[1], args[2]
-    if task == "chassis.fanout" and len(args) >= 2:  # (correlation_id, step)
-        return args[0], args[1]
-    if task in ("chassis.resume", "chassis.respond") and args:
+    if task in ("chassis.resume", "chassis.respond", "chassis.cancel", "chassis.retry") \
+            and args:
         return args[0], None
     cid = (kwargs or {}).get("correlation_id")
     return cid, (kwargs or {}).get("step")

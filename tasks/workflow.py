@@ -9,53 +9,76 @@ from celery import Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from chassis import config, logs, runtime
+from chassis.celery_conf import (
+    AI_STEP_TASK,
+    AI_SUBTASK_TASK,
+    CANCEL_TASK,
+    RELAY_TASK,
+    RESPOND_TASK,
+    RESUME_TASK,
+    RETRY_TASK,
+    START_TASK,
+    STEP_TASK,
+    SUBTASK_TASK,
+)
 from chassis.coordinator import ResponseReceived
-from chassis.errors import InvalidTransition
+from chassis.errors import InvalidTransition, StepAttemptFailed
 from chassis.runtime import engine, relay_outbox
 from chassis.store.db import dispose_engines
 from tasks.celery_app import app
 
 log = logging.getLogger(__name__)
 
+#: An attempt whose action raised is reported as this, after it is recorded: Celery
+#: logs it without a traceback and Flower shows FAILURE (RETRY when another follows).
+_ATTEMPT = {"bind": True, "throws": (StepAttemptFailed,)}
 
-@app.task(name="chassis.step", bind=True)
+
+@app.task(name=STEP_TASK, **_ATTEMPT)
 def step(self: Task, payload: dict[str, Any]) -> None:
-    """Run one step's action, record its outcome, dispatch what comes next."""
-    engine(app).run_step(payload, self.request.id)
+    """Run one attempt of a step, record its outcome, dispatch what comes next."""
+    engine(app).run_step(payload, self.request.id).report()
 
 
-@app.task(name="chassis.ai_step", bind=True)
+@app.task(name=AI_STEP_TASK, **_ATTEMPT)
 def ai_step(self: Task, payload: dict[str, Any]) -> None:
     """``chassis.step`` for an AI action, on the chassis.ai queue; its own name carries
     the AI rate limit (CHASSIS_AI_RATE_LIMIT)."""
-    engine(app).run_step(payload, self.request.id)
+    engine(app).run_step(payload, self.request.id).report()
 
 
-@app.task(name="chassis.subtask", bind=True, ignore_result=False)
-def subtask(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one fan-out sub-task; its result goes to the chord callback."""
-    return engine(app).run_subtask(payload, self.request.id)
+@app.task(name=SUBTASK_TASK, **_ATTEMPT)
+def subtask(self: Task, payload: dict[str, Any]) -> None:
+    """Run one attempt of a fan-out sub-task; the last one to succeed fans in."""
+    engine(app).run_step(payload, self.request.id).report()
 
 
-@app.task(name="chassis.ai_subtask", bind=True, ignore_result=False)
-def ai_subtask(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+@app.task(name=AI_SUBTASK_TASK, **_ATTEMPT)
+def ai_subtask(self: Task, payload: dict[str, Any]) -> None:
     """``chassis.subtask`` for an AI action (rate-limited like ``chassis.ai_step``)."""
-    return engine(app).run_subtask(payload, self.request.id)
+    engine(app).run_step(payload, self.request.id).report()
 
 
-@app.task(name="chassis.join")
-def join(results: list[dict[str, Any]], correlation_id: str, step: str) -> None:
-    """Chord callback: record every sub-task's output and continue the workflow."""
-    engine(app).join(correlation_id, step, results)
+@app.task(name=CANCEL_TASK)
+def cancel(correlation_id: str, reason: str | None = None) -> None:
+    """Cancel a workflow (sent by other apps and the Kafka bridge). Cancelling one that
+    has already finished changes nothing and is not an error here."""
+    try:
+        engine(app).cancel(correlation_id, reason)
+    except InvalidTransition as exc:
+        log.info("cancel ignored: %s", exc, extra={"correlation_id": correlation_id})
 
 
-@app.task(name="chassis.fanout")
-def fanout(correlation_id: str, step: str) -> None:
-    """Send the chord of a fan-out that an app decided (apps don't build chords)."""
-    engine(app).fan_out(correlation_id, step)
+@app.task(name=RETRY_TASK)
+def retry(correlation_id: str) -> None:
+    """Retry a FAILED workflow from its failed step (sent by other apps)."""
+    try:
+        engine(app).retry(correlation_id)
+    except InvalidTransition as exc:
+        log.info("retry ignored: %s", exc, extra={"correlation_id": correlation_id})
 
 
-@app.task(name="chassis.resume")
+@app.task(name=RESUME_TASK)
 def resume(correlation_id: str, approved: bool, feedback: Any = None) -> None:
     """Resume a paused workflow (sent by other apps and the Kafka bridge). A resume of a
     workflow no longer paused (a duplicate command) changes nothing and is not an error."""
@@ -65,20 +88,20 @@ def resume(correlation_id: str, approved: bool, feedback: Any = None) -> None:
         log.info("resume ignored: %s", exc, extra={"correlation_id": correlation_id})
 
 
-@app.task(name="chassis.start")
+@app.task(name=START_TASK)
 def start(payload: dict[str, Any]) -> str:
     """Start a registered plan for a Kafka start request (idempotent by correlation_id)."""
     return runtime.client(app).start_request(payload)
 
 
-@app.task(name="chassis.respond")
+@app.task(name=RESPOND_TASK)
 def respond(correlation_id: str, request_id: str, success: bool, data: Any = None,
             error: str | None = None) -> None:
     """An external agent's TaskResponse to request ``request_id`` (its causation_id)."""
     engine(app).apply(correlation_id, ResponseReceived(request_id, success, data, error))
 
 
-@app.task(name="chassis.relay")
+@app.task(name=RELAY_TASK)
 def relay() -> int:
     """Publish the outbox to Kafka (beat's fallback for `chassis relay`)."""
     return relay_outbox()

@@ -70,9 +70,9 @@ def metrics_command(port: int | None, host: str) -> None:
 @main.command("sweep")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def sweep_command(as_json: bool) -> None:
-    """Run the stuck-step sweep once, now (beat sends chassis.sweep every
-    CHASSIS_SWEEP_INTERVAL seconds): steps stuck past CHASSIS_STEP_TIMEOUT are sent
-    again or, out of attempts, fail their workflow."""
+    """Run the sweep once, now (beat sends chassis.sweep every CHASSIS_SWEEP_INTERVAL
+    seconds): retries that are due are sent, attempts past their timeout fail, attempts
+    of lost workers and lost messages are sent again, forgotten fan-ins are collected."""
     from chassis.api import Client
     from chassis.sweep import Sweeper
 
@@ -82,15 +82,20 @@ def sweep_command(as_json: bool) -> None:
     except ChassisError as exc:
         fail(str(exc))
     if as_json:
-        print_json({**report.counts(), "redispatched_steps": report.redispatched,
-                    "failed_steps": report.failed})
+        print_json({**report.counts(), "attempts": {
+            "sent_due": report.sent_due, "timed_out": report.timed_out,
+            "resent": report.resent, "lost": report.lost, "fanned_in": report.fanned_in,
+            "failed": report.failed}})
         return
     if report.locked_out:
         click.echo("another sweep is running: nothing done")
         return
-    click.echo(f"{len(report.redispatched)} stuck step(s) dispatched again, "
-               f"{len(report.failed)} workflow(s) failed")
-    for name in report.redispatched:
-        click.echo(f"  dispatched again: {name}")
-    for name in report.failed:
-        click.echo(f"  failed: {name}")
+    click.echo(f"{len(report.sent_due)} retry(ies) sent, {len(report.timed_out)} attempt(s) "
+               f"timed out, {len(report.resent)} sent again, {len(report.lost)} failed by "
+               f"lost workers, {len(report.fanned_in)} fan-in(s) collected, "
+               f"{len(report.failed)} workflow(s) failed waiting")
+    for label, names in (("retry sent", report.sent_due), ("timed out", report.timed_out),
+                         ("sent again", report.resent), ("worker lost", report.lost),
+                         ("fanned in", report.fanned_in), ("failed", report.failed)):
+        for name in names:
+            click.echo(f"  {label}: {name}")

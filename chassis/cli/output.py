@@ -13,7 +13,7 @@ from rich.table import Table
 
 _STYLE = {"COMPLETED": "green", "FAILED": "red", "PAUSED_FOR_HUMAN_INPUT": "yellow",
           "RUNNING": "cyan", "AWAITING_RESPONSES": "cyan", "AWAITING": "cyan",
-          "DISPATCHED": "dim", "RUNNING_STEP": "cyan"}
+          "DISPATCHED": "dim", "SCHEDULED": "yellow", "CANCELLED": "magenta"}
 
 
 def console(err: bool = False) -> Console:
@@ -63,6 +63,8 @@ def print_status(doc: dict[str, Any]) -> None:
     head.add_row("client", doc["client_id"])
     head.add_row("status", _styled(doc["status"]))
     head.add_row("current step", doc["current_step"] or "-")
+    if doc.get("waiting_for"):
+        head.add_row("waiting for", escape(doc["waiting_for"]))
     head.add_row("fuel", f"{fuel['spent']} spent of {fuel['budget']} "
                          f"({fuel['remaining']} remaining)")
     if doc["error"]:
@@ -70,12 +72,16 @@ def print_status(doc: dict[str, Any]) -> None:
     out.print(head)
     if doc["steps"]:
         t = Table(title="steps", title_justify="left")
-        for col in ("step", "action", "status", "attempts", "started", "duration"):
+        for col in ("step", "action", "status", "attempts", "started", "duration",
+                    "last error"):
             t.add_column(col)
         for s in doc["steps"]:
             name = f"  {s['name']}" if s["parent_step"] else s["name"]
-            t.add_row(name, s["action"], _styled(s["status"]), str(s["attempts"]),
-                      _time(s["started_at"]), _duration(s["started_at"], s["finished_at"]))
+            tries = str(s["attempts"]) + (f"/{s['max_attempts']}"
+                                          if (s.get("max_attempts") or 1) > 1 else "")
+            t.add_row(name, s["action"], _styled(s["status"]), tries,
+                      _time(s["started_at"]), _duration(s["started_at"], s["finished_at"]),
+                      escape((s["error"] or "")[:80]))
         out.print(t)
     if doc["status"] == "COMPLETED" and doc["final_result"] is not None:
         out.print("final result: " + json.dumps(doc["final_result"], default=str)[:2000],
@@ -118,12 +124,14 @@ class ProgressPrinter:
 
     def __call__(self, doc: dict[str, Any]) -> None:
         for s in doc["steps"]:
-            if self.seen.get(s["name"]) != s["status"]:
-                self.seen[s["name"]] = s["status"]
+            seen = f"{s['status']}#{s['attempts']}"
+            if self.seen.get(s["name"]) != seen:
+                self.seen[s["name"]] = seen
                 indent = "    " if s["parent_step"] else "  "
                 extra = f" ({escape(s['error'])})" if s["error"] else ""
+                attempt = f" attempt {s['attempts']}" if s["attempts"] > 1 else ""
                 self.out.print(f"{indent}{s['name']:<24} {s['action']:<32} "
-                               f"{_styled(s['status'])}{extra}")
+                               f"{_styled(s['status'])}{attempt}{extra}")
         if doc["status"] != self.status:
             self.status = doc["status"]
             self.out.print(f"workflow {_styled(doc['status'])}"

@@ -1,4 +1,11 @@
-"""chassis run | status | resume | ledger | list | demo."""
+"""chassis run | status | resume | cancel | retry | ledger | list | demo.
+
+Exit codes: 0 done (with --wait: the workflow is not FAILED); 1 the workflow FAILED,
+or an operation was refused for the workflow's state (unknown id, not paused, already
+finished) and nothing changed; 2 bad input, nothing written; 3 a service (database or
+broker) is unreachable: the message says whether the request was recorded (then it
+goes on by itself once the service is back, and repeating the command is safe).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from chassis import config
+from chassis import config, infra
 from chassis.ai import provider_note
 from chassis.api import DEFAULT_FUEL, Client
 from chassis.cli.base import main
@@ -25,8 +32,12 @@ from chassis.cli.output import (
     print_list,
     print_status,
 )
-from chassis.errors import ChassisError, InputError, PlanError
+from chassis.errors import ChassisError, InputError, PlanError, ServiceUnavailable
 from chassis.state import SETTLED, Status
+from chassis.store.db import mask_url
+
+#: Exit code when the database or the broker cannot be reached.
+EXIT_UNAVAILABLE = 3
 
 DEMO_PLAN = Path(__file__).resolve().parent.parent / "examples" / "blog_post.yaml"
 DEMO_INPUT = {"topic": "durable AI-agent workflows on Celery", "audience": "platform teams"}
@@ -52,11 +63,15 @@ def _parse_json_arg(value: str | None, what: str) -> Any:
 
 @contextmanager
 def _in_process_worker() -> Iterator[None]:
-    """A real Celery worker of the `tasks` app, in this process."""
+    """A real Celery worker of the `tasks` app, in this process, and the sweep."""
+    from chassis import runtime
     from chassis.embedded import embedded_worker
+    from chassis.sweep import Sweeper
     from tasks import app
 
-    with embedded_worker(app):
+    settings = config.load()
+    sweeper = Sweeper(runtime.engine(app), settings)
+    with embedded_worker(app, sweep=sweeper.sweep, sweep_interval=settings.sweep_interval):
         yield
 
 
@@ -76,7 +91,10 @@ def _client(embedded_upgrade: bool = True) -> Client:
     return Client(settings)
 
 
-def _run_guarded(fn: Callable[[], int | None]) -> None:
+def _run_guarded(fn: Callable[[], int | None], hint: Callable[[str], str] | None = None) -> None:
+    """Run a command body: refusals and unreachable services are one line on stderr
+    and an exit code (see the module's docstring), never a traceback. ``hint``: what to
+    add when the request was recorded but the broker is unreachable."""
     try:
         code = fn()
     except PlanError as exc:
@@ -85,8 +103,19 @@ def _run_guarded(fn: Callable[[], int | None]) -> None:
         sys.exit(2)
     except InputError as exc:
         fail(str(exc), code=2)
+    except ServiceUnavailable as exc:
+        extra = hint(exc.correlation_id) if hint and exc.recorded and exc.correlation_id else ""
+        fail(str(exc) + extra, code=EXIT_UNAVAILABLE)
     except ChassisError as exc:
         fail(str(exc))
+    except Exception as exc:
+        if not infra.is_infrastructure_error(exc):
+            raise
+        settings = config.load()
+        where = (f"the database at {mask_url(settings.database_url)}"
+                 if infra.is_database_error(exc) else f"the broker at {settings.broker_url}")
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        fail(f"cannot reach {where}: {reason}", code=EXIT_UNAVAILABLE)
     sys.exit(code or 0)
 
 
@@ -144,14 +173,18 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
             print_status(doc)
         return _exit_code(doc)
 
-    _run_guarded(go)
+    def hint(cid: str) -> str:
+        return "" if correlation_id else f" (to repeat it: --correlation-id {cid})"
+
+    _run_guarded(go, hint)
 
 
 @main.command()
 @click.argument("correlation_id")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(correlation_id: str, as_json: bool) -> None:
-    """Show a workflow: status, current step, fuel, every step run."""
+    """Show a workflow: status, where it waits, fuel, and every step with its attempts
+    and last error (--json: every attempt too)."""
     def go() -> int:
         doc = _client().status(correlation_id)
         print_json(doc) if as_json else print_status(doc)
@@ -172,7 +205,7 @@ def resume(correlation_id: str, decision: str | None, feedback: str | None, wait
     """Resume a workflow paused for human input (--approve or --reject).
 
     Resuming an unknown workflow, or one that is not paused, is an error that changes
-    nothing.
+    nothing; the same answer again, once recorded, is reported as such (exit 0).
     """
     if decision is None:
         raise click.UsageError("say --approve or --reject")
@@ -182,6 +215,9 @@ def resume(correlation_id: str, decision: str | None, feedback: str | None, wait
         client = _client()
         with _worker_if_embedded(client, wait):
             doc = client.resume(correlation_id, decision == "approve", fb)
+            if doc.get("resume") == "already recorded" and not as_json:
+                console().print(f"{'approval' if decision == 'approve' else 'rejection'} "
+                                f"already recorded for workflow {doc['correlation_id']}")
             if wait:
                 doc = client.wait(doc["correlation_id"],
                                   on_change=None if as_json else ProgressPrinter())
@@ -193,9 +229,52 @@ def resume(correlation_id: str, decision: str | None, feedback: str | None, wait
 
 @main.command()
 @click.argument("correlation_id")
+@click.option("--reason", metavar="TEXT", help="Why (kept with the workflow and the event).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cancel(correlation_id: str, reason: str | None, as_json: bool) -> None:
+    """Cancel a workflow that has not finished: in-flight steps are revoked (terminated
+    on the prefork pool), late results ignored, status CANCELLED, and a
+    WORKFLOW_CANCELLED event is written to the outbox.
+
+    Cancelling an unknown or finished workflow is an error that changes nothing.
+    """
+    def go() -> int:
+        doc = _client().cancel(correlation_id, reason)
+        print_json(doc) if as_json else print_status(doc)
+        return 0
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.argument("correlation_id")
+@click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def retry(correlation_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Retry a FAILED workflow from its failed step (or failed sub-tasks) with fresh
+    attempts, keeping every completed output and the ledger.
+
+    Retrying a workflow that is not FAILED is an error that changes nothing.
+    """
+    def go() -> int:
+        client = _client()
+        with _worker_if_embedded(client, wait):
+            doc = client.retry(correlation_id)
+            if wait:
+                doc = client.wait(doc["correlation_id"], timeout=timeout,
+                                  on_change=None if as_json else ProgressPrinter())
+        print_json(doc) if as_json else print_status(doc)
+        return _exit_code(doc)
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.argument("correlation_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def ledger(correlation_id: str, as_json: bool) -> None:
-    """Show a workflow's fuel ledger: one debit per step."""
+    """Show a workflow's fuel ledger: one debit per attempt of a step."""
     def go() -> int:
         client = _client()
         entries = client.ledger(correlation_id)

@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from chassis.celery_conf import celery_settings
 from chassis.config import Settings
-from chassis.coordinator import RESUME_TOPIC
+from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import PlanNotFound
 from chassis.kafka import clients
 from chassis.kafka.publish import TaskPublisher
@@ -130,7 +130,7 @@ class Bridge:
         """The DLQ, the resume topic and every registered plan's start topic."""
         names = [f"system.agent.{n}.process" for n in self.directory.plan_names()]
         clients.ensure_topics(self.bootstrap,
-                              [self.settings.kafka_dlq_topic, RESUME_TOPIC, *names])
+                              [self.settings.kafka_dlq_topic, RESUME_TOPIC, CANCEL_TOPIC, *names])
         self._topics_checked = time.monotonic()
 
     def run(self, stop: threading.Event | None = None,

@@ -10,6 +10,8 @@ topic                              task                 value / headers
 =================================  ===================  ===============================
 system.commands.workflow.resume    chassis.resume       {approved, feedback};
                                                         correlation_id, client_id
+system.commands.workflow.cancel    chassis.cancel       {reason} or empty;
+                                                        correlation_id, client_id
 system.agent.<plan>.process        chassis.start        initial request data; correlation_id
                                                         (or request_id), client_id,
                                                         [project_id, fuel_budget, plan]
@@ -28,15 +30,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from chassis.celery_conf import CANCEL_TASK, RESPOND_TASK, RESUME_TASK, START_TASK
 from chassis.config import Settings
-from chassis.coordinator import RESUME_TOPIC
+from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import InputError
 from chassis.fuel import FUEL_HEADER
 from chassis.registry import parse_ref
-
-START_TASK = "chassis.start"
-RESPOND_TASK = "chassis.respond"
-RESUME_TASK = "chassis.resume"
 
 START_PATTERN = r"^system\.agent\.(?P<type>.+)\.process$"
 #: Namespace of the correlation_id derived from a start request's request_id.
@@ -210,6 +209,23 @@ def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
                     correlation_id=cid)
 
 
+def parse_cancel(msg: Incoming, d: Directory) -> TaskCall:
+    """Cancel a workflow: an empty value or {reason}; only the owning client may."""
+    doc = _json(msg.value, "the cancel command")
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise Rejected(BAD_PAYLOAD, "the cancel command must be empty or a JSON object "
+                                    "{\"reason\": \"...\"}")
+    reason = doc.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+        raise Rejected(BAD_PAYLOAD, "reason must be a text of at most 1000 characters")
+    cid = _uuid_header(msg, "correlation_id")
+    client_id = _header(msg, "client_id")
+    _owned(msg, d, cid, client_id)
+    return TaskCall(CANCEL_TASK, [cid, reason or None], correlation_id=cid)
+
+
 def parse_response(msg: Incoming, d: Directory) -> TaskCall:
     """An external agent's TaskResponse; causation_id is the request it answers. A
     client_id header, when present, must be the workflow's owner."""
@@ -237,6 +253,7 @@ def routes(settings: Settings) -> tuple[Route, ...]:
     """The routing table, first match wins."""
     return (
         Route("resume", f"^{re.escape(RESUME_TOPIC)}$", RESUME_TASK, parse_resume),
+        Route("cancel", f"^{re.escape(CANCEL_TOPIC)}$", CANCEL_TASK, parse_cancel),
         Route("start", START_PATTERN, START_TASK, parse_start),
         Route("response", _anchored(settings.kafka_response_pattern), RESPOND_TASK,
               parse_response),

@@ -20,12 +20,12 @@ _STATE = """s AS (
   UPDATE orchestrator_state SET status = %(status)s, current_step = %(current_step)s,
     awaited_steps = %(awaited_steps)s, collected_data = %(collected_data)s,
     final_result = %(final_result)s, error = %(error)s, fuel_spent = %(fuel_spent)s,
-    version = %(version)s, updated_at = %(updated_at)s
+    attempts = %(attempts)s, version = %(version)s, updated_at = %(updated_at)s
   WHERE correlation_id = %(cid)s AND version = %(b_version)s
   RETURNING correlation_id)"""
 
 _JSON_COLUMNS = ("awaited_steps", "collected_data", "initial_request_data", "final_result",
-                 "plan")
+                 "plan", "attempts")
 _NEW = """s AS (
   INSERT INTO orchestrator_state ({columns}) VALUES ({values})
   ON CONFLICT (correlation_id) DO NOTHING
@@ -38,23 +38,32 @@ _PARTS: dict[str, str] = {
     x.created_at
   FROM s, jsonb_to_recordset(%(ledger)s) AS x(client_id text, step_name text, action text,
     amount int, idempotency_key text, created_at timestamptz)""",
-    "runs": """INSERT INTO step_runs (correlation_id, step_name, parent_step, action, status,
-    attempts, request_id, dispatched_at, started_at, finished_at)
-  SELECT s.correlation_id, x.step_name, x.parent_step, x.action, x.status, x.attempts,
-    x.request_id, x.dispatched_at, x.started_at, x.finished_at
-  FROM s, jsonb_to_recordset(%(runs)s) AS x(step_name text, parent_step text, action text,
-    status text, attempts int, request_id text, dispatched_at timestamptz,
-    started_at timestamptz, finished_at timestamptz)""",
+    "runs": """INSERT INTO step_runs (correlation_id, step_name, attempt, parent_step, action,
+    status, request_id, dispatched_at, started_at, finished_at, due_at, sent_at, deadline,
+    pending, output, error, error_type)
+  SELECT s.correlation_id, x.step_name, x.attempt, x.parent_step, x.action, x.status,
+    x.request_id, x.dispatched_at, x.started_at, x.finished_at, x.due_at, x.sent_at,
+    x.deadline, x.pending, x.output, x.error, x.error_type
+  FROM s, jsonb_to_recordset(%(runs)s) AS x(step_name text, attempt int, parent_step text,
+    action text, status text, request_id text, dispatched_at timestamptz,
+    started_at timestamptz, finished_at timestamptz, due_at timestamptz,
+    sent_at timestamptz, deadline timestamptz, pending int, output jsonb, error text,
+    error_type text)""",
     "usage": """UPDATE fuel_ledger l SET usage = x.usage
   FROM s, jsonb_to_recordset(%(usage)s) AS x(b_key text, usage jsonb)
   WHERE l.idempotency_key = x.b_key""",
+    "sent": """UPDATE step_runs r SET status = x.status, sent_at = x.sent_at,
+    deadline = x.deadline
+  FROM s, jsonb_to_recordset(%(sent)s) AS x(b_step text, b_attempt int, status text,
+    sent_at timestamptz, deadline timestamptz)
+  WHERE r.correlation_id = s.correlation_id AND r.step_name = x.b_step
+    AND r.attempt = x.b_attempt""",
     "finished": """UPDATE step_runs r SET status = x.status, output = x.output,
-    error = x.error, finished_at = x.finished_at,
-    started_at = coalesce(x.b_started, r.started_at),
-    attempts = CASE WHEN r.attempts = 0 THEN 1 ELSE r.attempts END
-  FROM s, jsonb_to_recordset(%(finished)s) AS x(b_step text, status text, output jsonb,
-    error text, finished_at timestamptz, b_started timestamptz)
-  WHERE r.correlation_id = s.correlation_id AND r.step_name = x.b_step""",
+    error = x.error, error_type = x.error_type, finished_at = x.finished_at
+  FROM s, jsonb_to_recordset(%(finished)s) AS x(b_step text, b_attempt int, status text,
+    output jsonb, error text, error_type text, finished_at timestamptz)
+  WHERE r.correlation_id = s.correlation_id AND r.step_name = x.b_step
+    AND r.attempt = x.b_attempt AND r.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')""",
     "messages": """INSERT INTO outbox (correlation_id, topic, key, headers, payload, dedup_key,
     created_at)
   SELECT s.correlation_id, x.topic, x.key, x.headers, x.payload, x.dedup_key, x.created_at

@@ -1,40 +1,56 @@
-"""The rows a decision's commands call for: ledger debits, step runs, finished steps,
-token usage and outbox messages. Computed once, written by either writer."""
+"""The rows a decision's commands call for: ledger debits, attempt rows (new, sent,
+finished), token usage and outbox messages. Computed once, written by either writer
+(:mod:`chassis.store.sql` on any database, :mod:`chassis.store.pg` in one statement)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from chassis import coordinator as co
-from chassis.plan import FAN_OUT
+from chassis import commands as cmd
 from chassis.state import StepStatus, WorkflowState
 
 Row = dict[str, Any]
+
+#: Columns of a new attempt row (both writers insert exactly these).
+RUN_COLUMNS = ("correlation_id", "step_name", "attempt", "parent_step", "action", "status",
+               "request_id", "dispatched_at", "started_at", "finished_at", "due_at",
+               "sent_at", "deadline", "pending", "output", "error", "error_type")
 
 
 @dataclass
 class Rows:
     ledger: list[Row] = field(default_factory=list)
     runs: list[Row] = field(default_factory=list)
+    """New attempt rows."""
+    sent: list[Row] = field(default_factory=list)
+    """A SCHEDULED attempt sent now: b_step, b_attempt, status, sent_at, deadline."""
     finished: list[Row] = field(default_factory=list)
+    """An attempt's outcome, unless it has one already: b_step, b_attempt, status,
+    output, error, error_type, finished_at."""
     usage: list[Row] = field(default_factory=list)
     messages: list[Row] = field(default_factory=list)
 
 
-def rows_for(s: WorkflowState, commands: Sequence[co.Command], ts: datetime) -> Rows:
+def _later(ts: datetime, seconds: float | None) -> datetime | None:
+    return None if seconds is None else ts + timedelta(seconds=seconds)
+
+
+def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) -> Rows:
     cid = s.correlation_id
     out = Rows()
+    new: dict[tuple[str, int], Row] = {}
 
-    def run(step: str, action: str, status: StepStatus, rid: str | None,
-            parent: str | None = None, attempts: int = 0, started: datetime | None = None,
-            finished: datetime | None = None) -> None:
-        out.runs.append({"correlation_id": cid, "step_name": step, "parent_step": parent,
-                         "action": action, "status": status.value, "attempts": attempts,
-                         "request_id": rid, "dispatched_at": ts, "started_at": started,
-                         "finished_at": finished})
+    def run(step: str, attempt: int, action: str, status: StepStatus, rid: str | None,
+            parent: str | None = None, **values: Any) -> None:
+        row = dict.fromkeys(RUN_COLUMNS)
+        row.update(correlation_id=cid, step_name=step, attempt=attempt, parent_step=parent,
+                   action=action, status=status.value, request_id=rid, dispatched_at=ts,
+                   **values)
+        new[(step, attempt)] = row
+        out.runs.append(row)
 
     def message(topic: str, key: str, headers: dict[str, str], payload: Any,
                 dedup: str) -> None:
@@ -42,37 +58,53 @@ def rows_for(s: WorkflowState, commands: Sequence[co.Command], ts: datetime) -> 
                              "headers": headers, "payload": payload, "dedup_key": dedup,
                              "created_at": ts})
 
-    # a fan_out step itself: one row, awaiting until its sub-tasks are in
-    parents = {c.step for c in commands if isinstance(c, co.RunFanOut)}
-    parents |= {c.parent_step for c in commands
-                if isinstance(c, co.SendRequest) and c.parent_step}
-    for parent in sorted(parents):
-        run(parent, FAN_OUT, StepStatus.AWAITING, None, attempts=1, started=ts)
+    def dispatched(c: cmd.RunStep) -> None:
+        due = _later(ts, c.delay) if c.delay else None
+        if c.scheduled:
+            out.sent.append({"b_step": c.step, "b_attempt": c.attempt,
+                             "status": StepStatus.DISPATCHED.value, "sent_at": ts,
+                             "deadline": None})
+        else:
+            run(c.step, c.attempt, c.action, StepStatus.DISPATCHED, c.request_id,
+                c.parent_step, due_at=due, sent_at=due or ts)
+
     for c in commands:
-        if isinstance(c, co.Debit):
+        if isinstance(c, cmd.Debit):
             out.ledger.append({"correlation_id": cid, "client_id": s.client_id,
                                "step_name": c.step, "action": c.action, "amount": c.amount,
-                               "idempotency_key": f"{cid}:{c.step}", "created_at": ts})
-        elif isinstance(c, co.RunStep):
-            run(c.step, c.action, StepStatus.DISPATCHED, c.request_id, c.parent_step)
-        elif isinstance(c, co.RunFanOut):
+                               "idempotency_key": c.key, "created_at": ts})
+        elif isinstance(c, cmd.RunStep):
+            dispatched(c)
+        elif isinstance(c, cmd.RunFanOut):
             for t in c.subtasks:
-                run(t.step, t.action, StepStatus.DISPATCHED, t.request_id, c.step)
-        elif isinstance(c, co.SendRequest):
-            run(c.step, c.action, StepStatus.AWAITING, c.request_id, c.parent_step)
-            message(c.topic, cid, c.headers, c.payload, f"{cid}:request:{c.step}")
-        elif isinstance(c, co.Emit):
+                dispatched(t)
+        elif isinstance(c, cmd.ScheduleStep):
+            run(c.step, c.attempt, c.action, StepStatus.SCHEDULED, c.request_id,
+                c.parent_step, due_at=_later(ts, c.delay))
+        elif isinstance(c, cmd.SendRequest):
+            deadline = _later(ts, c.timeout)
+            if c.scheduled:
+                out.sent.append({"b_step": c.step, "b_attempt": c.attempt,
+                                 "status": StepStatus.AWAITING.value, "sent_at": ts,
+                                 "deadline": deadline})
+            else:
+                run(c.step, c.attempt, c.action, StepStatus.AWAITING, c.request_id,
+                    c.parent_step, sent_at=ts, deadline=deadline)
+            message(c.topic, cid, c.headers, c.payload, c.dedup_key)
+        elif isinstance(c, cmd.Emit):
             message(c.topic, c.key, c.headers, c.payload, c.dedup_key)
-        elif isinstance(c, co.RecordStep):
-            done = c.status in (StepStatus.COMPLETED, StepStatus.FAILED)
-            run(c.step, c.action, c.status, None, attempts=1, started=ts,
-                finished=ts if done else None)
-        elif isinstance(c, co.FinishStep):
-            out.finished.append({
-                "b_cid": cid, "b_step": c.step, "status": c.status.value, "output": c.output,
-                "error": c.error, "finished_at": ts,
-                "b_started": datetime.fromisoformat(c.started_at) if c.started_at else None})
-            if isinstance(c.output, dict) and "usage" in c.output:
-                # token usage is kept with the step's debit, to price by tokens later
-                out.usage.append({"b_key": f"{cid}:{c.step}", "usage": c.output["usage"]})
+        elif isinstance(c, cmd.RecordStep):
+            done = c.status.finished
+            run(c.step, c.attempt, c.action, c.status, None, started_at=ts,
+                finished_at=ts if done else None, pending=c.pending)
+        elif isinstance(c, cmd.FinishStep):
+            outcome = {"status": c.status.value, "output": c.output, "error": c.error,
+                       "error_type": c.error_type, "finished_at": ts}
+            row = new.get((c.step, c.attempt))
+            if row is not None:  # written in this same transition: one insert
+                row.update({k: v for k, v in outcome.items() if k in row})
+                continue
+            out.finished.append({"b_step": c.step, "b_attempt": c.attempt, **outcome})
+        elif isinstance(c, cmd.Usage):
+            out.usage.append({"b_key": c.key, "usage": c.usage})
     return out

@@ -8,19 +8,21 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from chassis import coordinator as co
+from chassis import commands as cmd
 from chassis.errors import WorkflowNotFound
 from chassis.plan import Plan, parse_plan, plan_to_dict
-from chassis.state import Status, StepStatus, WorkflowState
+from chassis.state import Status, WorkflowState
+from chassis.store import attempts as at
 from chassis.store import pg
 from chassis.store.rows import rows_for
-from chassis.store.tables import TS, fuel_ledger, orchestrator_state, outbox, step_runs
+from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,17 @@ _MAX_RETRIES = 20
 
 class StaleState(Exception):
     """The state changed under us (its version moved): re-read and decide again."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery took an attempt: the row, how many times the attempt has been started
+    (1, or more after a lost worker), and on PostgreSQL the workflow's state read in
+    the same round trip."""
+
+    row_id: int
+    deliveries: int
+    state: WorkflowState | None = None
 
 
 def now() -> datetime:
@@ -65,23 +78,15 @@ def _row_to_state(row: Any) -> WorkflowState:
         initial_request_data=m["initial_request_data"], final_result=m["final_result"],
         error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
         request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
-        updated_at=m["updated_at"])
+        updated_at=m["updated_at"], attempts=dict(m["attempts"] or {}))
 
 
 def _state_values(s: WorkflowState) -> dict[str, Any]:
     return {"status": s.status.value, "current_step": s.current_step,
             "awaited_steps": s.awaited_steps, "collected_data": s.collected_data,
-            "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent}
+            "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent,
+            "attempts": s.attempts}
 
-
-_CLAIM = (
-    step_runs.update()
-    .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
-           step_runs.c.step_name == sa.bindparam("b_step"),
-           step_runs.c.status.in_([StepStatus.DISPATCHED, StepStatus.RUNNING]))
-    .values(status=StepStatus.RUNNING, attempts=step_runs.c.attempts + 1,
-            started_at=sa.bindparam("b_started"), task_id=sa.bindparam("b_task"))
-    .returning(step_runs.c.attempts))
 
 
 # The hot path's statements, built once (building them per call costs more than running)
@@ -98,19 +103,21 @@ _INSERT_OUTBOX = outbox.insert()
 _LEDGER_USAGE = (fuel_ledger.update()
                  .where(fuel_ledger.c.idempotency_key == sa.bindparam("b_key"))
                  .values(usage=sa.bindparam("usage")))
+_WHERE_ATTEMPT = (step_runs.c.correlation_id == sa.bindparam("b_cid"),
+                  step_runs.c.step_name == sa.bindparam("b_step"),
+                  step_runs.c.attempt == sa.bindparam("b_attempt"))
+_SENT = (step_runs.update().where(*_WHERE_ATTEMPT)
+         .values(status=sa.bindparam("status"), sent_at=sa.bindparam("sent_at"),
+                 deadline=sa.bindparam("deadline")))
 _FINISH = (
     step_runs.update()
-    .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
-           step_runs.c.step_name == sa.bindparam("b_step"))
+    .where(*_WHERE_ATTEMPT, step_runs.c.status.not_in(at.FINAL))
     .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
-            error=sa.bindparam("error"), finished_at=sa.bindparam("finished_at"),
-            # fan-out sub-tasks report their start with their result
-            started_at=sa.func.coalesce(sa.bindparam("b_started", type_=TS),
-                                        step_runs.c.started_at),
-            attempts=sa.case((step_runs.c.attempts == 0, 1), else_=step_runs.c.attempts)))
+            error=sa.bindparam("error"), error_type=sa.bindparam("error_type"),
+            finished_at=sa.bindparam("finished_at")))
 
-_CLAIMED = _CLAIM.cte("claimed")
-_CLAIM_AND_READ = (sa.select(_CLAIMED.c.attempts, *_STATE_COLS)
+_CLAIMED = at.CLAIM.cte("claimed")
+_CLAIM_AND_READ = (sa.select(_CLAIMED.c.id, _CLAIMED.c.deliveries, *_STATE_COLS)
                    .select_from(_CLAIMED.join(orchestrator_state, sa.true()))
                    .where(orchestrator_state.c.correlation_id == sa.bindparam("b_cid")))
 
@@ -129,7 +136,7 @@ class SqlStore:
 
     # ------------------------------------------------------------------ writing
 
-    def create(self, decision: co.Decision, plan: Plan, *, plan_name: str | None = None,
+    def create(self, decision: cmd.Decision, plan: Plan, *, plan_name: str | None = None,
                plan_version: int | None = None) -> bool:
         """Insert a new workflow with the outcome of its Start decision. False (and
         nothing written) when a workflow with this correlation_id already exists."""
@@ -159,33 +166,64 @@ class SqlStore:
         self._plans.put(s.correlation_id, plan)
         return True
 
-    def claim_step(self, cid: str, step: str, task_id: str | None) -> int | None:
-        """Mark a dispatched step as running; its attempt number, or None when the step
-        is already finished (a duplicate delivery: do nothing)."""
-        claim = self.claim(cid, step, task_id)
-        return None if claim is None else claim[0]
-
-    def claim(self, cid: str, step: str,
-              task_id: str | None) -> tuple[int, WorkflowState | None] | None:
-        """:meth:`claim_step`, and on PostgreSQL the workflow's state read in the same
-        round trip, for the transition that follows to start from (it is checked by its
-        version when written, so a state that moved meanwhile only costs a re-read).
+    def claim(self, cid: str, step: str, attempt: int, task_id: str | None, *,
+              lease: float, timeout: float) -> Claim | None:
+        """Mark an attempt RUNNING for this delivery, with a lease of ``lease`` seconds
+        and a deadline ``timeout`` seconds from now. None when the attempt is not to be
+        run here: it finished, it was cancelled, its workflow is not running, or another
+        delivery holds a live lease on it (a duplicate delivery: do nothing).
 
         The claim sends nothing, so on PostgreSQL it commits without waiting for the WAL
-        flush: the transition that follows flushes it. A claim lost in a database crash
-        only means the redelivered task claims again.
+        flush (the transition that follows flushes it) and reads the workflow's state in
+        the same round trip. A claim lost in a database crash only means the
+        redelivered task claims again.
         """
-        params = {"b_cid": cid, "b_step": step, "b_started": now(), "b_task": task_id}
+        ts = now()
+        params = {"b_cid": cid, "b_step": step, "b_attempt": attempt, "b_now": ts,
+                  "b_task": task_id, "b_lease": ts + timedelta(seconds=lease),
+                  "b_deadline": ts + timedelta(seconds=timeout)}
         if self._claims is not None:  # one round trip: autocommit, no flush wait
             with self._claims.connect() as conn:
                 row = conn.execute(_CLAIM_AND_READ, params).first()
-            return None if row is None else (int(row.attempts), _row_to_state(row))
+            return None if row is None else Claim(row.id, row.deliveries, _row_to_state(row))
         with self.engine.begin() as conn:
-            row = conn.execute(_CLAIM, params).first()
-        return None if row is None else (int(row[0]), None)
+            row = conn.execute(at.CLAIM, params).first()
+        return None if row is None else Claim(row.id, row.deliveries)
 
-    def transition(self, cid: str, decide: Callable[[WorkflowState, Plan], co.Decision],
-                   state: WorkflowState | None = None) -> co.Decision:
+    def record_subtask(self, cid: str, step: str, attempt: int,
+                       output: Any) -> tuple[bool, int | None]:
+        """A sub-task's success, recorded by itself: (recorded, Celery sub-tasks its
+        fan-out still waits for). Not recorded when the attempt is no longer RUNNING
+        (cancelled, timed out, abandoned: a late result). The count is None when the
+        fan-out is no longer waiting; at 0 or below, the caller applies the fan-in."""
+        params = {"b_cid": cid, "b_step": step, "b_attempt": attempt, "b_output": output,
+                  "b_now": now()}
+        db = self._claims or self.engine  # no flush wait: a lost record re-runs the sub-task
+        with db.begin() as conn:
+            parent = conn.execute(at.RECORD, params).scalar()
+            if parent is None:
+                return False, None
+            pending = conn.execute(at.COUNT_DOWN, {"b_cid": cid, "b_parent": parent}).scalar()
+        return True, pending
+
+    def completed_subtasks(self, cid: str, parent: str) -> dict[str, tuple[int, Any]]:
+        """Sub-tasks of fan-out ``parent`` that recorded success: name → (attempt, output)
+        of the latest such attempt."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(at.COMPLETED_SUBTASKS, {"b_cid": cid, "b_parent": parent})
+            return {row.step_name: (row.attempt, row.output) for row in rows}
+
+    def renew_leases(self, row_ids: Sequence[int], lease: float) -> int:
+        """Extend the leases of these RUNNING attempts (a worker's heartbeat)."""
+        if not row_ids:
+            return 0
+        db = self._claims or self.engine
+        with db.begin() as conn:
+            return conn.execute(at.RENEW, {"b_ids": list(row_ids),
+                                           "b_until": now() + timedelta(seconds=lease)}).rowcount
+
+    def transition(self, cid: str, decide: Callable[[WorkflowState, Plan], cmd.Decision],
+                   state: WorkflowState | None = None) -> cmd.Decision:
         """Read the workflow, decide, and write the outcome in one transaction; retried
         when another transition got there first. ``state``: a recent read to start from
         (PostgreSQL; its version guards the write)."""
@@ -206,8 +244,8 @@ class SqlStore:
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
                          f"{_MAX_RETRIES} tries")
 
-    def _transition_pg(self, cid: str, decide: Callable[[WorkflowState, Plan], co.Decision],
-                       known: WorkflowState | None) -> co.Decision:
+    def _transition_pg(self, cid: str, decide: Callable[[WorkflowState, Plan], cmd.Decision],
+                       known: WorkflowState | None) -> cmd.Decision:
         """Read (autocommit; skipped when the claim already read it), then every write
         in one statement."""
         with self.engine.connect() as conn:
@@ -238,7 +276,7 @@ class SqlStore:
             self._plans.put(cid, plan)
         return _row_to_state(row), plan
 
-    def _save(self, conn: sa.Connection, decision: co.Decision, version: int) -> None:
+    def _save(self, conn: sa.Connection, decision: cmd.Decision, version: int) -> None:
         s = decision.state
         ts = now()
         res = conn.execute(_SAVE, {**_state_values(s), "b_cid": s.correlation_id,
@@ -249,12 +287,15 @@ class SqlStore:
         s.version = version + 1
         self._apply(conn, s, decision.commands, ts)
 
-    def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[co.Command],
+    def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[cmd.Command],
                ts: datetime) -> None:
         """Write the rows the commands call for (sending happens after commit)."""
         rows = rows_for(s, commands, ts)
+        cid = {"b_cid": s.correlation_id}
         for stmt, params in ((_INSERT_LEDGER, rows.ledger), (_INSERT_RUNS, rows.runs),
-                             (_LEDGER_USAGE, rows.usage), (_FINISH, rows.finished),
+                             (_LEDGER_USAGE, rows.usage),
+                             (_SENT, [{**cid, **p} for p in rows.sent]),
+                             (_FINISH, [{**cid, **p} for p in rows.finished]),
                              (_INSERT_OUTBOX, rows.messages)):
             if params:
                 conn.execute(stmt, params)
@@ -291,6 +332,48 @@ class SqlStore:
             rows = conn.execute(sa.select(outbox).where(outbox.c.correlation_id == cid)
                                 .order_by(outbox.c.id)).all()
         return [dict(r._mapping) for r in rows]
+
+    # ------------------------------------------------------------------ the sweep
+
+    def due(self, limit: int) -> list[at.Stuck]:
+        """SCHEDULED attempts whose retry time has come."""
+        with self.engine.connect() as conn:
+            return at.due(conn, now(), limit)
+
+    def unclaimed(self, sent_before: datetime, limit: int) -> list[at.Stuck]:
+        """DISPATCHED attempts sent before ``sent_before`` that no worker started."""
+        with self.engine.connect() as conn:
+            return at.unclaimed(conn, sent_before, limit)
+
+    def lost(self, limit: int) -> list[at.Stuck]:
+        """RUNNING attempts whose lease expired: their worker is gone."""
+        with self.engine.connect() as conn:
+            return at.lost(conn, now(), limit)
+
+    def overdue(self, default_timeout: float, limit: int) -> list[at.Stuck]:
+        """Attempts past their deadline (an agent's request without one: past
+        ``default_timeout`` seconds)."""
+        ts = now()
+        with self.engine.connect() as conn:
+            return at.overdue(conn, ts, ts - timedelta(seconds=default_timeout), limit)
+
+    def waiting_fan_ins(self, unchanged_for: float, limit: int) -> list[tuple[str, str]]:
+        """(workflow, fan_out step) whose sub-tasks all succeeded but were never
+        collected, the workflow unchanged for ``unchanged_for`` seconds."""
+        with self.engine.connect() as conn:
+            return at.waiting_fan_ins(conn, now() - timedelta(seconds=unchanged_for), limit)
+
+    def stalled(self, unchanged_for: float, limit: int) -> list[tuple[str, str]]:
+        """(workflow, step) of RUNNING workflows awaiting nothing for ``unchanged_for``
+        seconds (dependencies that never came)."""
+        with self.engine.connect() as conn:
+            return at.stalled(conn, now() - timedelta(seconds=unchanged_for), limit)
+
+    def mark_resent(self, row: at.Stuck) -> bool:
+        """Record that the sweep sends ``row`` again, if it is still as it was seen;
+        False when another sweep (or the worker) got there first."""
+        with self.engine.begin() as conn:
+            return at.mark_resent(conn, row, now())
 
     def list(self, status: str | None = None, limit: int = 50) -> list[WorkflowState]:
         q = sa.select(*_STATE_COLS).order_by(orchestrator_state.c.created_at.desc()).limit(limit)

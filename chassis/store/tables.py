@@ -6,16 +6,37 @@ that the migrated schema matches this metadata.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """A timestamp with time zone, read back aware (UTC) on SQLite too, where the
+    column keeps no zone: timestamps read from any database compare with ``now()``."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None and dialect.name == "sqlite":
+            return value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
 #: JSON everywhere, JSONB on PostgreSQL.
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 #: The seed's correlation_id is a UUID; stored natively on PostgreSQL, as text on SQLite.
 UUIDType = sa.String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql")
-TS = sa.DateTime(timezone=True)
+TS = UtcDateTime()
 
 
 
@@ -56,11 +77,15 @@ orchestrator_state = sa.Table(
     sa.Column("fuel_budget", sa.Integer, nullable=False),
     sa.Column("fuel_spent", sa.Integer, nullable=False, server_default="0"),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    # 0003: attempts per step ([attempt, base, scheduled]; see WorkflowState.attempts)
+    sa.Column("attempts", JSONType),
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),
 )
 
+#: One row per attempt of a step or sub-task (the history: attempt number, started,
+#: finished, error), keyed by (workflow, step, attempt).
 step_runs = sa.Table(
     "step_runs",
     metadata,
@@ -70,7 +95,8 @@ step_runs = sa.Table(
     sa.Column("parent_step", sa.String(255)),
     sa.Column("action", sa.String(255), nullable=False),
     sa.Column("status", sa.String(50), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # times a worker started this attempt (more than 1 after a worker was lost)
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
     sa.Column("request_id", sa.String(255)),
     sa.Column("task_id", sa.String(255)),
     sa.Column("output", JSONType),
@@ -78,7 +104,17 @@ step_runs = sa.Table(
     sa.Column("dispatched_at", TS, nullable=False),
     sa.Column("started_at", TS),
     sa.Column("finished_at", TS),
-    sa.UniqueConstraint("correlation_id", "step_name", name="uq_step_runs_workflow_step"),
+    # 0003: attempts, retries, leases, timeouts
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("error_type", sa.String(255)),
+    sa.Column("due_at", TS),  # a retry's time (SCHEDULED, or a countdown)
+    sa.Column("sent_at", TS),  # last sent to the broker (or the agent)
+    sa.Column("sends", sa.Integer, nullable=False, server_default="0"),  # re-sends
+    sa.Column("lease_until", TS),  # RUNNING: renewed by the worker's heartbeat
+    sa.Column("deadline", TS),  # the attempt times out then
+    sa.Column("pending", sa.Integer),  # fan_out: Celery sub-tasks not yet succeeded
+    sa.UniqueConstraint("correlation_id", "step_name", "attempt",
+                        name="uq_step_runs_workflow_step_attempt"),
     sa.Index("idx_step_runs_status", "status"),
     sa.Index("idx_step_runs_request_id", "request_id"),
 )

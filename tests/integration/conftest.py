@@ -55,14 +55,31 @@ class Services:
     def client(self) -> Client:
         return Client(config.load(self.env))
 
-    def start_worker(self, concurrency: int = 2, queues: str | None = None) -> Worker:
+    def start_beat(self, **env: str) -> Worker:
+        """``celery -A tasks beat``: it sends the sweep every CHASSIS_SWEEP_INTERVAL."""
+        log = self.tmp / f"beat-{uuid.uuid4().hex[:8]}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
+               "-s", str(self.tmp / f"beat-{uuid.uuid4().hex[:8]}")]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env, **env},
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        beat = Worker(proc, log)
+        self.workers.append(beat)
+        wait_until(lambda: "beat: Starting" in beat.text() or proc.poll() is not None,
+                   timeout=60, message=f"beat did not start: {log}")
+        assert proc.poll() is None, beat.text()
+        return beat
+
+    def start_worker(self, concurrency: int = 2, queues: str | None = None,
+                     pool: str = "prefork", **env: str) -> Worker:
         name = f"test-{uuid.uuid4().hex[:8]}@localhost"
         log = self.tmp / f"{name.split('@')[0]}.log"
         cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
                "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
-               "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai"]
+               "-P", pool, "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai"]
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env},
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env, **env},
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         worker = Worker(proc, log)
@@ -83,7 +100,6 @@ def services(postgres_url: str, redis_url: str,
         "CHASSIS_BROKER_URL": redis_url,
         "CHASSIS_RESULT_BACKEND": redis_url,
         "CHASSIS_ACTION_MODULES": "tests.integration.user_actions",
-        "CHASSIS_VISIBILITY_TIMEOUT": "6",
         "CHASSIS_HOME": str(tmp / ".chassis"),
         "CHASSIS_TEST_COUNTER_URL": redis_url,
         "CHASSIS_AI_PROVIDER": "offline",  # never the real API from a developer's shell

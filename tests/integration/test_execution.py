@@ -108,7 +108,8 @@ def test_pause_notifies_then_approve_completes_with_feedback(client: Client,
     cid = client.start(PAUSING, None, client_id="acme", project_id="p1")
     doc = client.wait(cid, timeout=60)
     assert doc["status"] == "PAUSED_FOR_HUMAN_INPUT"
-    assert doc["current_step"] == "publish"
+    assert doc["current_step"] == "review"
+    assert doc["waiting_for"] == "a human's approval at step 'review'"
     notes = [m for m in client.store.outbox_for(cid)
              if m["payload"]["event_type"] == "WORKFLOW_PAUSED_FOR_APPROVAL"]
     assert len(notes) == 1
@@ -190,12 +191,14 @@ def test_same_task_delivered_twice_runs_once_and_debits_once(
     # deliver step b's task again, exactly as it was first sent (same id and payload)
     state = client.store.get(cid)
     payload = {"cid": cid, "step": "b", "action": "count", "params": {"key": key},
-               "data": {"input": None, "a": state.collected_data["a"]}, "parent": None}
+               "data": {"input": None, "a": state.collected_data["a"]}, "parent": None,
+               "attempt": 1, "timeout": None}
     rid = next(s for s in client.store.steps(cid) if s["step_name"] == "b")["request_id"]
     for _ in range(2):
         client.app.send_task("chassis.step", args=[payload], task_id=rid)
-    # and the fan-in callback of a finished chord, twice
-    client.app.send_task("chassis.join", args=[[{"step": "x", "output": {}}], cid, "a"])
+    # and the same as a sub-task of a fan-out it never had, twice
+    for _ in range(2):
+        client.app.send_task("chassis.subtask", args=[{**payload, "parent": "a"}])
     marker = client.start(linear(uuid.uuid4().hex), None, client_id="acme")
     assert client.wait(marker, timeout=60)["status"] == "COMPLETED"  # the queue drained
     wait_until(lambda: "duplicate delivery ignored" in worker.text(), timeout=30,
@@ -204,6 +207,7 @@ def test_same_task_delivered_twice_runs_once_and_debits_once(
     assert client.ledger(cid) == ledger_before
     after = client.status(cid)
     assert after["version"] == doc["version"]
-    assert next(s for s in after["steps"] if s["name"] == "b")["attempts"] == 1
+    b = next(s for s in after["steps"] if s["name"] == "b")
+    assert b["attempts"] == 1 and b["history"][0]["deliveries"] == 1
     assert count_rows(client, step_runs, cid) == 3
     assert count_rows(client, outbox, cid) == 1  # one completion event

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -11,11 +12,12 @@ from sqlalchemy.exc import IntegrityError
 
 from chassis import coordinator as co
 from chassis.errors import InvalidTransition, WorkflowNotFound
-from chassis.plan import Plan, Step, SubTask
+from chassis.plan import Plan, Step, SubTask, parse_plan
 from chassis.state import Status, WorkflowState
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
-from chassis.store.tables import fuel_ledger, orchestrator_state, outbox
+from chassis.store.sql import now
+from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,13 +62,125 @@ def test_create_is_idempotent_by_correlation_id(store: SqlStore) -> None:
     assert store.get_plan(cid) == PLAN
 
 
-def test_claim_counts_attempts_and_refuses_a_finished_step(store: SqlStore) -> None:
+def claim(store: SqlStore, cid: str, step: str = "a", attempt: int = 1,
+          lease: float = 30) -> int | None:
+    got = store.claim(cid, step, attempt, "t1", lease=lease, timeout=60)
+    return None if got is None else got.deliveries
+
+
+def run_row(store: SqlStore, cid: str, step: str, attempt: int = 1) -> dict[str, object]:
+    return next(r for r in store.steps(cid) if (r["step_name"], r["attempt"]) == (step, attempt))
+
+
+def expire_lease(store: SqlStore, cid: str, step: str) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(step_runs.update().where(step_runs.c.correlation_id == cid,
+                                              step_runs.c.step_name == step)
+                     .values(lease_until=now() - timedelta(seconds=1)))
+
+
+def test_a_claim_holds_a_lease_and_refuses_duplicates_while_it_lives(store: SqlStore) -> None:
     cid = new_workflow(store)
-    assert store.claim_step(cid, "a", "t1") == 1
-    assert store.claim_step(cid, "a", "t1") == 2  # redelivered after a crash
+    assert claim(store, cid) == 1
+    row = run_row(store, cid, "a")
+    assert row["status"] == "RUNNING" and row["lease_until"] > now()
+    assert row["deadline"] > now() + timedelta(seconds=50)
+    assert claim(store, cid) is None  # a duplicate while the worker lives
+    expire_lease(store, cid, "a")
+    assert claim(store, cid) == 2  # the worker was lost: redelivered, same attempt
+    assert store.renew_leases([row["id"]], 30) == 1
     apply(store, cid, co.StepSucceeded("a", {"ok": 1}))
-    assert store.claim_step(cid, "a", "t1") is None  # duplicate of a finished step
-    assert store.claim_step(cid, "nope", "t1") is None
+    assert claim(store, cid) is None  # duplicate of a finished attempt
+    assert claim(store, cid, "nope") is None
+    assert store.renew_leases([row["id"]], 30) == 0  # finished: nothing to renew
+
+
+def test_claims_of_a_cancelled_workflow_are_refused(store: SqlStore) -> None:
+    cid = new_workflow(store)
+    apply(store, cid, co.Cancel("stop"))
+    assert claim(store, cid) is None
+    assert run_row(store, cid, "a")["status"] == "CANCELLED"
+
+
+RETRYING = parse_plan({"start_step": "a", "steps": {
+    "a": {"action": "flaky", "retry": {"max_attempts": 3, "initial_interval": 600},
+          "next_step": "fan"},
+    "fan": {"action": "fan_out", "next_step": "done", "sub_tasks": [
+        {"step_name": "x", "action": "noop"}, {"step_name": "y", "action": "noop"}]},
+    "done": {"action": "complete_workflow"}}})
+
+
+def retrying_workflow(store: SqlStore) -> str:
+    cid = str(uuid.uuid4())
+    state = WorkflowState(correlation_id=cid, client_id="c1", status=Status.RUNNING,
+                          current_step="a", fuel_budget=100)
+    assert store.create(co.decide(state, RETRYING, co.Start()), RETRYING)
+    return cid
+
+
+def test_every_attempt_has_its_row_and_its_debit(store: SqlStore) -> None:
+    cid = retrying_workflow(store)
+    assert claim(store, cid) == 1
+    apply(store, cid, co.StepFailed("a", "flaked", 1, ("ValueError",)))
+    first, second = run_row(store, cid, "a", 1), run_row(store, cid, "a", 2)
+    assert (first["status"], first["error"], first["error_type"]) == (
+        "FAILED", "flaked", "ValueError")
+    assert second["status"] == "SCHEDULED" and second["due_at"] > now() + timedelta(seconds=250)
+    assert [e["idempotency_key"] for e in store.ledger(cid)] == [f"{cid}:a", f"{cid}:a#2"]
+    assert store.due(10) == []
+    with store.engine.begin() as conn:
+        conn.execute(step_runs.update().where(step_runs.c.id == second["id"])
+                     .values(due_at=now() - timedelta(seconds=1)))
+    (due,) = store.due(10)
+    assert (due.step, due.attempt) == ("a", 2)
+    apply(store, cid, co.RetryDue("a", 2))
+    assert run_row(store, cid, "a", 2)["status"] == "DISPATCHED"
+    assert claim(store, cid, attempt=1) is None  # the old attempt is over
+    assert claim(store, cid, attempt=2) == 1
+    state = store.get(cid)
+    assert state.attempts["a"] == [2, 0, 0]
+    assert sum(e["amount"] for e in store.ledger(cid)) == state.fuel_spent == 2
+
+
+def test_sub_tasks_record_themselves_and_the_last_one_counts_down_to_zero(
+        store: SqlStore) -> None:
+    cid = retrying_workflow(store)
+    claim(store, cid)
+    apply(store, cid, co.StepSucceeded("a", {}, 1))
+    assert run_row(store, cid, "fan")["pending"] == 2
+    assert store.record_subtask(cid, "x", 1, {"v": 1}) == (False, None)  # not claimed
+    claim(store, cid, "x")
+    claim(store, cid, "y")
+    assert store.record_subtask(cid, "x", 1, {"v": 1}) == (True, 1)
+    assert store.record_subtask(cid, "x", 1, {"v": 1}) == (False, None)  # twice: once
+    assert store.record_subtask(cid, "y", 1, {"v": 2}) == (True, 0)
+    assert store.completed_subtasks(cid, "fan") == {"x": (1, {"v": 1}), "y": (1, {"v": 2})}
+    assert store.waiting_fan_ins(0, 10) == [(cid, "fan")]
+    d = apply(store, cid, co.SubtasksSucceeded("fan", {"x": {"v": 1}, "y": {"v": 2}},
+                                               {"x": 1, "y": 1}))
+    assert d.state.status is Status.COMPLETED
+    assert run_row(store, cid, "fan")["status"] == "COMPLETED"
+    assert store.waiting_fan_ins(0, 10) == []
+
+
+def test_the_sweep_finds_lost_unclaimed_and_overdue_attempts(store: SqlStore) -> None:
+    cid = new_workflow(store)
+    (unclaimed,) = store.unclaimed(now() + timedelta(seconds=1), 10)
+    assert (unclaimed.step, unclaimed.status, unclaimed.sends) == ("a", "DISPATCHED", 0)
+    assert store.unclaimed(now() - timedelta(seconds=60), 10) == []
+    assert store.mark_resent(unclaimed)
+    assert not store.mark_resent(unclaimed)  # a second sweep saw the same row: no-op
+    claim(store, cid, lease=30)
+    assert store.lost(10) == [] and store.overdue(3600, 10) == []
+    expire_lease(store, cid, "a")
+    (lost,) = store.lost(10)
+    assert (lost.step, lost.deliveries) == ("a", 1)
+    with store.engine.begin() as conn:
+        conn.execute(step_runs.update().where(step_runs.c.correlation_id == cid)
+                     .values(deadline=now() - timedelta(seconds=1)))
+    assert [r.step for r in store.overdue(3600, 10)] == ["a"]
+    apply(store, cid, co.Cancel())
+    assert store.lost(10) == [] and store.overdue(3600, 10) == []
 
 
 def test_a_replayed_event_writes_nothing(store: SqlStore) -> None:
@@ -93,12 +207,14 @@ def test_fan_out_pause_resume_complete_keeps_ledger_equal_to_spent(store: SqlSto
     cid = new_workflow(store)
     d = apply(store, cid, co.StepSucceeded("a", {}))
     assert [type(c) for c in d.commands if isinstance(c, co.RunFanOut)] == [co.RunFanOut]
-    apply(store, cid, co.SubtasksSucceeded("fan", {"x": {"v": 1}, "y": {"v": 2}},
-                                           started={"x": "2026-01-01T00:00:00+00:00"}))
+    for name, value in (("x", 1), ("y", 2)):
+        claim(store, cid, name)
+        store.record_subtask(cid, name, 1, {"v": value})
+    apply(store, cid, co.SubtasksSucceeded("fan", {"x": {"v": 1}, "y": {"v": 2}}))
     state = store.get(cid)
     assert state.status is Status.PAUSED_FOR_HUMAN_INPUT
     steps = {r["step_name"]: r for r in store.steps(cid)}
-    assert steps["x"]["status"] == "COMPLETED" and steps["x"]["attempts"] == 1
+    assert steps["x"]["status"] == "COMPLETED" and steps["x"]["attempt"] == 1
     assert steps["x"]["started_at"] is not None and steps["fan"]["status"] == "COMPLETED"
     notes = store.outbox_for(cid)
     assert [m["payload"]["event_type"] for m in notes] == ["WORKFLOW_PAUSED_FOR_APPROVAL"]

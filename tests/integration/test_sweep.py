@@ -1,6 +1,7 @@
 """The sweep on SQLite and PostgreSQL, sending to a real Redis broker (no worker runs
-here, so what was sent stays in the queues to be counted): stuck steps are sent again
-or fail their workflow, and two sweeps at once have one effect."""
+here, so what was sent stays in the queues to be counted): due retries are sent,
+overdue attempts fail, lost attempts and lost messages are sent again, forgotten
+fan-ins are collected, and two sweeps at once have one effect."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import redis
 import sqlalchemy as sa
 
 from chassis import config
+from chassis import coordinator as co
 from chassis.api import Client
 from chassis.config import Settings
 from chassis.state import request_id_for
 from chassis.store.db import make_engine
 from chassis.store.sql import now
-from chassis.store.tables import orchestrator_state, outbox, step_runs
+from chassis.store.tables import orchestrator_state, step_runs
 from chassis.sweep import SWEEP_LOCK_KEY, Sweeper, SweepReport
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,10 +38,16 @@ LINEAR = {"start_step": "work", "steps": {
 def settings(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     s = config.load({"CHASSIS_DATABASE_URL": db_url, "CHASSIS_BROKER_URL": redis_url,
                      "CHASSIS_HOME": str(tmp_path), "CHASSIS_STEP_TIMEOUT": "60",
-                     "CHASSIS_STEP_MAX_ATTEMPTS": "3"})
+                     "CHASSIS_MAX_DELIVERIES": "2"})
+    drain(s)
     yield s
-    r = redis.Redis.from_url(redis_url)
-    r.delete(*QUEUES)  # nothing of ours for a later module's worker
+    drain(s)  # nothing of ours for a later module's worker
+
+
+def drain(settings: Settings) -> None:
+    """Empty the queues: the broker lost every message."""
+    r = redis.Redis.from_url(settings.broker_url)
+    r.delete(*QUEUES)
     r.close()
 
 
@@ -59,15 +67,23 @@ def sent(settings: Settings, task_id: str | None = None, task: str | None = None
                and (task is None or h["task"] == task))
 
 
-def age(settings: Settings, cid: str, seconds: float = 3600) -> None:
-    """Pretend the workflow's steps were dispatched (and started) ``seconds`` ago."""
-    old = now() - timedelta(seconds=seconds)
+def age(settings: Settings, cid: str, seconds: float = 3600, **values: Any) -> None:
+    """Pretend the workflow's attempts were sent (and started, and their leases and
+    deadlines set) ``seconds`` earlier than they were."""
+    c = step_runs.c
+    shift = timedelta(seconds=seconds)
     with make_engine(settings.database_url).begin() as conn:
-        conn.execute(step_runs.update().where(step_runs.c.correlation_id == cid).values(
-            dispatched_at=old, started_at=sa.case((step_runs.c.started_at.is_(None), None),
-                                                  else_=old)))
+        for row in conn.execute(sa.select(c.id, c.dispatched_at, c.sent_at, c.started_at,
+                                          c.lease_until, c.deadline, c.due_at)
+                                .where(c.correlation_id == cid)).all():
+            old = {k: getattr(row, k) - shift for k in ("dispatched_at", "sent_at",
+                                                           "started_at", "lease_until",
+                                                           "deadline", "due_at")
+                   if getattr(row, k) is not None}
+            conn.execute(step_runs.update().where(c.id == row.id).values(**old, **values))
         conn.execute(orchestrator_state.update()
-                     .where(orchestrator_state.c.correlation_id == cid).values(updated_at=old))
+                     .where(orchestrator_state.c.correlation_id == cid)
+                     .values(updated_at=now() - shift))
 
 
 def sweep_twice_at_once(client: Client, settings: Settings) -> list[SweepReport]:
@@ -92,106 +108,137 @@ def sweep_twice_at_once(client: Client, settings: Settings) -> list[SweepReport]
     return reports
 
 
-def step_row(client: Client, cid: str, step: str) -> dict[str, Any]:
-    return next(r for r in client.store.steps(cid) if r["step_name"] == step)
+def attempt_row(client: Client, cid: str, step: str, attempt: int = 1) -> dict[str, Any]:
+    return next(r for r in client.store.steps(cid)
+                if (r["step_name"], r["attempt"]) == (step, attempt))
 
 
-def failures(settings: Settings, cid: str) -> int:
-    with make_engine(settings.database_url).connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(outbox).where(
-            outbox.c.correlation_id == cid,
-            outbox.c.dedup_key == f"{cid}:WORKFLOW_FAILED")).scalar_one()
+def claim(client: Client, cid: str, step: str = "work", attempt: int = 1) -> None:
+    assert client.store.claim(cid, step, attempt, "t-1", lease=15, timeout=60) is not None
+
+
+def sweep(client: Client, settings: Settings) -> SweepReport:
+    return Sweeper(client.engine, settings).sweep()
 
 
 def test_fresh_steps_are_left_alone(client: Client, settings: Settings) -> None:
     cid = client.start(LINEAR, client_id="acme")
-    assert Sweeper(client.engine, settings).sweep().counts() == {
-        "redispatched": 0, "failed": 0, "locked_out": 0}
+    assert not sweep(client, settings).acted
     assert sent(settings, request_id_for(cid, "work")) == 1
 
 
-def test_a_lost_step_is_sent_again_once_by_two_sweeps(client: Client,
-                                                      settings: Settings) -> None:
+def test_a_lost_message_is_sent_again_once_by_two_sweeps(client: Client,
+                                                         settings: Settings) -> None:
     cid = client.start(LINEAR, client_id="acme")
     rid = request_id_for(cid, "work")
-    age(settings, cid)
+    age(settings, cid, 100)
+    assert not sweep(client, settings).acted  # its queue is busy: it may be waiting its turn
+    drain(settings)  # the broker restarted empty
     reports = sweep_twice_at_once(client, settings)
-    assert sum(len(r.redispatched) for r in reports) == 1
-    assert sent(settings, rid) == 2  # the original and one more
-    assert step_row(client, cid, "work")["status"] == "DISPATCHED"
-    # sent again just now: not stuck any more
-    assert Sweeper(client.engine, settings).sweep().redispatched == []
-    assert sent(settings, rid) == 2
+    assert sum(len(r.resent) for r in reports) == 1
+    assert sent(settings, rid) == 1
+    row = attempt_row(client, cid, "work")
+    assert (row["status"], row["sends"]) == ("DISPATCHED", 1)
+    drain(settings)
+    age(settings, cid, 30)  # the next re-send waits twice as long (40 s)
+    assert not sweep(client, settings).acted
+    age(settings, cid, 30)
+    assert len(sweep(client, settings).resent) == 1
 
 
-def test_a_running_step_with_attempts_left_is_sent_again(client: Client,
+def test_a_lost_workers_attempt_is_sent_again_then_fails(client: Client,
                                                          settings: Settings) -> None:
     cid = client.start(LINEAR, client_id="acme")
-    assert client.store.claim_step(cid, "work", "t-1") == 1
-    age(settings, cid)
-    report = Sweeper(client.engine, settings).sweep()
-    assert report.redispatched == [f"{cid}/work"] and report.failed == []
-    assert sent(settings, request_id_for(cid, "work")) == 2
+    drain(settings)
+    claim(client, cid)
+    assert not sweep(client, settings).acted  # its worker renews the lease
+    age(settings, cid, 20)  # it stopped: the lease expired
+    report = sweep(client, settings)
+    assert report.resent == [f"{cid}/work#1"] and report.lost == []
+    assert sent(settings, request_id_for(cid, "work")) == 1
     assert client.status(cid)["status"] == "RUNNING"
-
-
-def test_a_step_out_of_attempts_fails_the_workflow_once(client: Client,
-                                                        settings: Settings) -> None:
-    cid = client.start(LINEAR, client_id="acme")
-    for attempt in (1, 2, 3):
-        assert client.store.claim_step(cid, "work", f"t-{attempt}") == attempt
-    age(settings, cid)
-    version = client.store.get(cid).version
-    reports = sweep_twice_at_once(client, settings)
-    assert sum(len(r.failed) for r in reports) == 1
-    assert sum(len(r.redispatched) for r in reports) == 0
+    claim(client, cid)  # the second delivery
+    age(settings, cid, 20)
+    report = sweep(client, settings)  # CHASSIS_MAX_DELIVERIES=2: a failed attempt
+    assert report.lost == [f"{cid}/work#1"] and report.resent == []
     doc = client.status(cid)
     assert doc["status"] == "FAILED"
-    assert doc["error"] == "step 'work' timed out after 60 s (attempt 3 of 3)"
-    assert doc["version"] == version + 1  # one transition
-    assert step_row(client, cid, "work")["status"] == "FAILED"
-    assert failures(settings, cid) == 1  # the WORKFLOW_FAILED event, in the outbox
-    assert sent(settings, request_id_for(cid, "work")) == 1
+    assert doc["error"] == ("step 'work' failed: its worker was lost 2 times while running "
+                            "it (CHASSIS_MAX_DELIVERIES=2)")
+    assert attempt_row(client, cid, "work")["error_type"] == "WorkerLost"
 
 
-def test_an_unanswered_external_agent_fails_the_workflow(client: Client,
-                                                         settings: Settings) -> None:
+def test_an_attempt_past_its_deadline_fails_and_is_retried(client: Client,
+                                                           settings: Settings) -> None:
+    plan = {"start_step": "work", "steps": {
+        "work": {"action": "noop", "timeout": 5, "retry": {"max_attempts": 2},
+                 "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    cid = client.start(plan, client_id="acme")
+    assert client.store.claim(cid, "work", 1, "t-1", lease=15, timeout=5) is not None
+    assert not sweep(client, settings).acted
+    age(settings, cid, 6)
+    version = client.store.get(cid).version
+    reports = sweep_twice_at_once(client, settings)
+    assert sum(len(r.timed_out) for r in reports) == 1
+    assert client.store.get(cid).version == version + 1  # one transition
+    first = attempt_row(client, cid, "work")
+    assert (first["status"], first["error"], first["error_type"]) == (
+        "FAILED", "timed out after 5 s", "StepTimeout")
+    assert attempt_row(client, cid, "work", 2)["status"] == "DISPATCHED"
+    assert sent(settings, request_id_for(cid, "work", 2)) == 1
+
+
+def test_an_unanswered_external_agent_times_out(client: Client, settings: Settings) -> None:
     plan = {"start_step": "ask", "steps": {
         "ask": {"action": "research", "topic": "agents.research", "next_step": "done"},
         "done": {"action": "complete_workflow"}}}
     cid = client.start(plan, client_id="acme")
     assert client.status(cid)["status"] == "AWAITING_RESPONSES"
-    age(settings, cid)
-    assert Sweeper(client.engine, settings).sweep().failed == [f"{cid}/ask"]
+    age(settings, cid, 30)
+    assert not sweep(client, settings).acted
+    age(settings, cid, 60)  # CHASSIS_STEP_TIMEOUT=60: its default
+    assert sweep(client, settings).timed_out == [f"{cid}/ask#1"]
     doc = client.status(cid)
     assert doc["status"] == "FAILED"
-    assert doc["error"] == "step 'ask' timed out after 60 s waiting for the agent's response"
-    assert failures(settings, cid) == 1
+    assert doc["error"] == "step 'ask' failed: no answer from the agent within 60 s"
 
 
-def test_a_stuck_fan_out_is_sent_again_then_fails(client: Client, settings: Settings) -> None:
+def test_a_retry_due_is_sent_when_its_time_comes(client: Client, settings: Settings) -> None:
+    plan = {"start_step": "work", "steps": {
+        "work": {"action": "noop", "retry": {"max_attempts": 2, "initial_interval": 120},
+                 "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    cid = client.start(plan, client_id="acme")
+    claim(client, cid)
+    client.engine.apply(cid, co.StepFailed("work", "flaked", 1))
+    assert attempt_row(client, cid, "work", 2)["status"] == "SCHEDULED"
+    assert not sweep(client, settings).sent_due
+    age(settings, cid, 120)
+    reports = sweep_twice_at_once(client, settings)
+    assert sum(len(r.sent_due) for r in reports) == 1
+    assert attempt_row(client, cid, "work", 2)["status"] == "DISPATCHED"
+    assert sent(settings, request_id_for(cid, "work", 2)) == 1
+
+
+def test_a_fan_in_whose_trigger_was_lost_is_collected(client: Client,
+                                                      settings: Settings) -> None:
     plan = {"start_step": "fan", "steps": {
         "fan": {"action": "fan_out", "next_step": "done",
                 "sub_tasks": [{"step_name": "a", "action": "noop"},
                               {"step_name": "b", "action": "noop"}]},
         "done": {"action": "complete_workflow"}}}
     cid = client.start(plan, client_id="acme")
-    assert sent(settings, task="chassis.fanout") == 1  # the app hands the chord to a worker
-    strict = config.load({"CHASSIS_DATABASE_URL": settings.database_url,
-                          "CHASSIS_BROKER_URL": settings.broker_url,
-                          "CHASSIS_HOME": str(settings.home), "CHASSIS_STEP_TIMEOUT": "60",
-                          "CHASSIS_STEP_MAX_ATTEMPTS": "2"})
-    age(settings, cid)
-    assert Sweeper(client.engine, strict).sweep().redispatched == [f"{cid}/fan"]
-    assert sent(settings, task="chassis.fanout") == 2
-    assert {step_row(client, cid, s)["attempts"] for s in "ab"} == {1}
-    age(settings, cid)
-    assert Sweeper(client.engine, strict).sweep().failed == [f"{cid}/a"]
+    for name in "ab":
+        claim(client, cid, name)
+        client.store.record_subtask(cid, name, 1, {"name": name})
+    # the last sub-task's worker died before it applied the fan-in
+    assert not sweep(client, settings).fanned_in
+    age(settings, cid, 30)
+    assert sweep(client, settings).fanned_in == [f"{cid}/fan"]
     doc = client.status(cid)
-    assert doc["status"] == "FAILED" and "timed out after 60 s (2 sends of fan-out 'fan')" \
-        in doc["error"]
-    assert {s["name"]: s["status"] for s in doc["steps"]} == {
-        "fan": "FAILED", "a": "FAILED", "b": "DISPATCHED"}
+    assert doc["status"] == "COMPLETED"
+    assert doc["final_result"]["fan"] == {"a": {"name": "a"}, "b": {"name": "b"}}
 
 
 def test_a_workflow_waiting_for_dependencies_that_never_come_fails(
@@ -201,15 +248,15 @@ def test_a_workflow_waiting_for_dependencies_that_never_come_fails(
         "wait": {"action": "noop", "dependencies": ["never"]}}}
     cid = client.start(plan, client_id="acme")
     assert client.status(cid)["status"] == "RUNNING"
-    assert Sweeper(client.engine, settings).sweep().failed == []  # not old enough
+    assert sweep(client, settings).failed == []  # not old enough
     age(settings, cid)
-    assert Sweeper(client.engine, settings).sweep().failed == [f"{cid}/wait"]
+    assert sweep(client, settings).failed == [f"{cid}/wait"]
     assert client.status(cid)["error"] == (
-        "step 'wait' timed out after 60 s waiting for its dependencies: never")
+        "step 'wait' waited 60 s for its dependencies: never")
 
 
-def test_paused_and_finished_workflows_are_left_alone(client: Client,
-                                                      settings: Settings) -> None:
+def test_paused_cancelled_and_finished_workflows_are_left_alone(client: Client,
+                                                                settings: Settings) -> None:
     plan = {"start_step": "review", "steps": {
         "review": {"action": "pause_for_human_input", "next_step": "done"},
         "done": {"action": "complete_workflow"}}}
@@ -218,10 +265,12 @@ def test_paused_and_finished_workflows_are_left_alone(client: Client,
         "action": "fan_out", "sub_tasks": [{"step_name": "y", "action": "noop"}]}}},
         client_id="acme", fuel_budget=1)  # fails at once: too little fuel
     assert client.status(failed)["status"] == "FAILED"
-    for cid in (paused, failed):
+    cancelled = client.start(LINEAR, client_id="acme")
+    client.cancel(cancelled)
+    drain(settings)
+    for cid in (paused, failed, cancelled):
         age(settings, cid)
-    report = Sweeper(client.engine, settings).sweep()
-    assert report.failed == [] and report.redispatched == []
+    assert not sweep(client, settings).acted
     assert client.status(paused)["status"] == "PAUSED_FOR_HUMAN_INPUT"
 
 
@@ -230,9 +279,10 @@ def test_on_postgresql_a_sweep_skips_while_another_holds_the_lock(
         db_url: str, client: Client, settings: Settings) -> None:
     """(SQLite has no advisory locks: there the conditional updates alone decide.)"""
     cid = client.start(LINEAR, client_id="acme")
+    drain(settings)
     age(settings, cid)
     with make_engine(db_url).connect() as conn, conn.begin():
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK_KEY})
-        report = Sweeper(client.engine, settings).sweep()
-    assert report.locked_out and report.redispatched == []
-    assert Sweeper(client.engine, settings).sweep().redispatched == [f"{cid}/work"]
+        report = sweep(client, settings)
+    assert report.locked_out and report.resent == []
+    assert sweep(client, settings).resent == [f"{cid}/work#1"]

@@ -28,3 +28,21 @@ def count(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     if params.get("seconds"):
         time.sleep(float(params["seconds"]))
     return {"runs": int(n), "saw": sorted(data)}
+
+
+class FlakyError(Exception):
+    """What ``flaky`` raises: an error of the user's own type."""
+
+
+@action("flaky")
+def flaky(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Count one run under params.key; fail the first params.fail_times runs (raising
+    params.error, a builtin exception name, else FlakyError); sleep params.seconds."""
+    n = int(counter().incr(f"runs:{params['key']}"))
+    if params.get("seconds"):
+        time.sleep(float(params["seconds"]))
+    if n <= int(params.get("fail_times", 0)):
+        kind = {"ValueError": ValueError, "KeyError": KeyError}.get(params.get("error", ""),
+                                                                     FlakyError)
+        raise kind(f"flaky run {n}")
+    return {"runs": n}

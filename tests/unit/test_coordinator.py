@@ -32,9 +32,9 @@ def test_initial_step_sends_request_with_headers_and_debits_default_step() -> No
     assert req.headers["causation_id"] == "parent_req_1"
     assert req.headers["request_id"] not in ("", "parent_req_1")
     assert req.headers["fuel_budget"] == "999"  # 1000 - 1 for default_step
-    assert of(d, co.Debit) == [co.Debit("step1", "do_something", 1)]
+    assert of(d, co.Debit) == [co.Debit("step1", "do_something", 1, f"{CID}:step1")]
     assert d.state.status is Status.AWAITING_RESPONSES
-    assert d.state.current_step == "finish"
+    assert d.state.current_step == "step1"  # where it waits (the seed moved on at once)
     assert d.state.awaited_steps == [req.request_id]
 
 
@@ -79,20 +79,22 @@ def test_fan_out_sends_all_sub_tasks_priced_all_or_nothing() -> None:
     assert {r.headers["fuel_budget"] for r in reqs} == {"993"}
     assert sum(x.amount for x in of(d, co.Debit)) == 7 == d.state.fuel_spent
     assert d.state.status is Status.AWAITING_RESPONSES
-    assert d.state.current_step == "aggregate_results"
+    assert d.state.current_step == "fan"
     assert len(d.state.awaited_steps) == 2
     poor = co.decide(state("fan", fuel=6), plan, co.Start())
     assert poor.state.status is Status.FAILED and "have 6, need 7" in (poor.state.error or "")
 
 
-def test_celery_fan_out_is_one_chord() -> None:
+def test_celery_fan_out_is_one_group() -> None:
     plan = Plan("fan", {"fan": Step("fan_out", next_step="done", sub_tasks=(
         SubTask("a", action="echo", params={"x": 1}), SubTask("b", action="noop"))),
         "done": Step("complete_workflow")})
     d = co.decide(state("fan"), plan, co.Start())
-    (chord,) = of(d, co.RunFanOut)
-    assert [t.step for t in chord.subtasks] == ["a", "b"]
-    assert chord.subtasks[0].params == {"x": 1} and chord.subtasks[0].parent_step == "fan"
+    (group,) = of(d, co.RunFanOut)
+    assert [t.step for t in group.subtasks] == ["a", "b"]
+    assert group.subtasks[0].params == {"x": 1} and group.subtasks[0].parent_step == "fan"
+    (parent,) = of(d, co.RecordStep)
+    assert (parent.step, parent.status, parent.pending) == ("fan", StepStatus.AWAITING, 2)
     done = co.decide(d.state, plan, co.SubtasksSucceeded("fan", {"a": {"x": 1}, "b": {}}))
     assert done.state.status is Status.COMPLETED
     assert done.state.final_result == {"a": {"x": 1}, "b": {}, "fan": {"a": {"x": 1}, "b": {}}}
@@ -116,8 +118,11 @@ def test_pause_for_human_input_emits_notification() -> None:
     assert note.payload["message"] == "Step 'Review generated content' requires your approval"
     assert note.payload["data_for_review"] == {"generated_content": "Some content to review"}
     assert d.state.status is Status.PAUSED_FOR_HUMAN_INPUT
-    assert d.state.current_step == "after_approval"
+    assert d.state.current_step == "review"  # where it waits
     assert of(d, co.Debit) == []  # pausing costs nothing
+    approved = co.decide(d.state, plan, co.Resume(True, {"ok": 1}))
+    assert approved.state.status is Status.COMPLETED
+    assert approved.state.collected_data["human_feedback"] == {"ok": 1}
 
 
 def test_handle_response_keeps_awaiting_until_the_last_then_continues() -> None:
@@ -128,7 +133,7 @@ def test_handle_response_keeps_awaiting_until_the_last_then_continues() -> None:
     r1, r2 = request_id_for(CID, "r1"), request_id_for(CID, "r2")
     d = co.decide(s, plan, co.ResponseReceived(r1, True, {"result": "task completed"}))
     assert d.state.status is Status.AWAITING_RESPONSES
-    assert d.state.current_step == "aggregate"
+    assert d.state.current_step == "fan"
     assert d.state.awaited_steps == [r2]
     # keyed by step name, not request id (the seed's keys could never match dependencies)
     assert d.state.collected_data["r1"] == {"result": "task completed"}
@@ -149,13 +154,18 @@ def test_failed_response_fails_the_workflow_with_the_agent_error() -> None:
 
 
 def paused(plan_next: str = "after_approval") -> WorkflowState:
+    """A workflow paused before this version: current_step already names the step after
+    the pause, and the pause's request (attempt 1) is awaited."""
     s = state(plan_next)
     s.status = Status.PAUSED_FOR_HUMAN_INPUT
+    s.awaited_steps = [request_id_for(CID, "review")]
     return s
 
 
-RESUME_PLAN = Plan("after_approval", {"after_approval": Step("echo", next_step="finish"),
-                                      "finish": Step("complete_workflow")})
+RESUME_PLAN = Plan("review", {
+    "review": Step("pause_for_human_input", next_step="after_approval"),
+    "after_approval": Step("echo", next_step="finish"),
+    "finish": Step("complete_workflow")})
 
 
 def test_resume_approved_stores_feedback_and_continues() -> None:
@@ -170,7 +180,7 @@ def test_resume_rejected_fails() -> None:
     d = co.decide(paused(), RESUME_PLAN, co.Resume(False))
     assert d.state.status is Status.FAILED
     assert d.state.error == "Workflow rejected by user"
-    assert d.state.current_step == "after_approval"
+    assert of(d, co.FinishStep)[0].status is StepStatus.FAILED
 
 
 def test_resume_of_a_workflow_not_paused_is_an_error() -> None:
@@ -183,7 +193,7 @@ def test_complete_workflow_sets_final_result_and_charges_default_step() -> None:
     d = co.decide(s, Plan("final", {"final": Step("complete_workflow")}), co.Start())
     assert d.state.status is Status.COMPLETED
     assert d.state.final_result == {"step1_result": "data1", "step2_result": "data2"}
-    assert of(d, co.Debit) == [co.Debit("final", "complete_workflow", 1)]
+    assert of(d, co.Debit) == [co.Debit("final", "complete_workflow", 1, f"{CID}:final")]
     assert of(d, co.Emit)[0].payload["event_type"] == "WORKFLOW_COMPLETED"
 
 
@@ -194,7 +204,8 @@ def test_celery_steps_chain_and_duplicates_are_ignored() -> None:
     d = co.decide(state("a"), plan, co.Start())
     assert of(d, co.RunStep) == [co.RunStep("a", "echo", {"v": 1}, request_id_for(CID, "a"))]
     d2 = co.decide(d.state, plan, co.StepSucceeded("a", {"v": 1}))
-    assert of(d2, co.FinishStep) == [co.FinishStep("a", StepStatus.COMPLETED, output={"v": 1})]
+    assert of(d2, co.FinishStep) == [co.FinishStep("a", StepStatus.COMPLETED, output={"v": 1},
+                                                   attempt=1)]
     assert [c.step for c in of(d2, co.RunStep)] == ["b"]
     assert not co.decide(d2.state, plan, co.StepSucceeded("a", {"v": 1})).changed
     d3 = co.decide(d2.state, plan, co.StepSucceeded("b", {}))

@@ -101,6 +101,22 @@ def test_resume_is_only_for_the_owner_of_an_existing_workflow(router: Router) ->
         "bad_payload"
 
 
+def test_cancel_is_only_for_the_owner_of_an_existing_workflow(router: Router) -> None:
+    topic = "system.commands.workflow.cancel"
+    owner = {"correlation_id": CID, "client_id": "acme"}
+    call = router.call(topic, b'{"reason": "budget cut"}', owner)
+    assert (call.task, call.args) == ("chassis.cancel", [CID, "budget cut"])
+    assert router.call(topic, None, owner).args == [CID, None]  # an empty value is fine
+    assert reason(router, topic, {}, {**owner, "client_id": "eve"}) == "client_mismatch"
+    assert reason(router, topic, {}, {**owner, "correlation_id": str(uuid.uuid4())}) == \
+        "unknown_workflow"
+    assert reason(router, topic, {}, {"correlation_id": CID}) == "missing_header"
+    assert reason(router, topic, [1], owner) == "bad_payload"
+    assert reason(router, topic, {"reason": 7}, owner) == "bad_payload"
+    assert reason(router, topic, {"reason": "x" * 1001}, owner) == "bad_payload"
+    assert reason(router, topic, b"{nope", owner) == "bad_json"
+
+
 def test_response_becomes_chassis_respond(router: Router) -> None:
     topic = "system.responses.research"
     call = router.call(topic, b'{"success": false, "error": {"code": 7}}',
@@ -124,10 +140,10 @@ def test_topics_without_a_route(router: Router) -> None:
 def test_subscriptions_are_librdkafka_regexes(tmp_path: Path) -> None:
     settings = config.load({"CHASSIS_HOME": str(tmp_path)})
     assert [r.subscription for r in routes(settings)] == [
-        r"^system\.commands\.workflow\.resume$", r"^system\.agent\.(.+)\.process$",
-        r"^system\.responses\..*"]
+        r"^system\.commands\.workflow\.resume$", r"^system\.commands\.workflow\.cancel$",
+        r"^system\.agent\.(.+)\.process$", r"^system\.responses\..*"]
     literal = replace(settings, kafka_response_pattern="agents.answers")
-    assert routes(literal)[2].subscription == r"^agents\.answers$"
+    assert routes(literal)[3].subscription == r"^agents\.answers$"
 
 
 def test_kafka_settings_from_the_environment(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ def test_ids_from_each_task_shape() -> None:
     payload = {"cid": CID, "step": "draft", "action": "echo"}
     assert workflow_ids("chassis.step", [payload], {}) == (CID, "draft")
     assert workflow_ids("chassis.subtask", (payload,), None) == (CID, "draft")
-    assert workflow_ids("chassis.join", [[], CID, "fan"], {}) == (CID, "fan")
-    assert workflow_ids("chassis.fanout", [CID, "fan"], {}) == (CID, "fan")
+    assert workflow_ids("chassis.cancel", [CID, "why"], {}) == (CID, None)
+    assert workflow_ids("chassis.retry", [CID], {}) == (CID, None)
     assert workflow_ids("chassis.resume", [CID, True, None], {}) == (CID, None)
     assert workflow_ids("chassis.respond", [CID, "rid", True], {}) == (CID, None)
     assert workflow_ids("chassis.start", [{"correlation_id": CID}], {}) == (CID, None)
@@ -32,7 +32,7 @@ def test_celerys_received_record_gets_the_ids_from_its_data() -> None:
     logger = logging.getLogger("test.log_context.received")
     logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.INFO)
-    data = {"id": "task-1", "name": "chassis.step", "args": f"({CID}/draft: echo)"}
+    data = {"id": "task-1", "name": "chassis.step", "args": f"({CID}/draft#2: echo)"}
     logger.info("Task %(name)s[%(id)s] received", data, extra={"data": data})
     bridge = {"id": "task-2", "name": "chassis.start", "args": f"(correlation_id={CID})"}
     logger.info("Task %(name)s[%(id)s] received", bridge, extra={"data": bridge})

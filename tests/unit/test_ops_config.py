@@ -21,18 +21,24 @@ REDIS = {"CHASSIS_BROKER_URL": "redis://127.0.0.1:6379/3", "CHASSIS_HOME": "/tmp
 
 def test_defaults() -> None:
     s = config.load({})
-    assert (s.step_timeout, s.step_max_attempts, s.sweep_interval) == (3600.0, 3, 60.0)
+    assert (s.step_timeout, s.max_deliveries, s.sweep_interval) == (3600.0, 3, 5.0)
+    assert (s.lease_seconds, s.redispatch_after) == (15.0, 20.0)
     assert (s.result_expires, s.metrics_port) == (86400, 9808)
 
 
 def test_values_and_their_errors_name_the_variable() -> None:
-    s = config.load({"CHASSIS_STEP_TIMEOUT": "90", "CHASSIS_STEP_MAX_ATTEMPTS": "5",
+    s = config.load({"CHASSIS_STEP_TIMEOUT": "90", "CHASSIS_MAX_DELIVERIES": "5",
                      "CHASSIS_SWEEP_INTERVAL": "0.5", "CHASSIS_RESULT_EXPIRES": "600",
-                     "CHASSIS_METRICS_PORT": "9100"})
-    assert (s.step_timeout, s.step_max_attempts, s.sweep_interval) == (90.0, 5, 0.5)
+                     "CHASSIS_METRICS_PORT": "9100", "CHASSIS_LEASE_SECONDS": "6",
+                     "CHASSIS_REDISPATCH_AFTER": "2.5"})
+    assert (s.step_timeout, s.max_deliveries, s.sweep_interval) == (90.0, 5, 0.5)
+    assert (s.lease_seconds, s.redispatch_after) == (6.0, 2.5)
     assert (s.result_expires, s.metrics_port) == (600, 9100)
-    for name, bad in (("CHASSIS_STEP_TIMEOUT", "soon"), ("CHASSIS_STEP_MAX_ATTEMPTS", "0"),
-                      ("CHASSIS_SWEEP_INTERVAL", "-1"), ("CHASSIS_METRICS_PORT", "http")):
+    for name, bad in (("CHASSIS_STEP_TIMEOUT", "soon"), ("CHASSIS_MAX_DELIVERIES", "0"),
+                      ("CHASSIS_SWEEP_INTERVAL", "-1"), ("CHASSIS_METRICS_PORT", "http"),
+                      ("CHASSIS_LEASE_SECONDS", "0.5"), ("CHASSIS_REDISPATCH_AFTER", "nan"),
+                      ("CHASSIS_VISIBILITY_TIMEOUT", "x"), ("CHASSIS_RELAY_BATCH_SIZE", "0"),
+                      ("CHASSIS_PREFETCH_MULTIPLIER", "1.5")):
         with pytest.raises(ConfigError, match=name):
             config.load({name: bad})
 

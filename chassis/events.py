@@ -1,0 +1,109 @@
+"""The coordinator's events: what happened to a workflow (see :mod:`chassis.coordinator`).
+
+Every event about an attempt names it (step and attempt number, or its request id), so
+one about an attempt no longer awaited is recognised and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Start:
+    """The workflow was just created."""
+
+
+@dataclass(frozen=True)
+class StepSucceeded:
+    """Attempt ``attempt`` of a Celery step (or sub-task) returned ``output``."""
+
+    step: str
+    output: Any
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    """Attempt ``attempt`` of a step or sub-task failed: its action raised, it ran past
+    its timeout, or its worker was lost too often. ``error_types`` are the names of the
+    error's class and base classes (matched against ``retry.non_retryable``)."""
+
+    step: str
+    error: str
+    attempt: int = 1
+    error_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubtasksSucceeded:
+    """Sub-tasks of fan-out ``step`` succeeded: ``outputs`` and ``attempts`` by sub-task
+    name. Their rows were recorded by the sub-tasks themselves."""
+
+    step: str
+    outputs: dict[str, Any]
+    attempts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResponseReceived:
+    """An external agent answered the request ``request_id`` (its ``causation_id``)."""
+
+    request_id: str
+    success: bool
+    data: Any = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A human approved or rejected a paused workflow."""
+
+    approved: bool
+    feedback: Any = None
+
+
+@dataclass(frozen=True)
+class RetryDue:
+    """The time of scheduled attempt ``attempt`` of ``step`` has come (from the sweep)."""
+
+    step: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop the workflow: in-flight attempts are revoked, late results ignored."""
+
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """An operator retries a FAILED workflow from its failed step, with fresh attempts.
+    ``outputs``/``attempts``: sub-tasks of the failed fan-out that completed (their rows)
+    but were never collected; they are kept, not run again."""
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """The sweep found the workflow waiting at ``step`` for dependencies that never
+    came: it fails with ``error``. Late (the workflow moved on), it changes nothing."""
+
+    step: str
+    error: str
+
+
+Event = (Start | StepSucceeded | StepFailed | SubtasksSucceeded | ResponseReceived
+         | Resume | RetryDue | Cancel | Retry | Stalled)
+
+
+__all__ = [
+    "Start", "StepSucceeded", "StepFailed", "SubtasksSucceeded", "ResponseReceived", "Resume",
+    "RetryDue", "Cancel", "Retry", "Stalled", "Event",
+]
