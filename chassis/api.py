@@ -244,7 +244,8 @@ class Client:
     def status(self, correlation_id: str) -> dict[str, Any]:
         """The workflow's status document (raises WorkflowNotFound)."""
         cid = _correlation_id(correlation_id)
-        return status_dict(self.store.get(cid), self.store.steps(cid), self.store.get_plan(cid))
+        return status_dict(self.store.get(cid), self.store.steps(cid),
+                           self.store.get_plan(cid))
 
     def resume(self, correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
         """Approve or reject a paused workflow; returns its status after the decision.
@@ -314,7 +315,8 @@ class Client:
         seen = None
         while True:
             doc = self.status(correlation_id)
-            key = (doc["version"], tuple((s["name"], s["status"]) for s in doc["steps"]))
+            key = (doc["version"], tuple((s["name"], s["status"], s["attempts"])
+                                         for s in doc["steps"]))
             if key != seen:
                 seen = key
                 if on_change is not None:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from celery import Celery, group
 from celery.exceptions import Retry
+from kombu.utils.url import maybe_sanitize_url
 
 from chassis import actions, infra
 from chassis import coordinator as co
@@ -268,10 +269,9 @@ class Engine:
             if not infra.is_broker_error(exc):
                 raise
             raise BrokerUnavailable(
-                f"workflow {cid} is recorded, but the broker at "
-                f"{mask_url(self.settings.broker_url)} is unreachable "
-                f"({' '.join(str(exc).split())}); it goes on by itself once the broker is "
-                "back (the sweep sends it), and repeating the command is safe",
+                f"the broker at {maybe_sanitize_url(self.settings.broker_url)} is unreachable "
+                f"({' '.join(str(exc).split())}): workflow {cid} is saved and goes on by "
+                "itself once the broker is back (beat's sweep sends what is due)",
                 service="broker", recorded=True, correlation_id=cid) from None
 
     def _db(self, fn: Callable[[], T], doing: str, cid: str) -> T:

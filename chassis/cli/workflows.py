@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from kombu.utils.url import maybe_sanitize_url
 from rich.markup import escape
 
-from chassis import config, infra
+from chassis import actions, config, infra
 from chassis.ai import provider_note
 from chassis.api import DEFAULT_FUEL, Client
 from chassis.cli.base import main
@@ -84,6 +85,8 @@ def _worker_if_embedded(client: Client, wanted: bool) -> Any:
 
 def _client(embedded_upgrade: bool = True) -> Client:
     settings = config.load()
+    # plans are checked against the actions of CHASSIS_ACTION_MODULES, as the worker's
+    actions.load_modules(settings.action_modules)
     if embedded_upgrade and settings.database_url.startswith("sqlite"):
         from chassis.store.db import upgrade
 
@@ -113,7 +116,8 @@ def _run_guarded(fn: Callable[[], int | None], hint: Callable[[str], str] | None
             raise
         settings = config.load()
         where = (f"the database at {mask_url(settings.database_url)}"
-                 if infra.is_database_error(exc) else f"the broker at {settings.broker_url}")
+                 if infra.is_database_error(exc)
+                 else f"the broker at {maybe_sanitize_url(settings.broker_url)}")
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
         fail(f"cannot reach {where}: {reason}", code=EXIT_UNAVAILABLE)
     sys.exit(code or 0)
@@ -174,7 +178,8 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
         return _exit_code(doc)
 
     def hint(cid: str) -> str:
-        return "" if correlation_id else f" (to repeat it: --correlation-id {cid})"
+        return "; repeating the command is safe" + (
+            "" if correlation_id else f" with --correlation-id {cid}")
 
     _run_guarded(go, hint)
 
@@ -224,7 +229,7 @@ def resume(correlation_id: str, decision: str | None, feedback: str | None, wait
         print_json(doc) if as_json else print_status(doc)
         return _exit_code(doc)
 
-    _run_guarded(go)
+    _run_guarded(go, lambda _cid: "; repeating the command is safe")
 
 
 @main.command()

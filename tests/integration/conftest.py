@@ -72,12 +72,13 @@ class Services:
         return beat
 
     def start_worker(self, concurrency: int = 2, queues: str | None = None,
-                     pool: str = "prefork", **env: str) -> Worker:
+                     pool: str = "prefork", events: bool = False, **env: str) -> Worker:
         name = f"test-{uuid.uuid4().hex[:8]}@localhost"
         log = self.tmp / f"{name.split('@')[0]}.log"
         cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
                "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
-               "-P", pool, "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai"]
+               "-P", pool, "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai",
+               *(["-E"] if events else [])]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env, **env},
                                     stdout=out, stderr=subprocess.STDOUT,

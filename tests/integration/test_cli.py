@@ -105,3 +105,87 @@ def test_resume_errors(services: Services, worker: Worker, client: Client) -> No
     assert proc.returncode == 1 and "not paused" in proc.stderr
     proc = chassis(services, "resume", cid)
     assert proc.returncode == 2 and "--approve or --reject" in proc.stderr
+
+
+def test_status_shows_attempts_last_error_and_where_it_waits(services: Services,
+                                                             worker: Worker,
+                                                             tmp_path: Path) -> None:
+    key = uuid.uuid4().hex
+    plan = tmp_path / "flaky.json"
+    plan.write_text(json.dumps({"start_step": "x", "steps": {
+        "x": {"action": "flaky", "params": {"key": key, "fail_times": 1},
+              "retry": {"max_attempts": 3, "initial_interval": 0.1}, "next_step": "wait"},
+        "wait": {"action": "pause_for_human_input", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}))
+    doc = as_json(chassis(services, "run", str(plan), "--wait", "--json"))
+    cid = doc["correlation_id"]
+    human = chassis(services, "status", cid)
+    assert "waiting for" in human.stdout and "approval at step 'wait'" in human.stdout
+    assert "last error" in human.stdout and "flaky run 1" in human.stdout
+    assert "2/3" in human.stdout  # attempt 2 of 3
+    step = next(s for s in as_json(chassis(services, "status", cid, "--json"))["steps"]
+                if s["name"] == "x")
+    assert [a["status"] for a in step["history"]] == ["FAILED", "COMPLETED"]
+    again = chassis(services, "resume", cid, "--approve")
+    assert again.returncode == 0, again.stderr
+    repeated = chassis(services, "resume", cid, "--approve")
+    assert repeated.returncode == 0 and "approval already recorded" in repeated.stdout
+
+
+def test_cancel_and_retry_from_the_command_line(services: Services, worker: Worker,
+                                                client: Client) -> None:
+    key = uuid.uuid4().hex
+    slow = {"start_step": "x", "steps": {
+        "x": {"action": "flaky", "params": {"key": key, "seconds": 20}}}}
+    cid = client.start(slow, None, client_id="acme")
+    proc = chassis(services, "cancel", cid, "--reason", "changed my mind", "--json")
+    doc = as_json(proc)
+    assert doc["status"] == "CANCELLED" and doc["error"] == "Workflow cancelled: changed my mind"
+    proc = chassis(services, "cancel", cid)
+    assert proc.returncode == 1 and "already CANCELLED" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = chassis(services, "retry", cid)
+    assert proc.returncode == 1 and "only a FAILED workflow can be retried" in proc.stderr
+    proc = chassis(services, "cancel", str(uuid.uuid4()))
+    assert proc.returncode == 1 and "no workflow" in proc.stderr
+
+    flaky = {"start_step": "x", "steps": {
+        "x": {"action": "flaky", "params": {"key": uuid.uuid4().hex, "fail_times": 1},
+              "next_step": "done"}, "done": {"action": "complete_workflow"}}}
+    cid = client.start(flaky, None, client_id="acme")
+    assert client.wait(cid, timeout=60)["status"] == "FAILED"
+    retried = as_json(chassis(services, "retry", cid, "--wait", "--json"))
+    assert retried["status"] == "COMPLETED"
+    assert retried["fuel"]["spent"] == sum(e["amount"] for e in client.ledger(cid)) == 3
+
+
+@pytest.mark.parametrize("retry, timeout, message", [
+    ({"max_attempts": 0}, None, "steps.x.retry.max_attempts: must be from 1 to 1000, got 0"),
+    ({"initial_interval": -1}, None,
+     "steps.x.retry.initial_interval: must be a positive number of seconds, got -1"),
+    ({"backoff_coefficient": 0.5}, None, "steps.x.retry.backoff_coefficient: must be from 1"),
+    ({"non_retryable": ["not a name"]}, None, "steps.x.retry.non_retryable[0]: expected an "
+                                               "error type name"),
+    ({"non_retryable": [3]}, None, "steps.x.retry.non_retryable[0]: expected an error type"),
+    ({"max_interval": 1, "initial_interval": 5}, None,
+     "steps.x: retry.max_interval (1) is shorter than retry.initial_interval (5)"),
+    (None, 0, "steps.x.timeout: must be a positive number of seconds, got 0"),
+    (None, "soon", "steps.x.timeout: expected a number of seconds, got str"),
+])
+def test_bad_retry_policies_and_timeouts_are_refused(services: Services, tmp_path: Path,
+                                                     client: Client, retry: Any, timeout: Any,
+                                                     message: str) -> None:
+    step: dict[str, Any] = {"action": "echo"}
+    if retry is not None:
+        step["retry"] = retry
+    if timeout is not None:
+        step["timeout"] = timeout
+    plan = tmp_path / "bad.json"
+    plan.write_text(json.dumps({"start_step": "x", "steps": {"x": step}}))
+    before = len(client.list(limit=10_000))
+    proc = chassis(services, "run", str(plan))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(client.list(limit=10_000)) == before
+    validated = chassis(services, "validate", str(plan))
+    assert validated.returncode == 1 and message in validated.stdout + validated.stderr
