@@ -96,9 +96,11 @@ def start(payload: dict[str, Any]) -> str:
 
 @app.task(name=RESPOND_TASK)
 def respond(correlation_id: str, request_id: str, success: bool, data: Any = None,
-            error: str | None = None) -> None:
-    """An external agent's TaskResponse to request ``request_id`` (its causation_id)."""
-    engine(app).apply(correlation_id, ResponseReceived(request_id, success, data, error))
+            error: str | None = None, error_type: str | None = None) -> None:
+    """An external agent's TaskResponse to request ``request_id`` (its causation_id);
+    ``error_type`` is matched against the step's ``retry.non_retryable``."""
+    engine(app).apply(correlation_id, ResponseReceived(request_id, success, data, error,
+                                                       error_type))
 
 
 @app.task(name=RELAY_TASK)

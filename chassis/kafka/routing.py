@@ -15,9 +15,9 @@ system.commands.workflow.cancel    chassis.cancel       {reason} or empty;
 system.agent.<plan>.process        chassis.start        initial request data; correlation_id
                                                         (or request_id), client_id,
                                                         [project_id, fuel_budget, plan]
-response pattern (default          chassis.respond      TaskResponse {success, data, error};
-system.responses.*)                                     correlation_id, causation_id,
-                                                        [client_id]
+response pattern (default          chassis.respond      TaskResponse {success, data, error,
+system.responses.*)                                     [error_type]}; correlation_id,
+                                                        causation_id, [client_id]
 =================================  ===================  ===============================
 """
 
@@ -35,6 +35,7 @@ from chassis.config import Settings
 from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import InputError
 from chassis.fuel import FUEL_HEADER
+from chassis.policy import ERROR_NAME, ERROR_NAME_MAX
 from chassis.registry import parse_ref
 
 START_PATTERN = r"^system\.agent\.(?P<type>.+)\.process$"
@@ -235,13 +236,21 @@ def parse_response(msg: Incoming, d: Directory) -> TaskCall:
     error = doc.get("error")
     if error is not None and not isinstance(error, str):
         error = json.dumps(error)
+    error_type = doc.get("error_type")
+    if error_type is not None and not (isinstance(error_type, str)
+                                       and len(error_type) <= ERROR_NAME_MAX
+                                       and ERROR_NAME.match(error_type)):
+        raise Rejected(BAD_PAYLOAD, "error_type must be an error type name such as "
+                                    "RateLimited (matched against retry.non_retryable)")
     cid = _uuid_header(msg, "correlation_id")
     causation = _header(msg, "causation_id")
     _owned(msg, d, cid, (msg.headers.get("client_id") or "").strip() or None)
     if not d.has_request(cid, causation):
         raise Rejected(UNKNOWN_REQUEST, f"workflow {cid} sent no request {causation}")
-    return TaskCall(RESPOND_TASK, [cid, causation, doc["success"], doc.get("data"), error],
-                    correlation_id=cid)
+    args = [cid, causation, doc["success"], doc.get("data"), error]
+    if error_type is not None:
+        args.append(error_type)
+    return TaskCall(RESPOND_TASK, args, correlation_id=cid)
 
 
 def _anchored(pattern: str) -> str:

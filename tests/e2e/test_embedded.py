@@ -69,3 +69,31 @@ def test_work_queued_by_one_process_is_done_by_a_later_one(tmp_path: Path) -> No
     proc = chassis(tmp_path, "run", str(plan), "--correlation-id", cid, "--wait", "--json")
     done = json.loads(proc.stdout)
     assert done["status"] == "COMPLETED" and done["final_result"]["a"] == {"n": 1}
+
+
+def test_embedded_retries_later_than_a_countdown_are_sent_by_the_in_process_sweep(
+        tmp_path: Path) -> None:
+    plan = tmp_path / "flaky.json"
+    plan.write_text(json.dumps({"start_step": "a", "steps": {
+        "a": {"action": "fail", "params": {"message": "down"},
+              "retry": {"max_attempts": 2, "initial_interval": 12}}}}))
+    proc = chassis(tmp_path, "run", str(plan), "--wait", "--json")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["status"] == "FAILED", proc.stderr
+    assert doc["error"] == "step 'a' failed after 2 attempts: down"
+    history = doc["steps"][0]["history"]
+    assert [(a["attempt"], a["status"]) for a in history] == [(1, "FAILED"), (2, "FAILED")]
+    assert history[1]["due_at"] is not None  # it was kept for later, then sent
+
+
+def test_embedded_cancel_of_queued_work(tmp_path: Path) -> None:
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"start_step": "a", "steps": {
+        "a": {"action": "echo", "params": {"n": 1}, "next_step": "b"},
+        "b": {"action": "complete_workflow"}}}))
+    cid = json.loads(chassis(tmp_path, "run", str(plan), "--json").stdout)["correlation_id"]
+    cancelled = json.loads(chassis(tmp_path, "cancel", cid, "--json").stdout)
+    assert cancelled["status"] == "CANCELLED"
+    # a worker that finds the queued step later does not run it
+    proc = chassis(tmp_path, "run", str(plan), "--correlation-id", cid, "--wait", "--json")
+    assert json.loads(proc.stdout)["status"] == "CANCELLED"

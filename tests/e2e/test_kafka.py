@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from chassis import config
 from chassis.api import Client
-from chassis.coordinator import NOTIFICATION_TOPIC, RESUME_TOPIC
+from chassis.coordinator import CANCEL_TOPIC, NOTIFICATION_TOPIC, RESUME_TOPIC
 from chassis.plan import load_plan, parse_plan
 from chassis.registry import PlanRegistry
 from chassis.state import request_id_for
@@ -39,12 +39,14 @@ DLQ = "dlq.chassis"
 def running(kafka: KafkaServices) -> KafkaServices:
     """A worker, the bridge, the relay and the example agent, with the topics made."""
     create_topics(kafka.bootstrap, REQUESTS, RESPONSES, NOTIFICATION_TOPIC, RESUME_TOPIC,
-                  DLQ, "system.agent.research.process", "system.agent.quick.process")
+                  CANCEL_TOPIC, DLQ, "system.agent.research.process",
+                  "system.agent.quick.process")
     registry = PlanRegistry(make_engine(kafka.env["CHASSIS_DATABASE_URL"]))
     registry.register("research", load_plan(ROOT / "examples" / "external_research.yaml"))
     registry.register("quick", parse_plan({"start_step": "done", "steps": {
         "done": {"action": "complete_workflow"}}}))
     kafka.start_worker()
+    kafka.start_beat()  # the sweep sends agents' retries when due
     kafka.agent(REQUESTS, RESPONSES)
     kafka.relay()
     kafka.bridge()
@@ -138,6 +140,45 @@ def test_failed_agent_answer_fails_the_step(running: KafkaServices) -> None:
     assert failed["error"] == "step 'research' failed: quota exceeded"
     notes = running.read(NOTIFICATION_TOPIC, events_for(cid, "WORKFLOW_FAILED"))
     assert any(json_of(m).get("error") == failed["error"] for m in notes)
+
+
+def test_a_failed_answer_is_retried_with_a_new_request_then_cancel_by_kafka(
+        running: KafkaServices) -> None:
+    c = client(running)
+    cid = str(uuid.uuid4())
+    topic, answers = "system.agent.retrying.requests", "system.responses.retrying"
+    plan = {"start_step": "ask", "steps": {
+        "ask": {"action": "research", "topic": topic, "next_step": "done",
+                "retry": {"max_attempts": 3, "initial_interval": 0.1}},
+        "done": {"action": "complete_workflow"}}}
+    c.start(plan, {"q": 1}, client_id="acme", correlation_id=cid)
+    create_topics(running.bootstrap, answers)
+    first, second = request_id_for(cid, "ask", 1), request_id_for(cid, "ask", 2)
+
+    def requests(n: int) -> list[Message]:
+        got = running.read(topic, lambda ms: sum(
+            headers_of(m).get("correlation_id") == cid for m in ms) >= n)
+        return [m for m in got if headers_of(m).get("correlation_id") == cid]
+
+    assert headers_of(requests(1)[0])["request_id"] == first
+    running.send(answers, {"success": False, "error": "busy", "error_type": "Overloaded"},
+                 {"correlation_id": cid, "causation_id": first, "client_id": "acme"}, key=cid)
+    assert headers_of(requests(2)[1])["request_id"] == second  # sent by beat's sweep
+    # the first request's late answer is ignored: the second attempt is awaited now
+    running.send(answers, {"success": True, "data": {"late": True}},
+                 {"correlation_id": cid, "causation_id": first, "client_id": "acme"}, key=cid)
+    running.send(CANCEL_TOPIC, {"reason": "the customer left"},
+                 {"correlation_id": cid, "client_id": "acme"}, key=cid)
+    done = wait_until(lambda: (d := c.status(cid))["status"] == "CANCELLED" and d,
+                      timeout=60, message="the cancel message was not applied")
+    assert done["error"] == "Workflow cancelled: the customer left"
+    assert "ask" not in done["collected_data"]
+    history = next(s for s in done["steps"] if s["name"] == "ask")["history"]
+    assert [(a["status"], a["error_type"]) for a in history] == [
+        ("FAILED", "Overloaded"), ("CANCELLED", None)]
+    notes = running.read(NOTIFICATION_TOPIC, events_for(cid, "WORKFLOW_CANCELLED"))
+    event = next(json_of(m) for m in notes if json_of(m).get("correlation_id") == cid)
+    assert event["reason"] == "the customer left"
 
 
 def test_unusable_messages_go_to_the_dlq_with_their_reason(running: KafkaServices) -> None:

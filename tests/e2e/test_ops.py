@@ -231,6 +231,24 @@ def test_metrics_equal_the_database(stack: Stack, completed: str) -> None:
     assert got[("agentchassis_kafka_up", ())] == 1 and got[("agentchassis_database_up", ())] == 1
 
 
+def test_flower_shows_a_retried_attempt_as_retry_and_the_last_as_failure(
+        stack: Stack) -> None:
+    client = Client(stack.settings())
+    plan = {"start_step": "a", "steps": {"a": {
+        "action": "fail", "params": {"message": "no"},
+        "retry": {"max_attempts": 2, "initial_interval": 0.1}}}}
+    cid = client.start(plan, client_id="acme")
+    assert client.wait(cid, timeout=60)["error"] == "step 'a' failed after 2 attempts: no"
+    first, last = request_id_for(cid, "a", 1), request_id_for(cid, "a", 2)
+
+    def states() -> tuple[str | None, str | None]:
+        tasks = stack.get("/api/tasks?limit=1000")
+        return tasks.get(first, {}).get("state"), tasks.get(last, {}).get("state")
+
+    wait_until(lambda: states() == ("RETRY", "FAILURE"), timeout=60, interval=0.5,
+               message=f"flower does not show RETRY then FAILURE: {states()}")
+
+
 def test_worker_logs_are_json_lines_with_the_workflow_ids(stack: Stack, completed: str) -> None:
     records = [json.loads(line) for line in stack.output("worker") if line.startswith("{")]
     ours = [r for r in records if r["correlation_id"] == completed]

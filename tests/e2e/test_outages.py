@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from chassis import config
 from chassis.api import Client
+from chassis.state import request_id_for
 from chassis.store.db import dispose_engines, make_engine, upgrade
 from chassis.store.tables import fuel_ledger, step_runs
 from tests.conftest import PostgresServer
@@ -167,6 +168,7 @@ def test_postgresql_stopped_for_fifteen_seconds_mid_run(own_redis: OwnRedis,
 def test_a_workflow_started_while_the_broker_is_down_runs_once_it_is_back(
         fresh_db: str, own_redis: OwnRedis, tmp_path: Path) -> None:
     env = env_for(fresh_db, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "home")
+    del env["CHASSIS_ACTION_MODULES"]  # the plan uses built-in actions only
     plan = tmp_path / "plan.json"
     steps: dict[str, Any] = {f"s{i}": {"action": "sleep", "params": {"seconds": 0.1},
                                        "next_step": f"s{i + 1}" if i < 3 else "done"}
@@ -197,3 +199,31 @@ def test_a_workflow_started_while_the_broker_is_down_runs_once_it_is_back(
     print(f"\n[measured] started while the broker was down: COMPLETED "
           f"{time.monotonic() - began:.1f} s after a worker and beat started ({took:.1f})")
     assert_exactly_once(client, [cid])
+
+
+def test_on_the_threads_pool_the_sweep_times_an_attempt_out(fresh_db: str, own_redis: OwnRedis,
+                                                            tmp_path: Path) -> None:
+    """A thread cannot be interrupted: the sweep fails the attempt past its deadline, the
+    retry goes ahead, and the first attempt's late result is ignored."""
+    s = deployment(fresh_db, own_redis.url, tmp_path)
+    worker = s.start_worker(concurrency=4, pool="threads")
+    client = s.client()
+    key = uuid.uuid4().hex
+    plan = {"start_step": "slow", "steps": {
+        "slow": {"action": "flaky", "params": {"key": key, "seconds": 8},
+                 "timeout": 2, "retry": {"max_attempts": 2, "initial_interval": 0.1},
+                 "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    began = time.monotonic()
+    cid = client.start(plan, client_id="acme")
+    doc = client.wait(cid, timeout=60)
+    print(f"\n[measured] threads pool, 8 s step with timeout 2 s, 2 attempts: FAILED after "
+          f"{time.monotonic() - began:.1f} s")
+    assert doc["status"] == "FAILED", doc
+    assert doc["error"] == "step 'slow' failed after 2 attempts: timed out after 2 s"
+    # both actions run on, return, and their tasks end: their results change nothing
+    done = [f"chassis.step[{request_id_for(cid, 'slow', n)}] succeeded" for n in (1, 2)]
+    wait_until(lambda: all(line in worker.text() for line in done), timeout=30,
+               message="the timed-out actions never returned")
+    after = client.status(cid)
+    assert after["version"] == doc["version"] and "slow" not in after["collected_data"]
