@@ -9,7 +9,7 @@ the work, and need no state in the metrics process. Every name starts with
 name                                     type       labels / meaning
 =======================================  =========  ==================================
 agentchassis_workflows                   gauge      status: workflows in that status
-agentchassis_step_runs                   gauge      status: step runs in that status
+agentchassis_step_runs                   gauge      status: attempts in that status
 agentchassis_step_duration_seconds       histogram  action: started → finished, of
                                                     finished step runs
 agentchassis_fuel_spent_total            counter    action, client_id: ledger sum

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from chassis import config, logs, runtime
+from chassis import config, infra, logs, runtime
 from chassis.celery_conf import (
     AI_STEP_TASK,
     AI_SUBTASK_TASK,
@@ -90,8 +90,10 @@ def resume(correlation_id: str, approved: bool, feedback: Any = None) -> None:
 
 @app.task(name=START_TASK)
 def start(payload: dict[str, Any]) -> str:
-    """Start a registered plan for a Kafka start request (idempotent by correlation_id)."""
-    return runtime.client(app).start_request(payload)
+    """Start a registered plan for a Kafka start request (idempotent by correlation_id;
+    an unreachable database is waited for)."""
+    return infra.persist(lambda: runtime.client(app).start_request(payload),
+                         "starting a workflow", correlation_id=payload.get("correlation_id"))
 
 
 @app.task(name=RESPOND_TASK)

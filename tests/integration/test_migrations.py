@@ -173,3 +173,101 @@ def test_upgrade_unreachable_raises_config_error() -> None:
     with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1/x.*Check that") as info:
         upgrade(UNREACHABLE)
     assert "s3cret" not in str(info.value)
+
+
+def upgrade_to(url: str, revision: str) -> None:
+    """Migrate to ``revision`` only (what an older release left behind)."""
+    from alembic import command
+
+    from chassis.store.db import _alembic_config, _create_engine, _resolve
+
+    target = _resolve(url)
+    config = _alembic_config(target)
+    engine = _create_engine(target, for_migrations=True)
+    try:
+        with engine.connect() as connection, connection.begin():
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> None:
+    """Rows as the release before attempts wrote them: a workflow paused for approval
+    (its current_step already the step after the pause) and a fan-out under way (its
+    sub-tasks recorded nothing yet). After the upgrade both run to the end."""
+    import json
+    import uuid
+    from datetime import UTC, datetime
+
+    from chassis import coordinator as co
+    from chassis.plan import parse_plan, plan_to_dict
+    from chassis.state import Status, request_id_for
+    from chassis.store import SqlStore
+
+    upgrade_to(empty_db_url, "0002")
+    paused, fanning = str(uuid.uuid4()), str(uuid.uuid4())
+    review = parse_plan({"start_step": "draft", "steps": {
+        "draft": {"action": "echo", "next_step": "review"},
+        "review": {"action": "pause_for_human_input", "next_step": "publish"},
+        "publish": {"action": "echo", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    fan = parse_plan({"start_step": "fan", "steps": {
+        "fan": {"action": "fan_out", "next_step": "done", "sub_tasks": [
+            {"step_name": "x", "action": "noop"}, {"step_name": "y", "action": "noop"}]},
+        "done": {"action": "complete_workflow"}}})
+    now = datetime.now(UTC)
+    pg = make_url(empty_db_url).get_backend_name() == "postgresql"
+
+    def state(cid: str, plan: Any, status: str, current: str, awaited: list[str],
+              data: dict[str, Any], spent: int) -> dict[str, Any]:
+        return {"correlation_id": cid, "client_id": "c1", "status": status,
+                "current_step": current, "awaited_steps": json.dumps(awaited),
+                "collected_data": json.dumps(data), "plan": json.dumps(plan_to_dict(plan)),
+                "fuel_budget": 100, "fuel_spent": spent, "version": 3,
+                "created_at": now, "updated_at": now}
+
+    def run(cid: str, step: str, action: str, status: str, attempts: int,
+            parent: str | None = None) -> dict[str, Any]:
+        return {"correlation_id": cid, "step_name": step, "action": action,
+                "status": status, "attempts": attempts, "parent_step": parent,
+                "request_id": request_id_for(cid, step), "dispatched_at": now,
+                "started_at": now if attempts else None}
+
+    cast = "CAST(:{} AS JSONB)" if pg else ":{}"
+    with make_engine(empty_db_url).begin() as conn:
+        for row in (state(paused, review, "PAUSED_FOR_HUMAN_INPUT", "publish",
+                          [request_id_for(paused, "review")], {"draft": {}}, 1),
+                    state(fanning, fan, "AWAITING_RESPONSES", "done",
+                          [request_id_for(fanning, "x"), request_id_for(fanning, "y")], {}, 7)):
+            cols = list(row)
+            values = ", ".join(cast.format(c) if c in ("awaited_steps", "collected_data", "plan")
+                               else f":{c}" for c in cols)
+            conn.execute(sa.text(f"INSERT INTO orchestrator_state ({', '.join(cols)}) "
+                                 f"VALUES ({values})"), row)
+        for row in (run(paused, "draft", "echo", "COMPLETED", 1),
+                    run(paused, "review", "pause_for_human_input", "AWAITING", 1),
+                    run(fanning, "fan", "fan_out", "AWAITING", 1),
+                    run(fanning, "x", "noop", "DISPATCHED", 0, "fan"),
+                    run(fanning, "y", "noop", "RUNNING", 1, "fan")):
+            conn.execute(sa.text(
+                "INSERT INTO step_runs (correlation_id, step_name, action, status, attempts, "
+                "parent_step, request_id, dispatched_at, started_at) VALUES (:correlation_id, "
+                ":step_name, :action, :status, :attempts, :parent_step, :request_id, "
+                ":dispatched_at, :started_at)"), row)
+
+    assert upgrade(empty_db_url) == ["0003"]
+    store = SqlStore(make_engine(empty_db_url))
+    d = store.transition(paused, lambda s, p: co.decide(s, p, co.Resume(True, {"ok": 1})))
+    d = store.transition(paused, lambda s, p: co.decide(s, p, co.StepSucceeded("publish", {})))
+    assert d.state.status is Status.COMPLETED
+    assert d.state.final_result["human_feedback"] == {"ok": 1}
+    for name in ("x", "y"):  # y's worker was lost in the upgrade: its claim is taken over
+        assert store.claim(fanning, name, 1, "t", lease=15, timeout=60) is not None
+    assert store.record_subtask(fanning, "x", 1, {"x": 1}) == (True, 1)
+    assert store.record_subtask(fanning, "y", 1, {"y": 1}) == (True, 0)
+    done = store.completed_subtasks(fanning, "fan")
+    d = store.transition(fanning, lambda s, p: co.decide(s, p, co.SubtasksSucceeded(
+        "fan", {n: o for n, (_, o) in done.items()}, {n: a for n, (a, _) in done.items()})))
+    assert d.state.status is Status.COMPLETED
+    assert d.state.final_result["fan"] == {"x": {"x": 1}, "y": {"y": 1}}

@@ -46,6 +46,13 @@ def upgrade() -> None:
         batch.create_unique_constraint("uq_step_runs_workflow_step_attempt",
                                        ["correlation_id", "step_name", "attempt"])
     op.execute("UPDATE step_runs SET sent_at = dispatched_at")
+    # a fan-out under way when upgrading: its Celery sub-tasks not yet back
+    op.execute("""UPDATE step_runs SET pending = (
+        SELECT count(*) FROM step_runs c
+        WHERE c.correlation_id = step_runs.correlation_id
+          AND c.parent_step = step_runs.step_name
+          AND c.status IN ('DISPATCHED', 'RUNNING'))
+      WHERE action = 'fan_out' AND status = 'AWAITING'""")
 
 
 def downgrade() -> None:
