@@ -58,12 +58,14 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) ->
                              "headers": headers, "payload": payload, "dedup_key": dedup,
                              "created_at": ts})
 
+    def sent(step: str, attempt: int, status: StepStatus, deadline: datetime | None) -> None:
+        out.sent.append({"b_step": step, "b_attempt": attempt, "status": status.value,
+                         "sent_at": ts, "deadline": deadline})
+
     def dispatched(c: cmd.RunStep) -> None:
         due = _later(ts, c.delay) if c.delay else None
         if c.scheduled:
-            out.sent.append({"b_step": c.step, "b_attempt": c.attempt,
-                             "status": StepStatus.DISPATCHED.value, "sent_at": ts,
-                             "deadline": None})
+            sent(c.step, c.attempt, StepStatus.DISPATCHED, None)
         else:
             run(c.step, c.attempt, c.action, StepStatus.DISPATCHED, c.request_id,
                 c.parent_step, due_at=due, sent_at=due or ts)
@@ -84,9 +86,7 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) ->
         elif isinstance(c, cmd.SendRequest):
             deadline = _later(ts, c.timeout)
             if c.scheduled:
-                out.sent.append({"b_step": c.step, "b_attempt": c.attempt,
-                                 "status": StepStatus.AWAITING.value, "sent_at": ts,
-                                 "deadline": deadline})
+                sent(c.step, c.attempt, StepStatus.AWAITING, deadline)
             else:
                 run(c.step, c.attempt, c.action, StepStatus.AWAITING, c.request_id,
                     c.parent_step, sent_at=ts, deadline=deadline)

@@ -55,40 +55,35 @@ class Services:
     def client(self) -> Client:
         return Client(config.load(self.env))
 
-    def start_beat(self, **env: str) -> Worker:
-        """``celery -A tasks beat``: it sends the sweep every CHASSIS_SWEEP_INTERVAL."""
-        log = self.tmp / f"beat-{uuid.uuid4().hex[:8]}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
-               "-s", str(self.tmp / f"beat-{uuid.uuid4().hex[:8]}")]
+    def _celery(self, name: str, args: list[str], ready: str, env: dict[str, str]) -> Worker:
+        """``celery -A tasks <args>`` in the repository, logging to a file, once ready."""
+        log = self.tmp / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env, **env},
+            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
+                                    cwd=ROOT, env={**os.environ, **self.env, **env},
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        beat = Worker(proc, log)
-        self.workers.append(beat)
-        wait_until(lambda: "beat: Starting" in beat.text() or proc.poll() is not None,
-                   timeout=60, message=f"beat did not start: {log}")
-        assert proc.poll() is None, beat.text()
-        return beat
+        w = Worker(proc, log)
+        self.workers.append(w)
+        wait_until(lambda: ready in w.text() or proc.poll() is not None, timeout=60,
+                   message=f"{name} did not start: {log}")
+        assert proc.poll() is None, w.text()
+        return w
+
+    def start_beat(self, **env: str) -> Worker:
+        """``celery -A tasks beat``: it sends the sweep every CHASSIS_SWEEP_INTERVAL."""
+        name = f"beat-{uuid.uuid4().hex[:8]}"
+        return self._celery(name, ["beat", "-l", "INFO", "-s", str(self.tmp / name)],
+                            "beat: Starting", env)
 
     def start_worker(self, concurrency: int = 2, queues: str | None = None,
                      pool: str = "prefork", events: bool = False, **env: str) -> Worker:
-        name = f"test-{uuid.uuid4().hex[:8]}@localhost"
-        log = self.tmp / f"{name.split('@')[0]}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
-               "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
-               "-P", pool, "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai",
-               *(["-E"] if events else [])]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env, **env},
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        worker = Worker(proc, log)
-        self.workers.append(worker)
-        wait_until(lambda: "ready." in worker.text() or proc.poll() is not None, timeout=60,
-                   message=f"worker did not start: {log}")
-        assert proc.poll() is None, worker.text()
-        return worker
+        name = f"test-{uuid.uuid4().hex[:8]}"
+        return self._celery(name, [
+            "worker", "-l", "INFO", "-c", str(concurrency), "-n", f"{name}@localhost",
+            "--without-mingle", "--without-gossip", "-P", pool,
+            "-Q", queues or "chassis.coordination,chassis.steps,chassis.ai",
+            *(["-E"] if events else [])], "ready.", env)
 
 
 @pytest.fixture(scope="module")
