@@ -97,16 +97,18 @@ def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def status_dict(s: WorkflowState, steps: list[dict[str, Any]],
+def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
                 plan: Plan | None = None) -> dict[str, Any]:
     """The status document of ``chassis status --json``: ``steps`` holds one entry per
     step or sub-task (its latest attempt, ``attempts`` the attempt number, ``error`` the
-    last error) with its ``history`` of attempts; ``waiting_for`` says where it waits."""
-    step_docs = _step_docs(steps, plan)
+    last error) with its ``history`` of attempts; ``waiting_for`` says where it waits
+    (None in lists, which read no attempts)."""
+    step_docs = _step_docs(steps or [], plan)
     return {
         "correlation_id": s.correlation_id, "client_id": s.client_id,
         "project_id": s.project_id, "status": s.status.value,
-        "current_step": s.current_step or None, "waiting_for": waiting_for(s, step_docs),
+        "current_step": s.current_step or None,
+        "waiting_for": None if steps is None else waiting_for(s, step_docs),
         "awaited_steps": s.awaited_steps,
         "collected_data": s.collected_data, "input": s.initial_request_data,
         "final_result": s.final_result, "error": s.error,
@@ -304,7 +306,7 @@ class Client:
         """Recent workflows, newest first."""
         if status is not None and status not in Status.__members__:
             raise InputError(f"unknown status {status!r}; one of: {', '.join(Status)}")
-        return [status_dict(s, []) for s in self.store.list(status, limit)]
+        return [status_dict(s, None) for s in self.store.list(status, limit)]
 
     def wait(self, correlation_id: str, timeout: float | None = None,
              until: Collection[str] = SETTLED, interval: float = 0.1,

@@ -192,6 +192,8 @@ def _on_resume(d: Decision, plan: Plan, event: Resume) -> Decision | None:
                 attempt=found[1]))
     s.awaited_steps = []
     if not event.approved:
+        if pause is not None:
+            s.current_step = pause[0]  # failed there: a retry asks again
         _fail(d, plan, REJECTED_ERROR, step=pause[0] if pause else None)
         return None
     if event.feedback is not None:
@@ -437,11 +439,12 @@ def _finish_fan_out(d: Decision, plan: Plan, status: StepStatus, error: str) -> 
                                      attempt=_attempt_of(s, s.current_step)))
 
 
-def _fail(d: Decision, plan: Plan | None, error: str, step: str | None = None) -> None:
+def _fail(d: Decision, plan: Plan, error: str, step: str | None = None) -> None:
     s = d.state
-    if plan is not None:
-        _abandon(d, plan, "not needed: the workflow failed")
-        _finish_fan_out(d, plan, StepStatus.FAILED, error)
+    revoke = _abandon(d, plan, "not needed: the workflow failed")
+    if revoke:  # siblings of a failed sub-task: their work would be wasted
+        d.commands.append(Revoke(tuple(revoke)))
+    _finish_fan_out(d, plan, StepStatus.FAILED, error)
     s.status = Status.FAILED
     s.error = error
     s.awaited_steps = []
@@ -567,8 +570,9 @@ def _fan_out(d: Decision, plan: Plan, name: str, step: Step) -> None:
     if not again:
         _debit(d, name, FAN_OUT, 1)
     _set_attempt(s, name, attempt)
+    tasks = sum(_is_task(plan, st.step_name) for st in todo)
     d.commands.append(RecordStep(name, FAN_OUT, StepStatus.AWAITING, attempt,
-                                 pending=sum(_is_task(plan, st.step_name) for st in todo)))
+                                 pending=tasks or None))  # None: no Celery sub-task counts down
     celery: list[RunStep] = []
     for st in todo:
         n = _attempt_of(s, st.step_name) + 1 if st.step_name in s.attempts else 1

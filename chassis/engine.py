@@ -16,8 +16,9 @@ recorded.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -106,12 +107,20 @@ class Engine:
     """
 
     def __init__(self, store: SqlStore, app: Celery, settings: Settings, *,
-                 in_worker: bool = True) -> None:
+                 in_worker: bool = True, publish_patience: float = PUBLISH_PATIENCE) -> None:
         self.store = store
         self.app = app
         self.settings = settings
         self.in_worker = in_worker
+        self.publish_patience = publish_patience
         self.heartbeat = Heartbeat(store.renew_leases, settings.lease_seconds)
+
+    def impatient(self) -> Engine:
+        """This engine, but a publish that fails is left to the next sweep at once (the
+        sweep must not wait on a broker that is down)."""
+        other = copy.copy(self)
+        other.publish_patience = 0.0
+        return other
 
     # -------------------------------------------------------------- transitions
 
@@ -129,6 +138,18 @@ class Engine:
         """Apply one event durably, then send what it calls for."""
         decision = self._db(
             lambda: self.store.transition(cid, lambda s, p: co.decide(s, p, event), state),
+            f"recording {type(event).__name__}", cid)
+        if decision.changed:
+            self.dispatch(decision)
+        return decision
+
+    def apply_if(self, row: Stuck, event: co.Event, statuses: Sequence[str]) -> co.Decision:
+        """:meth:`apply`, only while the attempt's row is in one of ``statuses`` (the
+        sweep's timeouts and lost workers: a sub-task that recorded its success just
+        before is not failed after it)."""
+        cid = row.correlation_id
+        decision = self._db(lambda: self.store.transition_if(
+            cid, row.step, row.attempt, statuses, lambda s, p: co.decide(s, p, event)),
             f"recording {type(event).__name__}", cid)
         if decision.changed:
             self.dispatch(decision)
@@ -255,7 +276,7 @@ class Engine:
         if self.in_worker:
             try:
                 infra.persist(send, "publishing a task", correlation_id=cid,
-                              give_up_after=PUBLISH_PATIENCE)
+                              give_up_after=self.publish_patience)
             except Exception as exc:
                 if not infra.is_broker_error(exc):
                     raise

@@ -14,7 +14,7 @@ seconds, default 5): the clock of the failure model. Each run, in this order:
    with a broker restart, or a publish that failed while the broker was down) is sent
    again once its queue is empty and it has waited CHASSIS_REDISPATCH_AFTER seconds
    (ten times that while the queue holds messages: it may only be waiting its turn),
-   the wait doubling after each re-send;
+   the wait doubling after each re-send, up to two minutes (twenty while busy);
 5. **fan-ins**: a fan-out whose sub-tasks all recorded success but was never collected
    (the last sub-task's worker died in between) is collected;
 6. **stalls**: a RUNNING workflow that has waited CHASSIS_STEP_TIMEOUT for dependencies
@@ -56,8 +56,10 @@ SWEEP_LOCK_KEY = 0x7377656570
 BATCH = 500
 #: How much longer an unclaimed attempt may wait while its queue is not empty.
 BUSY_QUEUE_FACTOR = 10
-#: Re-sends double the wait up to this many times.
+#: Re-sends double the wait up to this many times, and to this many seconds at most
+#: (ten times that while the queue is busy).
 MAX_DOUBLINGS = 8
+MAX_WAIT = 120.0
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Sweeper:
     """Finds due, overdue, lost and stalled attempts of ``engine``'s store."""
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine = engine
+        self.engine = engine.impatient()  # a broker that is down stops this sweep, not waits
         self.store = engine.store
         self.settings = settings
 
@@ -132,8 +134,8 @@ class Sweeper:
             or self.settings.step_timeout
         error = (f"no answer from the agent within {timeout:g} s" if row.status == "AWAITING"
                  else f"timed out after {timeout:g} s")
-        decision = self.engine.apply(row.correlation_id, co.StepFailed(
-            row.step, error, row.attempt, (TIMEOUT_ERROR,)))
+        decision = self.engine.apply_if(row, co.StepFailed(
+            row.step, error, row.attempt, (TIMEOUT_ERROR,)), (row.status,))
         if decision.changed:
             report.timed_out.append(_name(row))
             log.warning("step %s attempt %d %s", row.step, row.attempt, error,
@@ -143,8 +145,8 @@ class Sweeper:
         if row.deliveries >= self.settings.max_deliveries:
             error = (f"its worker was lost {row.deliveries} times while running it "
                      f"(CHASSIS_MAX_DELIVERIES={self.settings.max_deliveries})")
-            decision = self.engine.apply(row.correlation_id, co.StepFailed(
-                row.step, error, row.attempt, (WORKER_LOST_ERROR,)))
+            decision = self.engine.apply_if(row, co.StepFailed(
+                row.step, error, row.attempt, (WORKER_LOST_ERROR,)), (row.status,))
             if decision.changed:
                 report.lost.append(_name(row))
             return
@@ -155,7 +157,8 @@ class Sweeper:
         queue = queue_for(row.action)
         if queue not in depths:
             depths[queue] = self._depth(queue)
-        wait = self.settings.redispatch_after * 2 ** min(row.sends, MAX_DOUBLINGS)
+        wait = min(self.settings.redispatch_after * 2 ** min(row.sends, MAX_DOUBLINGS),
+                   max(self.settings.redispatch_after, MAX_WAIT))
         if depths[queue] != 0:  # not empty (or unknown): it may be waiting its turn
             wait *= BUSY_QUEUE_FACTOR
         sent = row.sent_at or row.dispatched_at

@@ -23,6 +23,9 @@ from chassis.policy import merged_problems
 
 #: Keys of a step's data that are not step outputs.
 RESERVED_NAMES = frozenset({"input", "human_feedback"})
+#: Characters a step or sub-task name may not hold: they separate the attempt number in
+#: request ids and ledger keys (``<id>/<step>/<n>``, ``<id>:<step>#<n>``).
+NAME_SEPARATORS = ("#", "/")
 
 
 def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[str]:
@@ -41,6 +44,7 @@ def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[s
         place = f"steps.{name}"
         if name in RESERVED_NAMES:
             problems.append(f"{place}: the name {name!r} is reserved for workflow data")
+        problems += _name_problems(place, "step name", name)
         if step.next_step is not None and step.next_step not in plan.steps:
             problems.append(f"{place}: next_step {step.next_step!r} names no step")
         for dep in step.dependencies:
@@ -117,6 +121,7 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
         if not st.step_name:
             problems.append(f"{sp}: has no step_name")
             continue
+        problems += _name_problems(sp, "step_name", st.step_name)
         if st.step_name in plan.steps:
             problems.append(f"{sp}: step_name {st.step_name!r} is also a step's name "
                             "(outputs are stored by name)")
@@ -132,6 +137,13 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
         elif action not in known and not st.topic:
             problems.append(_unknown(sp, action, known))
     return problems
+
+
+def _name_problems(place: str, what: str, name: str) -> list[str]:
+    bad = [c for c in NAME_SEPARATORS if c in name]
+    if bad:
+        return [f"{place}: {what} {name!r} may not contain {' or '.join(map(repr, bad))}"]
+    return []
 
 
 def _failure_problems(place: str, name: str, step: Step, plan: Plan) -> list[str]:

@@ -73,6 +73,7 @@ def sweep_command(as_json: bool) -> None:
     """Run the sweep once, now (beat sends chassis.sweep every CHASSIS_SWEEP_INTERVAL
     seconds): retries that are due are sent, attempts past their timeout fail, attempts
     of lost workers and lost messages are sent again, forgotten fan-ins are collected."""
+    from chassis import infra
     from chassis.api import Client
     from chassis.sweep import Sweeper
 
@@ -81,6 +82,11 @@ def sweep_command(as_json: bool) -> None:
         report = Sweeper(Client(settings).engine, settings).sweep()
     except ChassisError as exc:
         fail(str(exc))
+    except Exception as exc:
+        if not infra.is_infrastructure_error(exc):
+            raise
+        fail(f"cannot reach the {'database' if infra.is_database_error(exc) else 'broker'}: "
+             f"{' '.join(str(getattr(exc, 'orig', None) or exc).split())[:300]}", code=3)
     if as_json:
         print_json({**report.counts(), "attempts": {
             "sent_due": report.sent_due, "timed_out": report.timed_out,

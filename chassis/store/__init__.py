@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from chassis.store.attempts import Stuck
 from chassis.store.base import Store
-from chassis.store.sql import Claim, SqlStore, StaleState
+from chassis.store.sql import Claim, SqlStore, StaleState, StoreConflict
 
-__all__ = ["Claim", "SqlStore", "StaleState", "Store", "Stuck"]
+__all__ = ["Claim", "SqlStore", "StaleState", "Store", "StoreConflict", "Stuck"]

@@ -31,6 +31,9 @@ class Store(Protocol):
     def transition(self, cid: str, decide: Callable[[WorkflowState, Plan], Decision],
                    state: WorkflowState | None = None) -> Decision: ...
 
+    def transition_if(self, cid: str, step: str, attempt: int, statuses: Sequence[str],
+                      decide: Callable[[WorkflowState, Plan], Decision]) -> Decision: ...
+
     def claim(self, cid: str, step: str, attempt: int, task_id: str | None, *,
               lease: float, timeout: float) -> Claim | None: ...
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from chassis import commands as cmd
-from chassis.errors import WorkflowNotFound
+from chassis.errors import ChassisError, WorkflowNotFound
 from chassis.plan import Plan, parse_plan, plan_to_dict
 from chassis.state import Status, WorkflowState
 from chassis.store import attempts as at
@@ -30,8 +30,14 @@ _STATE_COLS = [c for c in orchestrator_state.c if c.name != "plan"]
 _MAX_RETRIES = 20
 
 
-class StaleState(Exception):
-    """The state changed under us (its version moved): re-read and decide again."""
+class StaleState(ChassisError):
+    """The state changed under us (its version moved): re-read and decide again. Raised
+    to the caller only when that kept happening."""
+
+
+class StoreConflict(ChassisError):
+    """A write was refused by a unique key that a transition should never meet (the
+    decision and the rows disagree): nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,8 @@ _SENT = (step_runs.update().where(*_WHERE_ATTEMPT)
                  deadline=sa.bindparam("deadline")))
 _FINISH = (
     step_runs.update()
-    .where(*_WHERE_ATTEMPT, step_runs.c.status.not_in(at.FINAL))
+    # no NOT IN: an expanding parameter cannot be used with executemany (SQLite's path)
+    .where(*_WHERE_ATTEMPT, *(step_runs.c.status != final for final in at.FINAL))
     .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
             error=sa.bindparam("error"), error_type=sa.bindparam("error_type"),
             finished_at=sa.bindparam("finished_at")))
@@ -238,11 +245,43 @@ class SqlStore:
                     if decision.changed:
                         self._save(conn, decision, state.version)
                     return decision
-            except (StaleState, IntegrityError) as exc:
+            except StaleState as exc:
                 log.debug("transition of %s retried (%s), attempt %d", cid, exc, attempt + 1,
                           extra={"correlation_id": cid})
+            except IntegrityError as exc:
+                raise StoreConflict(
+                    f"workflow {cid}: a row of this transition exists already "
+                    f"({' '.join(str(exc.orig).split())[:300]}); nothing was written",
+                    correlation_id=cid) from None
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
-                         f"{_MAX_RETRIES} tries")
+                         f"{_MAX_RETRIES} tries", correlation_id=cid)
+
+    def transition_if(self, cid: str, step: str, attempt: int, statuses: Sequence[str],
+                      decide: Callable[[WorkflowState, Plan], cmd.Decision]) -> cmd.Decision:
+        """:meth:`transition`, applied only while attempt ``attempt`` of ``step`` is in
+        one of ``statuses``; its row stays locked until the commit, so a worker's own
+        record of that attempt (a sub-task's success) comes either before (and the
+        transition is skipped: ``changed`` False) or after (and finds it finished)."""
+        lock = (step_runs.update()
+                .where(step_runs.c.correlation_id == cid, step_runs.c.step_name == step,
+                       step_runs.c.attempt == attempt, step_runs.c.status.in_(statuses))
+                .values(status=step_runs.c.status).returning(step_runs.c.id))
+        for tries in range(_MAX_RETRIES):
+            try:
+                with self.engine.begin() as conn:
+                    locked = conn.execute(lock).first() is not None
+                    state, plan = self._load(conn, cid)
+                    if not locked:
+                        return cmd.Decision(state, changed=False)
+                    decision = decide(state, plan)
+                    if decision.changed:
+                        self._save(conn, decision, state.version)
+                    return decision
+            except StaleState as exc:
+                log.debug("transition of %s retried (%s), attempt %d", cid, exc, tries + 1,
+                          extra={"correlation_id": cid})
+        raise StaleState(f"workflow {cid}: too much contention, gave up after "
+                         f"{_MAX_RETRIES} tries", correlation_id=cid)
 
     def _transition_pg(self, cid: str, decide: Callable[[WorkflowState, Plan], cmd.Decision],
                        known: WorkflowState | None) -> cmd.Decision:

@@ -206,7 +206,7 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
     from chassis.store import SqlStore
 
     upgrade_to(empty_db_url, "0002")
-    paused, fanning = str(uuid.uuid4()), str(uuid.uuid4())
+    paused, fanning, rejected = (str(uuid.uuid4()) for _ in range(3))
     review = parse_plan({"start_step": "draft", "steps": {
         "draft": {"action": "echo", "next_step": "review"},
         "review": {"action": "pause_for_human_input", "next_step": "publish"},
@@ -238,6 +238,8 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
     with make_engine(empty_db_url).begin() as conn:
         for row in (state(paused, review, "PAUSED_FOR_HUMAN_INPUT", "publish",
                           [request_id_for(paused, "review")], {"draft": {}}, 1),
+                    state(rejected, review, "PAUSED_FOR_HUMAN_INPUT", "publish",
+                          [request_id_for(rejected, "review")], {"draft": {}}, 1),
                     state(fanning, fan, "AWAITING_RESPONSES", "done",
                           [request_id_for(fanning, "x"), request_id_for(fanning, "y")], {}, 7)):
             cols = list(row)
@@ -247,6 +249,8 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
                                  f"VALUES ({values})"), row)
         for row in (run(paused, "draft", "echo", "COMPLETED", 1),
                     run(paused, "review", "pause_for_human_input", "AWAITING", 1),
+                    run(rejected, "draft", "echo", "COMPLETED", 1),
+                    run(rejected, "review", "pause_for_human_input", "AWAITING", 1),
                     run(fanning, "fan", "fan_out", "AWAITING", 1),
                     run(fanning, "x", "noop", "DISPATCHED", 0, "fan"),
                     run(fanning, "y", "noop", "RUNNING", 1, "fan")):
@@ -258,6 +262,12 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
 
     assert upgrade(empty_db_url) == ["0003"]
     store = SqlStore(make_engine(empty_db_url))
+    assert store.get(paused).attempts == {"draft": [1, 0, 0], "review": [1, 0, 0]}
+    # rejected, then retried by an operator: it asks again (attempt 2 of the pause)
+    store.transition(rejected, lambda s, p: co.decide(s, p, co.Resume(False)))
+    again = store.transition(rejected, lambda s, p: co.decide(s, p, co.Retry()))
+    assert again.state.status is Status.PAUSED_FOR_HUMAN_INPUT
+    assert again.state.attempts["review"][0] == 2
     d = store.transition(paused, lambda s, p: co.decide(s, p, co.Resume(True, {"ok": 1})))
     d = store.transition(paused, lambda s, p: co.decide(s, p, co.StepSucceeded("publish", {})))
     assert d.state.status is Status.COMPLETED

@@ -163,6 +163,41 @@ def test_sub_tasks_record_themselves_and_the_last_one_counts_down_to_zero(
     assert store.waiting_fan_ins(0, 10) == []
 
 
+@pytest.mark.parametrize("event", [co.StepFailed("x", "no", 1), co.Cancel("stop")])
+def test_a_fan_out_ends_with_every_sub_task_row_finished(store: SqlStore,
+                                                        event: co.Event) -> None:
+    """Failing or cancelling a fan-out finishes several attempt rows at once."""
+    cid = retrying_workflow(store)
+    claim(store, cid)
+    apply(store, cid, co.StepSucceeded("a", {}, 1))
+    claim(store, cid, "x")
+    d = apply(store, cid, event)
+    assert d.state.status in (Status.FAILED, Status.CANCELLED)
+    rows = {(r["step_name"], r["attempt"]): r["status"] for r in store.steps(cid)}
+    end = "FAILED" if isinstance(event, co.StepFailed) else "CANCELLED"
+    assert rows[("fan", 1)] == end and rows[("y", 1)] == "CANCELLED"
+    assert rows[("x", 1)] == ("FAILED" if end == "FAILED" else "CANCELLED")
+    assert [type(c) for c in d.commands if isinstance(c, co.Revoke)] == [co.Revoke]
+
+
+def test_a_guarded_transition_skips_an_attempt_that_finished_meanwhile(
+        store: SqlStore) -> None:
+    cid = retrying_workflow(store)
+    claim(store, cid)
+    apply(store, cid, co.StepSucceeded("a", {}, 1))
+    claim(store, cid, "x")
+    assert store.record_subtask(cid, "x", 1, {"v": 1}) == (True, 1)
+    late = store.transition_if(cid, "x", 1, ["RUNNING"], lambda s, p: co.decide(
+        s, p, co.StepFailed("x", "timed out after 5 s", 1, ("StepTimeout",))))
+    assert not late.changed
+    assert run_row(store, cid, "x")["status"] == "COMPLETED"
+    claim(store, cid, "y")
+    failed = store.transition_if(cid, "y", 1, ["RUNNING"], lambda s, p: co.decide(
+        s, p, co.StepFailed("y", "timed out after 5 s", 1, ("StepTimeout",))))
+    assert failed.changed and failed.state.status is Status.FAILED
+    assert store.record_subtask(cid, "y", 1, {"v": 2}) == (False, None)  # late: ignored
+
+
 def test_the_sweep_finds_lost_unclaimed_and_overdue_attempts(store: SqlStore) -> None:
     cid = new_workflow(store)
     (unclaimed,) = store.unclaimed(now() + timedelta(seconds=1), 10)

@@ -205,6 +205,8 @@ def test_a_sub_task_out_of_attempts_fails_the_fan_out_and_abandons_its_siblings(
     finished = {(c.step, c.status) for c in of(d, co.FinishStep)}
     assert finished == {("s2", StepStatus.FAILED), ("s1", StepStatus.CANCELLED),
                         ("s3", StepStatus.CANCELLED), ("fan", StepStatus.FAILED)}
+    (revoke,) = of(d, co.Revoke)  # the siblings' work would be wasted
+    assert set(revoke.task_ids) == {request_id_for(CID, n) for n in ("s1", "s3")}
 
 
 def test_cancel_revokes_what_runs_and_ignores_late_results() -> None:

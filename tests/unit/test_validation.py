@@ -222,3 +222,11 @@ def test_metrics_count_external_calls_and_stop_at_cycles() -> None:
     assert metrics(plan) == {
         "steps": 3, "fan_out_steps": 1, "external_calls": 2, "max_depth": 2, "sub_tasks": 2}
     assert metrics(plan_of({"a": {"action": "noop"}}, start="zz"))["max_depth"] == 0
+
+
+def test_names_may_not_hold_the_attempt_separators() -> None:
+    plan = parse_plan({"start_step": "a#2", "steps": {
+        "a#2": {"action": "fan_out", "sub_tasks": [{"step_name": "b/1", "action": "echo"}]}}})
+    assert validate(plan) == [
+        "steps.a#2: step name 'a#2' may not contain '#'",
+        "steps.a#2.sub_tasks[0]: step_name 'b/1' may not contain '/'"]

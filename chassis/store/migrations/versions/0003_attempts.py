@@ -6,7 +6,8 @@ Create Date: 2026-12-02
 
 ``step_runs.attempts`` counted deliveries of a step; it becomes ``deliveries`` and the
 key (workflow, step) becomes (workflow, step, attempt). Existing rows are attempt 1.
-``orchestrator_state.attempts`` keeps each step's latest attempt for the coordinator.
+``orchestrator_state.attempts`` keeps each step's latest attempt for the coordinator
+(filled in for the workflows already there: every step with a row is at attempt 1).
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def upgrade() -> None:
           AND c.parent_step = step_runs.step_name
           AND c.status IN ('DISPATCHED', 'RUNNING'))
       WHERE action = 'fan_out' AND status = 'AWAITING'""")
+    # the coordinator's attempts of each workflow: every step with a row had attempt 1
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("""UPDATE orchestrator_state o SET attempts = r.a FROM (
+            SELECT correlation_id, jsonb_object_agg(step_name, jsonb_build_array(1, 0, 0)) a
+            FROM step_runs GROUP BY correlation_id) r
+          WHERE o.correlation_id = r.correlation_id""")
+    else:
+        op.execute("""UPDATE orchestrator_state SET attempts = (
+            SELECT json_group_object(step_name, json_array(1, 0, 0)) FROM step_runs r
+            WHERE r.correlation_id = orchestrator_state.correlation_id)
+          WHERE EXISTS (SELECT 1 FROM step_runs r
+                        WHERE r.correlation_id = orchestrator_state.correlation_id)""")
 
 
 def downgrade() -> None:
