@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from chassis import actions
+from chassis import actions, config
 from chassis.cli.base import main
 from chassis.errors import ConfigError, PlanFileError
 from chassis.plan import json_schema, load_plan_data, parse_plan_partial
@@ -36,13 +36,14 @@ def summary(source: str, m: dict[str, int]) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"valid", "problems", "metrics"} as JSON instead of text.')
 def validate_command(plan: str, modules: tuple[str, ...], as_json: bool) -> None:
-    """Check the plan file PLAN (JSON or YAML) and report every problem at once.
+    """Check the plan file PLAN (JSON or YAML) and report every problem at once. The
+    actions of CHASSIS_ACTION_MODULES (and of each --actions-module) count as known.
 
     Exit status: 0 valid, 1 invalid (one problem per line), 2 the file cannot be
-    read, is not JSON/YAML, or an --actions-module cannot be imported.
+    read, is not JSON/YAML, or an actions module cannot be imported.
     """
     try:
-        actions.load_modules(modules)
+        actions.load_modules([*config.load().action_modules, *modules])
         data = load_plan_data(plan)
     except (ConfigError, PlanFileError) as exc:
         click.echo(f"error: {exc}", err=True)

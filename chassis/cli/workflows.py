@@ -83,10 +83,10 @@ def _worker_if_embedded(client: Client, wanted: bool) -> Any:
     return nullcontext()
 
 
-def _client(embedded_upgrade: bool = True) -> Client:
+def _client(embedded_upgrade: bool = True, load_actions: bool = False) -> Client:
     settings = config.load()
-    # plans are checked against the actions of CHASSIS_ACTION_MODULES, as the worker's
-    actions.load_modules(settings.action_modules)
+    if load_actions:  # a plan is checked against the actions of CHASSIS_ACTION_MODULES
+        actions.load_modules(settings.action_modules)
     if embedded_upgrade and settings.database_url.startswith("sqlite"):
         from chassis.store.db import upgrade
 
@@ -152,7 +152,7 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
     data = _parse_json_arg(input_, "--input")
 
     def go() -> int:
-        client = _client()
+        client = _client(load_actions=True)
         with _worker_if_embedded(client, wait):
             cid = client.start(plan, data, client_id=client_id, fuel_budget=fuel,
                                correlation_id=correlation_id, project_id=project_id)

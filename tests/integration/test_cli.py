@@ -117,6 +117,8 @@ def test_status_shows_attempts_last_error_and_where_it_waits(services: Services,
               "retry": {"max_attempts": 3, "initial_interval": 0.1}, "next_step": "wait"},
         "wait": {"action": "pause_for_human_input", "next_step": "done"},
         "done": {"action": "complete_workflow"}}}))
+    # run and validate know the actions of CHASSIS_ACTION_MODULES, as the worker does
+    assert chassis(services, "validate", str(plan)).returncode == 0
     doc = as_json(chassis(services, "run", str(plan), "--wait", "--json"))
     cid = doc["correlation_id"]
     human = chassis(services, "status", cid)
