@@ -54,11 +54,20 @@ def _what(exc: BaseException) -> str:
     return "database" if is_database_error(exc) else "broker"
 
 
+def worker_stopping() -> bool:
+    """True when the Celery worker of this process was asked to shut down."""
+    from celery.worker import state
+
+    return bool(state.should_stop or state.should_terminate)
+
+
 def persist(fn: Callable[[], T], doing: str, *, correlation_id: str | None = None,
             give_up_after: float | None = None) -> T:
     """Call ``fn`` until it does not fail with an infrastructure error, waiting longer
     each time; other errors are raised at once. With ``give_up_after`` seconds, the
-    last infrastructure error is raised once that time has passed."""
+    last infrastructure error is raised once that time has passed; so it is when the
+    worker is shutting down (a shutdown must not wait for a database that may never
+    come back: the attempt's lease expires and the sweep sends it again)."""
     wait = FIRST_WAIT
     deadline = None if give_up_after is None else time.monotonic() + give_up_after
     while True:
@@ -68,6 +77,8 @@ def persist(fn: Callable[[], T], doing: str, *, correlation_id: str | None = Non
             if not is_infrastructure_error(exc):
                 raise
             if deadline is not None and time.monotonic() + wait > deadline:
+                raise
+            if worker_stopping():
                 raise
             log.warning("%s unreachable while %s (%s); trying again in %.1f s", _what(exc),
                         doing, " ".join(str(exc).split())[:200], wait,

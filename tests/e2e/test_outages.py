@@ -66,12 +66,28 @@ def fresh_db(postgres_server: PostgresServer) -> Iterator[str]:
     postgres_server.drop_database(url)
 
 
-def deployment(db: str, broker: str, tmp: Path) -> Services:
+@pytest.fixture
+def deployments() -> Iterator[list[Services]]:
+    """Every deployment a test starts; their processes are stopped at its end."""
+    made: list[Services] = []
+    yield made
+    for s in made:
+        for w in s.workers:
+            w.kill()
+
+
+@pytest.fixture
+def deployment(deployments: list[Services]) -> Any:
+    """deployment(db, broker, tmp): beat started; start workers with start_worker."""
     import tests.integration.user_actions  # noqa: F401  (the client validates 'count')
 
-    s = Services(env_for(db, broker, tmp / "home"), tmp)
-    s.start_beat()
-    return s
+    def make(db: str, broker: str, tmp: Path) -> Services:
+        s = Services(env_for(db, broker, tmp / "home"), tmp)
+        deployments.append(s)
+        s.start_beat()
+        return s
+
+    return make
 
 
 def completed_within(client: Client, cids: list[str], seconds: float) -> float:
@@ -105,8 +121,8 @@ def assert_exactly_once(client: Client, cids: list[str]) -> None:
             assert sum(a for _, a in keys) == doc["fuel"]["spent"] == 4, doc
 
 
-def test_a_worker_killed_with_twenty_workflows_in_flight(fresh_db: str, own_redis: OwnRedis,
-                                                          tmp_path: Path) -> None:
+def test_a_worker_killed_with_twenty_workflows_in_flight(
+        fresh_db: str, own_redis: OwnRedis, tmp_path: Path, deployment: Any) -> None:
     s = deployment(fresh_db, own_redis.url, tmp_path)
     first = s.start_worker(concurrency=2)
     client = s.client()
@@ -122,7 +138,7 @@ def test_a_worker_killed_with_twenty_workflows_in_flight(fresh_db: str, own_redi
 
 
 def test_a_redis_restarted_empty_mid_run(fresh_db: str, own_redis: OwnRedis,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, deployment: Any) -> None:
     s = deployment(fresh_db, own_redis.url, tmp_path)
     s.start_worker(concurrency=2)
     client = s.client()
@@ -137,8 +153,8 @@ def test_a_redis_restarted_empty_mid_run(fresh_db: str, own_redis: OwnRedis,
     assert_exactly_once(client, cids)
 
 
-def test_postgresql_stopped_for_fifteen_seconds_mid_run(own_redis: OwnRedis,
-                                                        tmp_path: Path) -> None:
+def test_postgresql_stopped_for_fifteen_seconds_mid_run(own_redis: OwnRedis, tmp_path: Path,
+                                                        deployment: Any) -> None:
     pg = OwnPostgres()
     try:
         pg.start()
@@ -166,7 +182,7 @@ def test_postgresql_stopped_for_fifteen_seconds_mid_run(own_redis: OwnRedis,
 
 
 def test_a_workflow_started_while_the_broker_is_down_runs_once_it_is_back(
-        fresh_db: str, own_redis: OwnRedis, tmp_path: Path) -> None:
+        fresh_db: str, own_redis: OwnRedis, tmp_path: Path, deployment: Any) -> None:
     env = env_for(fresh_db, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "home")
     del env["CHASSIS_ACTION_MODULES"]  # the plan uses built-in actions only
     plan = tmp_path / "plan.json"
@@ -201,8 +217,8 @@ def test_a_workflow_started_while_the_broker_is_down_runs_once_it_is_back(
     assert_exactly_once(client, [cid])
 
 
-def test_on_the_threads_pool_the_sweep_times_an_attempt_out(fresh_db: str, own_redis: OwnRedis,
-                                                            tmp_path: Path) -> None:
+def test_on_the_threads_pool_the_sweep_times_an_attempt_out(
+        fresh_db: str, own_redis: OwnRedis, tmp_path: Path, deployment: Any) -> None:
     """A thread cannot be interrupted: the sweep fails the attempt past its deadline, the
     retry goes ahead, and the first attempt's late result is ignored."""
     s = deployment(fresh_db, own_redis.url, tmp_path)
