@@ -5,18 +5,18 @@ Enqueueing needs only the database and broker URLs (the environment, or argument
 never the user's action code::
 
     from chassis.api import Client
-    client = Client()
-    cid = client.start("examples/blog_post.yaml", {"topic": "Celery"}, client_id="acme")
+    client = Client(client_id="acme")
+    cid = client.start("examples/blog_post.yaml", {"topic": "Celery"})
     client.wait(cid)
     client.resume(cid, approved=True, feedback={"ok": True})
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,119 +26,47 @@ from chassis import actions, config, validation
 from chassis import coordinator as co
 from chassis.celery_conf import celery_settings
 from chassis.engine import Engine
-from chassis.errors import InputError, InvalidTransition, PlanFileError, PlanNotFound
-from chassis.plan import PAUSE, Plan, load_plan, parse_plan
+from chassis.errors import (
+    InputError,
+    InvalidTransition,
+    PlanFileError,
+    PlanNotFound,
+    WorkflowConflict,
+    WorkflowNotFound,
+)
+from chassis.fuel import DEFAULT_FUEL
+from chassis.limits import DEFAULT as DEFAULT_LIMITS
+from chassis.limits import INT32_MAX, Limits, check_count, check_json, check_name, check_text
+from chassis.plan import PAUSE, Plan, load_plan, parse_plan, plan_to_dict
 from chassis.registry import NAME_RE, PlanRegistry, parse_ref
 from chassis.state import SETTLED, Status, WorkflowState
+from chassis.status import _iso, status_dict
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
-
-DEFAULT_FUEL = 1000
-"""Fuel budget of a workflow started without one."""
 
 PlanSource = Plan | Mapping[str, Any] | str | Path
 
 
-def _iso(ts: datetime | None) -> str | None:
-    return ts.isoformat() if ts else None
-
-
-def _attempt_doc(r: dict[str, Any]) -> dict[str, Any]:
-    return {"attempt": r["attempt"], "status": r["status"], "error": r["error"],
-            "error_type": r["error_type"], "deliveries": r["deliveries"],
-            "dispatched_at": _iso(r["dispatched_at"]), "due_at": _iso(r["due_at"]),
-            "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
-
-
-def _step_docs(rows: list[dict[str, Any]], plan: Plan | None) -> list[dict[str, Any]]:
-    """One entry per step or sub-task (its latest attempt), with every attempt."""
-    by_step: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:  # in id order: first dispatch first
-        by_step.setdefault(r["step_name"], []).append(r)
-    docs = []
-    for name, attempts in by_step.items():
-        attempts.sort(key=lambda r: r["attempt"])
-        last = attempts[-1]
-        errors = [r["error"] for r in attempts if r["error"] and r["status"] == "FAILED"]
-        docs.append({
-            "name": name, "action": last["action"], "status": last["status"],
-            "attempts": last["attempt"],
-            "max_attempts": plan.policy(name).max_attempts if plan else None,
-            "parent_step": last["parent_step"],
-            "error": last["error"] or (errors[-1] if errors else None),
-            "dispatched_at": _iso(last["dispatched_at"]), "due_at": _iso(last["due_at"]),
-            "started_at": _iso(last["started_at"]), "finished_at": _iso(last["finished_at"]),
-            "history": [_attempt_doc(r) for r in attempts],
-        })
-    return docs
-
-
-def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
-    """Where a workflow that has not finished is waiting, in words."""
-    if s.status.finished:
-        return None
-    open_ = [d for d in steps if d["status"] not in ("COMPLETED", "FAILED", "CANCELLED")]
-    if s.status is Status.PAUSED_FOR_HUMAN_INPUT:
-        return f"a human's approval at step '{s.current_step}'"
-    subs = [d for d in open_ if d["parent_step"]]
-    if subs:
-        names = ", ".join(d["name"] for d in subs[:5]) + (", ..." if len(subs) > 5 else "")
-        return f"{len(subs)} sub-task(s) of '{subs[0]['parent_step']}': {names}"
-    for d in open_:
-        if d["action"] in (PAUSE, "fan_out"):
-            continue
-        of = f" of {d['max_attempts']}" if d["max_attempts"] else ""
-        what = {"SCHEDULED": f"retry due at {d['due_at']}", "DISPATCHED": "queued",
-                "RUNNING": f"running since {d['started_at']}",
-                "AWAITING": "waiting for the agent's answer"}.get(d["status"], d["status"])
-        return f"step '{d['name']}', attempt {d['attempts']}{of}: {what}"
-    if s.current_step:
-        return f"dependencies of step '{s.current_step}'"
-    return None
-
-
-def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
-                plan: Plan | None = None) -> dict[str, Any]:
-    """The status document of ``chassis status --json``: ``steps`` holds one entry per
-    step or sub-task (its latest attempt, ``attempts`` the attempt number, ``error`` the
-    last error) with its ``history`` of attempts; ``waiting_for`` says where it waits
-    (None in lists, which read no attempts)."""
-    step_docs = _step_docs(steps or [], plan)
-    return {
-        "correlation_id": s.correlation_id, "client_id": s.client_id,
-        "project_id": s.project_id, "status": s.status.value,
-        "current_step": s.current_step or None,
-        "waiting_for": None if steps is None else waiting_for(s, step_docs),
-        "awaited_steps": s.awaited_steps,
-        "collected_data": s.collected_data, "input": s.initial_request_data,
-        "final_result": s.final_result, "error": s.error,
-        "fuel": {"budget": s.fuel_budget, "spent": s.fuel_spent,
-                 "remaining": s.fuel_remaining},
-        "steps": step_docs,
-        "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at),
-        "version": s.version,
-    }
-
-
-def _positive_budget(value: object) -> int:
-    if isinstance(value, bool):
-        raise InputError(f"fuel budget must be a positive integer, got {value!r}")
+def _budget(value: object) -> int:
+    """A fuel budget: a whole number from 1 to 2147483647 (the column's range)."""
     try:
-        budget = int(str(value).strip()) if isinstance(value, str) else value
-    except ValueError:
-        raise InputError(f"fuel budget must be a positive integer, got {value!r}") from None
-    if not isinstance(budget, int) or budget <= 0:
-        raise InputError(f"fuel budget must be a positive integer, got {value!r}")
-    return budget
+        return check_count(value, "fuel budget")
+    except InputError:
+        raise InputError(f"fuel budget must be a positive integer from 1 to {INT32_MAX}, "
+                         f"got {str(value)[:30]!r}") from None
 
 
-def _correlation_id(value: str | None) -> str:
+def _correlation_id(value: object) -> str:
     if value is None:
         return str(uuid.uuid4())
     try:
-        return str(uuid.UUID(str(value)))
+        return str(uuid.UUID(str(value)[:100]))
     except ValueError:
-        raise InputError(f"correlation id must be a UUID, got {value!r}") from None
+        raise InputError(f"correlation id must be a UUID, got {str(value)[:60]!r}") from None
+
+
+def _optional_name(value: object, what: str) -> str | None:
+    return None if value is None or value == "" else check_name(value, what)
 
 
 def resolve_plan(source: PlanSource, registry: PlanRegistry | None = None) -> Plan:
@@ -148,16 +76,16 @@ def resolve_plan(source: PlanSource, registry: PlanRegistry | None = None) -> Pl
     return _resolve(source, registry)[0]
 
 
-def _resolve(source: PlanSource,
-             registry: PlanRegistry | None) -> tuple[Plan, str | None, int | None]:
+def _resolve(source: PlanSource, registry: PlanRegistry | None,
+             limits: Limits = DEFAULT_LIMITS) -> tuple[Plan, str | None, int | None]:
     """(plan, registered name, version); name and version are None for a file."""
     if isinstance(source, Plan):
         return source, None, None
     if isinstance(source, Mapping):
-        return parse_plan(dict(source)), None, None
+        return parse_plan(dict(source), limits), None, None
     path = Path(source)
     if path.exists():
-        return load_plan(path), None, None
+        return load_plan(path, limits), None, None
     ref = str(source)
     if registry is None or not NAME_RE.match(ref.rpartition("@")[0] or ref):
         raise PlanFileError(f"plan file not found: {source}")
@@ -170,15 +98,23 @@ def _resolve(source: PlanSource,
 
 
 class Client:
-    """Talks to the store and the broker; one per app is plenty (it is thread-safe).
+    """Talks to the store and the broker for one client; one per app and client is
+    plenty (it is thread-safe).
 
-    ``in_worker``: True inside a Celery worker (fan-out chords are then sent directly;
-    see :class:`chassis.engine.Engine`).
+    ``client_id`` (default CHASSIS_CLIENT_ID, else ``local``): the client this one acts
+    for. Another client's workflow does not exist for it: reading, resuming, cancelling
+    or retrying it raises :class:`~chassis.errors.WorkflowNotFound`, as an unknown id
+    would. ``in_worker``: True inside a Celery worker (an unreachable service is waited
+    for; see :class:`chassis.engine.Engine`).
     """
 
     def __init__(self, settings: config.Settings | None = None, *,
-                 app: Celery | None = None, in_worker: bool = False) -> None:
+                 app: Celery | None = None, in_worker: bool = False,
+                 client_id: str | None = None) -> None:
         self.settings = settings or config.load()
+        self.client_id = check_name(client_id if client_id is not None
+                                    else self.settings.client_id, "client_id")
+        self.limits = self.settings.limits
         if app is None:
             app = Celery("agentchassis-client", set_as_current=False)
             app.conf.update(celery_settings(self.settings))
@@ -187,16 +123,21 @@ class Client:
         self.engine = Engine(self.store, app, self.settings, in_worker=in_worker)
         self.registry = PlanRegistry(self.store.engine)
 
-    def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None,
+    def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None = None,
               fuel_budget: object = DEFAULT_FUEL, correlation_id: str | None = None,
               project_id: str | None = None, request_id: str | None = None,
               known_actions: Collection[str] | None = None, check_actions: bool = True,
               plan_name: str | None = None, plan_version: int | None = None) -> str:
-        """Start a workflow and return its correlation_id. Starting one whose id exists
-        is a no-op that returns that id. Bad input raises before anything is written.
-        An unreachable broker raises :class:`~chassis.errors.BrokerUnavailable` (with
-        ``correlation_id``) after the workflow is recorded: it starts by itself once the
-        broker is back, and starting the same id again is safe.
+        """Start a workflow for ``client_id`` (default: this client's) and return its
+        correlation_id. Bad input raises before anything is written.
+
+        Starting an id that exists with the same plan, input and budget (a repeated
+        request) returns it and changes nothing; an id another client uses, or the same
+        id with another plan, input or budget, raises
+        :class:`~chassis.errors.WorkflowConflict`. An unreachable broker raises
+        :class:`~chassis.errors.BrokerUnavailable` (with ``correlation_id``) after the
+        workflow is recorded: it starts by itself once the broker is back, and starting
+        the same id again is safe.
 
         ``plan`` is a Plan, a mapping, a file, or a registered name (``name@N`` for a
         given version); the workflow stores a snapshot of the plan it started with.
@@ -204,12 +145,17 @@ class Client:
         ``check_actions=False`` accepts actions this process does not know (the
         worker has them); ``known_actions`` adds names to the registry's.
         """
-        if not isinstance(client_id, str) or not client_id.strip():
-            raise InputError("client_id header is required to execute a workflow "
+        actor = self.client_id if client_id is None else client_id
+        if not isinstance(actor, str) or not actor.strip():
+            raise InputError("client_id is required to execute a workflow "
                              "(pass client_id=..., or --client on the command line)")
-        budget = _positive_budget(fuel_budget)
+        actor = check_name(actor.strip(), "client_id")
+        budget = _budget(fuel_budget)
         cid = _correlation_id(correlation_id)
-        p, name, version = _resolve(plan, self.registry)
+        project_id = _optional_name(project_id, "project_id")
+        request_id = _optional_name(request_id, "request_id")
+        input = check_json(input, "input", self.limits)
+        p, name, version = _resolve(plan, self.registry, self.limits)
         if name is not None and plan_name is None:
             plan_name, plan_version = name, version
         known = set(actions.registered()) | set(known_actions or ())
@@ -217,35 +163,62 @@ class Client:
             known |= {s.action for s in p.steps.values()}
             known |= {t.resolved_action for s in p.steps.values() for t in s.sub_tasks}
         validation.check(p, known)
-        try:
-            input = co.json_roundtrip(input)
-        except TypeError as exc:
-            raise InputError(f"input must be JSON: {exc}") from None
-        state = WorkflowState(correlation_id=cid, client_id=client_id.strip(),
+        state = WorkflowState(correlation_id=cid, client_id=actor,
                               status=Status.RUNNING, current_step=p.start_step,
                               fuel_budget=budget, initial_request_data=input,
-                              project_id=project_id, request_id=request_id)
+                              project_id=project_id, request_id=request_id,
+                              nonce=secrets.token_hex(16))
         decision = co.decide(state, p, co.Start())
-        self.engine.create(decision, p, plan_name=plan_name, plan_version=plan_version)
+        if not self.engine.create(decision, p, plan_name=plan_name, plan_version=plan_version):
+            self._same_start(cid, actor, p, input, budget)
         return cid
+
+    def _same_start(self, cid: str, actor: str, plan: Plan, input: Any, budget: int) -> None:
+        """The workflow exists: a repeat of the same start, or a conflict."""
+        existing = self.store.get(cid)
+        if existing.client_id != actor:
+            raise WorkflowConflict(f"correlation id {cid} is already in use; start with "
+                                   "another one (or none)", correlation_id=cid)
+        differs = [what for what, same in (
+            ("plan", plan_to_dict(self.store.get_plan(cid)) == plan_to_dict(plan)),
+            ("input", existing.initial_request_data == input),
+            ("fuel budget", existing.fuel_budget == budget)) if not same]
+        if differs:
+            raise WorkflowConflict(
+                f"workflow {cid} exists already with another {' and '.join(differs)}: "
+                "starting it again must repeat the same request (or use another id)",
+                correlation_id=cid)
 
     def start_request(self, request: Mapping[str, Any]) -> str:
         """Start the registered plan a Kafka start request names (the ``chassis.start``
         task's payload: plan, version, input, correlation_id, client_id, project_id,
         request_id, fuel_budget). Idempotent by correlation_id."""
-        cid = _correlation_id(request["correlation_id"])
-        if self.store.exists(cid):  # a re-read message: skip the plan look-up
-            return cid
-        found = self.registry.get(request["plan"], request.get("version"))
+        if not isinstance(request, Mapping):
+            raise InputError("a start request must be a JSON object")
+        missing = [k for k in ("plan", "correlation_id", "client_id") if not request.get(k)]
+        if missing:
+            raise InputError(f"the start request needs {', '.join(missing)}")
+        version = request.get("version")
+        if version is not None:
+            version = check_count(version, "version")
+        found = self.registry.get(check_name(request["plan"], "plan"), version)
         return self.start(found.plan, request.get("input"), client_id=request["client_id"],
                           fuel_budget=request.get("fuel_budget") or DEFAULT_FUEL,
-                          correlation_id=cid, project_id=request.get("project_id"),
+                          correlation_id=request["correlation_id"],
+                          project_id=request.get("project_id"),
                           request_id=request.get("request_id"), check_actions=False,
                           plan_name=found.name, plan_version=found.version)
 
+    def _own(self, correlation_id: str) -> str:
+        """The workflow's id, when this client owns it (WorkflowNotFound otherwise)."""
+        cid = _correlation_id(correlation_id)
+        if self.store.owner(cid) != self.client_id:
+            raise WorkflowNotFound(co.not_found(cid), correlation_id=cid)
+        return cid
+
     def status(self, correlation_id: str) -> dict[str, Any]:
         """The workflow's status document (raises WorkflowNotFound)."""
-        cid = _correlation_id(correlation_id)
+        cid = self._own(correlation_id)
         return status_dict(self.store.get(cid), self.store.steps(cid),
                            self.store.get_plan(cid))
 
@@ -257,9 +230,10 @@ class Client:
         that is not paused otherwise raises InvalidTransition."""
         cid = _correlation_id(correlation_id)
         if not isinstance(approved, bool):
-            raise InputError(f"approved must be true or false, got {approved!r}")
+            raise InputError(f"approved must be true or false, got {approved!r}"[:80])
+        feedback = check_json(feedback, "feedback", self.limits)
         try:
-            self.engine.resume(cid, approved, feedback)
+            self.engine.resume(cid, approved, feedback, self.client_id)
         except InvalidTransition:
             if self._answered(cid) != approved:
                 raise
@@ -281,9 +255,9 @@ class Client:
         WORKFLOW_CANCELLED event in the outbox. Cancelling a finished workflow raises
         InvalidTransition and changes nothing. Returns the status after the decision."""
         cid = _correlation_id(correlation_id)
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
-            raise InputError("reason must be a text of at most 1000 characters")
-        self.engine.cancel(cid, reason or None)
+        if reason is not None:
+            reason = check_text(reason, "reason")
+        self.engine.cancel(cid, reason or None, self.client_id)
         return self.status(cid)
 
     def retry(self, correlation_id: str) -> dict[str, Any]:
@@ -291,22 +265,23 @@ class Client:
         every completed output and the ledger; anything else raises InvalidTransition.
         Returns the status after the decision."""
         cid = _correlation_id(correlation_id)
-        self.engine.retry(cid)
+        self.engine.retry(cid, self.client_id)
         return self.status(cid)
 
     def ledger(self, correlation_id: str) -> list[dict[str, Any]]:
         """The workflow's fuel debits: step, action, amount, created_at, usage."""
-        cid = _correlation_id(correlation_id)
-        self.store.get(cid)  # WorkflowNotFound for an unknown id
+        cid = self._own(correlation_id)
         return [{"step": r["step_name"], "action": r["action"], "amount": r["amount"],
                  "usage": r["usage"], "created_at": _iso(r["created_at"])}
                 for r in self.store.ledger(cid)]
 
     def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Recent workflows, newest first."""
+        """This client's recent workflows, newest first."""
         if status is not None and status not in Status.__members__:
-            raise InputError(f"unknown status {status!r}; one of: {', '.join(Status)}")
-        return [status_dict(s, None) for s in self.store.list(status, limit)]
+            raise InputError(f"unknown status {str(status)[:40]!r}; one of: "
+                             f"{', '.join(Status)}")
+        limit = check_count(limit, "limit", most=10_000)
+        return [status_dict(s, None) for s in self.store.list(status, limit, self.client_id)]
 
     def wait(self, correlation_id: str, timeout: float | None = None,
              until: Collection[str] = SETTLED, interval: float = 0.1,

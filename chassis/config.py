@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chassis.errors import ConfigError
+from chassis.errors import ConfigError, InputError
+from chassis.limits import Limits, check_name
 
 #: Where AI steps send their requests: Claude through the anthropic SDK, or the
 #: deterministic offline stand-in (see chassis.ai).
@@ -118,10 +119,25 @@ class Settings:
     itself; the others are cleaned by beat's ``celery.backend_cleanup``)."""
     metrics_port: int = 9808
     """CHASSIS_METRICS_PORT: port of ``chassis metrics`` (Prometheus text)."""
+    client_id: str = "local"
+    """CHASSIS_CLIENT_ID: the client a ``Client`` (and the CLI) acts for by default."""
+    max_document_bytes: int = 1_048_576
+    """CHASSIS_MAX_DOCUMENT_BYTES: largest JSON document taken from outside (an input,
+    feedback, an agent's answer, a plan file)."""
+    max_depth: int = 64
+    """CHASSIS_MAX_DEPTH: deepest nesting of lists and maps in such a document."""
+    template_timeout: float = 2.0
+    """CHASSIS_TEMPLATE_TIMEOUT: seconds a prompt template may take to render."""
+    template_max_bytes: int = 1_048_576
+    """CHASSIS_TEMPLATE_MAX_BYTES: largest rendered prompt, in bytes."""
 
     @property
     def broker_dir(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_bytes=self.max_document_bytes, max_depth=self.max_depth)
 
 
 def normalize_database_url(url: str) -> str:
@@ -164,6 +180,14 @@ def _rate_limit(env: Mapping[str, str]) -> str | None:
         raise ConfigError(f"CHASSIS_AI_RATE_LIMIT must be a Celery rate limit such as "
                           f"'60/m', '2/s' or '1000/h', got {raw!r}")
     return raw or None
+
+
+def _client_id(env: Mapping[str, str]) -> str:
+    raw = env.get("CHASSIS_CLIENT_ID") or "local"
+    try:
+        return check_name(raw.strip(), "CHASSIS_CLIENT_ID")
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -225,4 +249,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 5.0, least=0.001),
         result_expires=int(_number(env, "CHASSIS_RESULT_EXPIRES", 86400, integer=True)),
         metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, integer=True)),
+        client_id=_client_id(env),
+        max_document_bytes=int(_number(env, "CHASSIS_MAX_DOCUMENT_BYTES", 1_048_576,
+                                       least=1024, integer=True)),
+        max_depth=int(_number(env, "CHASSIS_MAX_DEPTH", 64, least=2, integer=True)),
+        template_timeout=_number(env, "CHASSIS_TEMPLATE_TIMEOUT", 2.0, least=0.01),
+        template_max_bytes=int(_number(env, "CHASSIS_TEMPLATE_MAX_BYTES", 1_048_576,
+                                       least=1024, integer=True)),
     )

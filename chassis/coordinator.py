@@ -37,7 +37,7 @@ from chassis.commands import (
     SendRequest,
     Usage,
 )
-from chassis.errors import InvalidTransition
+from chassis.errors import InvalidTransition, WorkflowNotFound
 from chassis.events import (
     Cancel,
     Event,
@@ -86,6 +86,7 @@ def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     a cancel of a finished one, or a retry of one that has not failed.
     """
     handler = _HANDLERS[type(event)]
+    _check_owner(state, event)
     _check_allowed(state, event)
     if state.status.finished and not isinstance(event, Retry):
         return Decision(state, changed=False)
@@ -98,6 +99,19 @@ def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     if answer is not None:  # nothing to do: the state as it was
         return Decision(state, changed=False)
     return d
+
+
+def _check_owner(s: WorkflowState, event: Event) -> None:
+    """An event from outside acts for a client: another client's workflow does not exist
+    for it (the refusal says no more than an unknown id would)."""
+    actor = getattr(event, "client_id", None)
+    if actor is not None and actor != s.client_id:
+        raise WorkflowNotFound(not_found(s.correlation_id), correlation_id=s.correlation_id)
+
+
+def not_found(cid: str) -> str:
+    """The message of an unknown workflow, and of another client's."""
+    return f"no workflow with correlation_id {cid}"
 
 
 def _check_allowed(s: WorkflowState, event: Event) -> None:
@@ -208,7 +222,7 @@ def _on_resume(d: Decision, plan: Plan, event: Resume) -> Decision | None:
 def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
     s = d.state
     progress = s.attempts.get(event.step)
-    rid = request_id_for(s.correlation_id, event.step, event.attempt)
+    rid = s.rid(event.step, event.attempt)
     if (progress is None or progress[0] != event.attempt or not _scheduled(progress)
             or rid not in s.awaited_steps):
         return _unchanged(d)
@@ -281,7 +295,7 @@ def _scheduled(progress: list[int]) -> bool:
 
 def _take(s: WorkflowState, step: str, attempt: int) -> bool:
     """Remove an attempt's request from the awaited list; False when it was not awaited."""
-    rid = request_id_for(s.correlation_id, step, attempt)
+    rid = s.rid(step, attempt)
     if rid not in s.awaited_steps:
         return False
     s.awaited_steps.remove(rid)
@@ -294,7 +308,7 @@ def _awaited_attempt(s: WorkflowState, plan: Plan, request_id: str) -> tuple[str
         return None
     cid = s.correlation_id
     for name, progress in s.attempts.items():
-        if request_id_for(cid, name, progress[0]) == request_id:
+        if s.rid(name, progress[0]) == request_id:
             return name, progress[0]
     # a workflow started before attempts were recorded: first attempts only
     for name, step in plan.steps.items():
@@ -513,7 +527,7 @@ def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None
     price :func:`_charge` has counted. A Celery sub-task sent at once joins ``group``."""
     s = d.state
     _debit(d, name, action, attempt)
-    rid = request_id_for(s.correlation_id, name, attempt)
+    rid = s.rid(name, attempt)
     timeout = plan.timeout(name)
     later = delay > COUNTDOWN_LIMIT or (topic is not None and delay > 0)
     _set_attempt(s, name, attempt, scheduled=later)
@@ -541,7 +555,7 @@ def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
     s = d.state
     s.status = Status.PAUSED_FOR_HUMAN_INPUT
     _set_attempt(s, name, attempt)
-    s.awaited_steps = [request_id_for(s.correlation_id, name, attempt)]  # the human's answer
+    s.awaited_steps = [s.rid(name, attempt)]  # the human's answer
     d.commands.append(RecordStep(name, PAUSE, StepStatus.AWAITING, attempt))
     payload = {
         "event_type": "WORKFLOW_PAUSED_FOR_APPROVAL",
@@ -588,7 +602,7 @@ def _fan_out(d: Decision, plan: Plan, name: str, step: Step) -> None:
 def _request(s: WorkflowState, step: str, action: str, topic: str, attempt: int,
              params: dict[str, Any], parent: str | None = None,
              timeout: float | None = None, scheduled: bool = False) -> SendRequest:
-    rid = request_id_for(s.correlation_id, step, attempt)
+    rid = s.rid(step, attempt)
     headers = base_headers(s)
     headers["causation_id"] = s.request_id or s.correlation_id
     headers["request_id"] = rid
@@ -603,5 +617,5 @@ __all__ = [
     "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "RecordStep",
     "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
     "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",
-    "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip",
+    "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip", "not_found",
 ]

@@ -198,18 +198,22 @@ class Engine:
             parent, {n: out for n, (_, out) in done.items()},
             {n: a for n, (a, _) in done.items()}))
 
-    def resume(self, cid: str, approved: bool, feedback: Any = None) -> co.Decision:
-        """Approve (feedback kept as human_feedback) or reject a paused workflow.
-        Raises WorkflowNotFound or InvalidTransition, having changed nothing."""
-        return self.apply(cid, co.Resume(approved, feedback))
+    def resume(self, cid: str, approved: bool, feedback: Any = None,
+               client_id: str | None = None) -> co.Decision:
+        """``client_id`` approves (feedback kept as human_feedback) or rejects a paused
+        workflow. Raises WorkflowNotFound (another client's too) or InvalidTransition,
+        having changed nothing."""
+        return self.apply(cid, co.Resume(approved, feedback, client_id))
 
-    def cancel(self, cid: str, reason: str | None = None) -> co.Decision:
-        """Cancel a workflow that has not finished (InvalidTransition otherwise)."""
-        return self.apply(cid, co.Cancel(reason))
+    def cancel(self, cid: str, reason: str | None = None,
+               client_id: str | None = None) -> co.Decision:
+        """``client_id`` cancels a workflow that has not finished (InvalidTransition
+        otherwise)."""
+        return self.apply(cid, co.Cancel(reason, client_id))
 
-    def retry(self, cid: str) -> co.Decision:
-        """Retry a FAILED workflow from its failed step (InvalidTransition otherwise);
-        sub-tasks of a failed fan-out that had succeeded are kept."""
+    def retry(self, cid: str, client_id: str | None = None) -> co.Decision:
+        """``client_id`` retries a FAILED workflow from its failed step (InvalidTransition
+        otherwise); sub-tasks of a failed fan-out that had succeeded are kept."""
         state = self._db(lambda: self.store.get(cid), "reading the workflow", cid)
         outputs: dict[str, tuple[int, Any]] = {}
         plan = self._db(lambda: self.store.get_plan(cid), "reading the plan", cid)
@@ -218,7 +222,7 @@ class Engine:
             outputs = self._db(lambda: self.store.completed_subtasks(cid, state.current_step),
                                "reading sub-task outputs", cid)
         return self.apply(cid, co.Retry({n: o for n, (_, o) in outputs.items()},
-                                        {n: a for n, (a, _) in outputs.items()}))
+                                        {n: a for n, (a, _) in outputs.items()}, client_id))
 
     # -------------------------------------------------------------- sending
 

@@ -48,7 +48,13 @@ class InputError(ChassisError):
 
 
 class WorkflowNotFound(ChassisError):
-    """No workflow has this correlation_id."""
+    """No workflow has this correlation_id, as far as the acting client can know (another
+    client's workflow is refused with this same error: the refusal reveals nothing)."""
+
+
+class WorkflowConflict(InputError):
+    """A start names a correlation_id that is in use by another client, or by a workflow
+    started with another plan, input or budget: nothing is written."""
 
 
 class InvalidTransition(ChassisError):

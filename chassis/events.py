@@ -1,7 +1,9 @@
 """The coordinator's events: what happened to a workflow (see :mod:`chassis.coordinator`).
 
 Every event about an attempt names it (step and attempt number, or its request id), so
-one about an attempt no longer awaited is recognised and changes nothing.
+one about an attempt no longer awaited is recognised and changes nothing. Events from
+outside the engine (a resume, a cancel, a retry, an agent's answer) name the client they
+act for: the coordinator refuses them for another client's workflow.
 """
 
 from __future__ import annotations
@@ -48,21 +50,24 @@ class SubtasksSucceeded:
 
 @dataclass(frozen=True)
 class ResponseReceived:
-    """An external agent answered the request ``request_id`` (its ``causation_id``)."""
+    """An external agent answered the request ``request_id`` (its ``causation_id``) on
+    behalf of ``client_id`` (None only from inside the engine)."""
 
     request_id: str
     success: bool
     data: Any = None
     error: str | None = None
     error_type: str | None = None
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Resume:
-    """A human approved or rejected a paused workflow."""
+    """A human of ``client_id`` approved or rejected a paused workflow."""
 
     approved: bool
     feedback: Any = None
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,11 @@ class RetryDue:
 
 @dataclass(frozen=True)
 class Cancel:
-    """Stop the workflow: in-flight attempts are revoked, late results ignored."""
+    """``client_id`` stops the workflow: in-flight attempts are revoked, late results
+    ignored."""
 
     reason: str | None = None
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Retry:
 
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from types import MappingProxyType
 from chassis.errors import InsufficientFuel
 
 FUEL_HEADER = "fuel_budget"
+#: Fuel budget of a workflow started without one.
+DEFAULT_FUEL = 1000
 DEFAULT_STEP = "default_step"
 
 #: Price in fuel units per action, exactly as the original platform's cost table.

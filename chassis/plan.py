@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from chassis.errors import PlanError, PlanFileError
+from chassis.errors import InputError, PlanError, PlanFileError
+from chassis.limits import DEFAULT, NAME_MAX, Limits, check_json
 from chassis.policy import (
     ERROR_NAME,
     ERROR_NAME_MAX,
@@ -37,6 +39,14 @@ from chassis.policy import (
     last_timeout,
     resolve,
 )
+
+#: Most steps in a plan, and most sub-tasks in a fan_out.
+MAX_STEPS = 10_000
+#: Longest description; names (steps, actions, topics) are at most NAME_MAX.
+DESCRIPTION_MAX = 10_000
+#: Most YAML aliases (``*anchor``) in a plan file: each may copy a whole subtree.
+MAX_ALIASES = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: Actions the coordinator carries out itself; they never run as a Celery task.
 FAN_OUT = "fan_out"
@@ -201,17 +211,30 @@ class _Reader:
             if key not in allowed:
                 self.problem(place, f"unknown field {key!r}")
 
-    def text(self, place: str, value: object, default: str = "") -> str:
+    def text(self, place: str, value: object, default: str = "",
+             max_length: int = DESCRIPTION_MAX) -> str:
         if value is None:
             return default
         if not isinstance(value, str):
             self.problem(place, f"expected a string, got {_type_name(value)}")
             return default
+        if len(value) > max_length:
+            self.problem(place, f"{len(value)} characters, more than {max_length}")
+            return default
         return value
+
+    def ident(self, place: str, value: object) -> str:
+        """A name (step, action, topic): at most 255 characters, no control characters;
+        "" when unset or refused."""
+        text = self.text(place, value, max_length=NAME_MAX)
+        if text and _CONTROL.search(text):
+            self.problem(place, "must not contain control characters")
+            return ""
+        return text
 
     def name(self, place: str, value: object) -> str | None:
         """An optional name: null and "" mean unset."""
-        return self.text(place, value) or None
+        return self.ident(place, value) or None
 
     def names(self, place: str, value: object) -> tuple[str, ...]:
         if value is None:
@@ -222,7 +245,8 @@ class _Reader:
         good = []
         for i, item in enumerate(value):
             if isinstance(item, str):
-                good.append(item)
+                if self.ident(f"{place}[{i}]", item):
+                    good.append(item)
             else:
                 self.problem(f"{place}[{i}]", f"expected a step name, got {_type_name(item)}")
         return tuple(good)
@@ -330,7 +354,7 @@ class _Reader:
             return None
         self.fields(place, data, SUB_TASK_FIELDS)
         return SubTask(
-            step_name=self.text(f"{place}.step_name", data.get("step_name")),
+            step_name=self.ident(f"{place}.step_name", data.get("step_name")),
             topic=self.name(f"{place}.topic", data.get("topic")),
             action=self.name(f"{place}.action", data.get("action")),
             params=self.params(f"{place}.params", data.get("params")),
@@ -344,7 +368,7 @@ class _Reader:
             return None
         self.fields(place, data, STEP_FIELDS)
         return Step(
-            action=self.text(f"{place}.action", data.get("action")),
+            action=self.ident(f"{place}.action", data.get("action")),
             description=self.text(f"{place}.description", data.get("description")),
             topic=self.name(f"{place}.topic", data.get("topic")),
             dependencies=self.names(f"{place}.dependencies", data.get("dependencies")),
@@ -360,6 +384,9 @@ class _Reader:
             return ()
         if not isinstance(value, list):
             self.problem(place, f"expected a list of sub-tasks, got {_type_name(value)}")
+            return ()
+        if len(value) > MAX_STEPS:
+            self.problem(place, f"{len(value)} sub-tasks, more than {MAX_STEPS}")
             return ()
         subs = (self.sub_task(f"{place}[{i}]", item) for i, item in enumerate(value))
         return tuple(sub for sub in subs if sub is not None)
@@ -405,7 +432,7 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
     start = data.get("start_step")
     if start is None or start == "":
         r.problem("plan", "missing required field 'start_step'")
-    start_step = r.text("start_step", start)
+    start_step = r.ident("start_step", start)
     raw_steps = data.get("steps")
     steps: dict[str, Step] = {}
     complete = bool(start_step)
@@ -419,10 +446,16 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
     elif not raw_steps:
         r.problem("steps", "must have at least one step")
         complete = False
+    elif len(raw_steps) > MAX_STEPS:
+        r.problem("steps", f"{len(raw_steps)} steps, more than {MAX_STEPS}")
+        complete = False
     else:
         for key, raw in raw_steps.items():
             if not isinstance(key, str) or not key:
-                r.problem("steps", f"step names must be non-empty strings, got {key!r}")
+                r.problem("steps", f"step names must be non-empty strings, got {key!r}"[:300])
+                complete = False
+                continue
+            if not r.ident(f"steps.{key[:80]}", key):
                 complete = False
                 continue
             step = r.step(f"steps.{key}", raw)
@@ -435,8 +468,14 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
     return Plan(start_step, steps, name, description, defaults), r.problems
 
 
-def parse_plan(data: object) -> Plan:
-    """Parse a plan from decoded JSON/YAML; :class:`PlanError` lists every problem."""
+def parse_plan(data: object, limits: Limits | None = None) -> Plan:
+    """Parse a plan from decoded JSON/YAML; :class:`PlanError` lists every problem. With
+    ``limits`` (a plan from outside), the document is checked against them first."""
+    if limits is not None:
+        try:
+            check_json(data, "plan", limits)
+        except InputError as exc:
+            raise PlanError("plan is invalid", [str(exc)]) from None
     plan, problems = parse_plan_partial(data)
     if problems or plan is None:
         raise PlanError("plan is invalid", problems)
@@ -445,9 +484,24 @@ def parse_plan(data: object) -> Plan:
 
 # --------------------------------------------------------------------------- loading
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses duplicate keys: a repeated step name would silently
-    replace the first step."""
+class _PlanLoader(yaml.SafeLoader):
+    """YAML for plans: the JSON types only (no ``!!timestamp``, ``!!binary``, ``!!set``;
+    an unquoted date stays text), duplicate keys refused (a repeated step name would
+    silently replace the first), and at most MAX_ALIASES aliases (each may copy a
+    whole subtree: a few of them nested expand into billions of nodes)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -463,6 +517,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_undefined(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"the tag {node.tag} is not allowed in a plan (JSON types only)",
+            node.start_mark)
+
+
+_JSON_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq",
+                                                   "map", "merge")}
+_PlanLoader.yaml_constructors = {
+    tag: fn for tag, fn in yaml.SafeLoader.yaml_constructors.items() if tag in _JSON_TAGS}
+_PlanLoader.yaml_constructors[None] = _PlanLoader.construct_undefined  # type: ignore[index]
+_PlanLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag in _JSON_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -473,27 +542,44 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def loads_plan_data(text: str, source: str = "<string>") -> dict[str, Any]:
-    """Decode plan text (JSON, else YAML); :class:`PlanFileError` when it is neither
-    or its top level is not a mapping."""
+def _strict_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_plan_data(text: str, source: str = "<string>",
+                    limits: Limits = DEFAULT) -> dict[str, Any]:
+    """Decode plan text (JSON, else YAML); :class:`PlanFileError` when it is neither,
+    holds what JSON cannot (NaN, NUL, a custom tag), exceeds the limits, or its top level
+    is not a mapping."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_bytes:
+        raise PlanFileError(f"{source}: {size} bytes, more than the {limits.max_bytes} "
+                            "allowed (CHASSIS_MAX_DOCUMENT_BYTES)")
     try:
-        data: object = json.loads(text, object_pairs_hook=_no_duplicates)
+        data: object = json.loads(text, object_pairs_hook=_no_duplicates,
+                                  parse_constant=_strict_constant)
     except json.JSONDecodeError as json_exc:
         try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+            data = yaml.load(text, Loader=_PlanLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as yaml_exc:
             if text.lstrip().startswith(("{", "[")):
                 reason = f"invalid JSON: {json_exc}"
             else:
                 reason = f"invalid YAML: {_yaml_reason(yaml_exc)}"
             raise PlanFileError(f"{source}: not a JSON or YAML plan ({reason})") from None
-    except ValueError as exc:  # a duplicate key
+        except (ValueError, TypeError, RecursionError) as exc:  # e.g. !!int x
+            raise PlanFileError(f"{source}: invalid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a duplicate key, NaN, too deep
         raise PlanFileError(f"{source}: invalid JSON: {exc}") from None
     if data is None:
         raise PlanFileError(f"{source}: empty file, expected a plan with start_step and steps")
     if not isinstance(data, dict):
         raise PlanFileError(f"{source}: expected a mapping with start_step and steps at the "
                             f"top level, got {_type_name(data)}")
+    try:
+        check_json(data, source, limits)
+    except InputError as exc:
+        raise PlanFileError(str(exc)) from None
     return data
 
 
@@ -504,11 +590,14 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
     return str(exc).replace("\n", " ")
 
 
-def load_plan_data(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and decode a plan file; :class:`PlanFileError` says clearly what is wrong."""
+def load_plan_data(path: str | os.PathLike[str], limits: Limits = DEFAULT) -> dict[str, Any]:
+    """Read and decode a plan file; :class:`PlanFileError` says clearly what is wrong.
+    At most ``limits.max_bytes`` are read (a device such as /dev/zero is refused)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(limits.max_bytes + 1)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise PlanFileError(f"{path}: no such plan file") from None
     except IsADirectoryError:
@@ -517,7 +606,10 @@ def load_plan_data(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise PlanFileError(f"{path}: not a text file (expected UTF-8 JSON or YAML)") from None
     except OSError as exc:
         raise PlanFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return loads_plan_data(text, str(path))
+    if len(raw) > limits.max_bytes:
+        raise PlanFileError(f"{path}: larger than the {limits.max_bytes} bytes allowed "
+                            "(CHASSIS_MAX_DOCUMENT_BYTES)")
+    return loads_plan_data(text, str(path), limits)
 
 
 def loads_plan(text: str, source: str = "<string>") -> Plan:
@@ -525,9 +617,9 @@ def loads_plan(text: str, source: str = "<string>") -> Plan:
     return _parsed(loads_plan_data(text, source), source)
 
 
-def load_plan(path: str | os.PathLike[str]) -> Plan:
+def load_plan(path: str | os.PathLike[str], limits: Limits = DEFAULT) -> Plan:
     """Parse a plan file (JSON or YAML)."""
-    return _parsed(load_plan_data(path), str(path))
+    return _parsed(load_plan_data(path, limits), str(path))
 
 
 def _parsed(data: object, source: str) -> Plan:

@@ -54,11 +54,16 @@ SETTLED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED,
 _REQUEST_NS = uuid.UUID("6f1c8a4e-2b1d-4c55-9a57-0e4a3c2d9b10")
 
 
-def request_id_for(correlation_id: str, step: str, attempt: int = 1) -> str:
+def request_id_for(correlation_id: str, step: str, attempt: int = 1,
+                   nonce: str | None = None) -> str:
     """The request id of one attempt of a step: deterministic, so a replayed transition
     produces the same id and a duplicate (or a late answer to an earlier attempt) can be
-    recognised. It is also the Celery task id of the attempt."""
+    recognised. It is also the Celery task id of the attempt. With the workflow's secret
+    ``nonce`` it cannot be guessed from the workflow's id (workflows started before
+    nonces existed have none)."""
     key = f"{correlation_id}/{step}" if attempt == 1 else f"{correlation_id}/{step}/{attempt}"
+    if nonce:
+        key = f"{nonce}/{key}"
     return str(uuid.uuid5(_REQUEST_NS, key))
 
 
@@ -82,6 +87,9 @@ class WorkflowState:
     project_id: str | None = None
     request_id: str | None = None
     version: int = 0
+    nonce: str | None = None
+    """A secret of the workflow's, mixed into its request ids so that nobody who knows
+    the workflow's id can forge an answer to one of its requests."""
     attempts: dict[str, list[int]] = field(default_factory=dict)
     """Per step or sub-task that has run: ``[attempt, base, scheduled]``: the latest
     attempt's number, the attempts made before the current round (an operator's retry
@@ -93,6 +101,10 @@ class WorkflowState:
     @property
     def fuel_remaining(self) -> int:
         return self.fuel_budget - self.fuel_spent
+
+    def rid(self, step: str, attempt: int = 1) -> str:
+        """The request id of attempt ``attempt`` of ``step`` (see :func:`request_id_for`)."""
+        return request_id_for(self.correlation_id, step, attempt, self.nonce)
 
     def step_data(self) -> dict[str, Any]:
         """What a step sees: ``input``, earlier outputs by step name, ``human_feedback``."""

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from chassis import config, infra, logs, runtime
+from chassis import config, inbox, infra, logs, runtime
 from chassis.celery_conf import (
     AI_STEP_TASK,
     AI_SUBTASK_TASK,
@@ -21,8 +21,7 @@ from chassis.celery_conf import (
     STEP_TASK,
     SUBTASK_TASK,
 )
-from chassis.coordinator import ResponseReceived
-from chassis.errors import InvalidTransition, StepAttemptFailed
+from chassis.errors import StepAttemptFailed
 from chassis.runtime import engine, relay_outbox
 from chassis.store.db import dispose_engines
 from tasks.celery_app import app
@@ -60,32 +59,25 @@ def ai_subtask(self: Task, payload: dict[str, Any]) -> None:
 
 
 @app.task(name=CANCEL_TASK)
-def cancel(correlation_id: str, reason: str | None = None) -> None:
-    """Cancel a workflow (sent by other apps and the Kafka bridge). Cancelling one that
-    has already finished changes nothing and is not an error here."""
-    try:
-        engine(app).cancel(correlation_id, reason)
-    except InvalidTransition as exc:
-        log.info("cancel ignored: %s", exc, extra={"correlation_id": correlation_id})
+def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None) -> None:
+    """``client_id`` cancels a workflow (sent by other apps and the Kafka bridge).
+    Cancelling one that has already finished changes nothing and is not an error here."""
+    inbox.cancel(engine(app), correlation_id, reason, client_id)
 
 
 @app.task(name=RETRY_TASK)
-def retry(correlation_id: str) -> None:
-    """Retry a FAILED workflow from its failed step (sent by other apps)."""
-    try:
-        engine(app).retry(correlation_id)
-    except InvalidTransition as exc:
-        log.info("retry ignored: %s", exc, extra={"correlation_id": correlation_id})
+def retry(correlation_id: str, client_id: str | None = None) -> None:
+    """``client_id`` retries a FAILED workflow from its failed step."""
+    inbox.retry(engine(app), correlation_id, client_id)
 
 
 @app.task(name=RESUME_TASK)
-def resume(correlation_id: str, approved: bool, feedback: Any = None) -> None:
-    """Resume a paused workflow (sent by other apps and the Kafka bridge). A resume of a
-    workflow no longer paused (a duplicate command) changes nothing and is not an error."""
-    try:
-        engine(app).resume(correlation_id, approved, feedback)
-    except InvalidTransition as exc:
-        log.info("resume ignored: %s", exc, extra={"correlation_id": correlation_id})
+def resume(correlation_id: str, approved: bool, feedback: Any = None,
+           client_id: str | None = None) -> None:
+    """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge).
+    A resume of a workflow no longer paused (a duplicate command) changes nothing and is
+    not an error."""
+    inbox.resume(engine(app), correlation_id, approved, feedback, client_id)
 
 
 @app.task(name=START_TASK)
@@ -98,11 +90,13 @@ def start(payload: dict[str, Any]) -> str:
 
 @app.task(name=RESPOND_TASK)
 def respond(correlation_id: str, request_id: str, success: bool, data: Any = None,
-            error: str | None = None, error_type: str | None = None) -> None:
-    """An external agent's TaskResponse to request ``request_id`` (its causation_id);
-    ``error_type`` is matched against the step's ``retry.non_retryable``."""
-    engine(app).apply(correlation_id, ResponseReceived(request_id, success, data, error,
-                                                       error_type))
+            error: str | None = None, error_type: str | None = None,
+            client_id: str | None = None) -> None:
+    """An external agent's TaskResponse to request ``request_id`` (its causation_id),
+    for the workflow's client ``client_id``; ``error_type`` is matched against the
+    step's ``retry.non_retryable``."""
+    inbox.respond(engine(app), correlation_id, request_id, success, data, error, error_type,
+                  client_id)
 
 
 @app.task(name=RELAY_TASK)

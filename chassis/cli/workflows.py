@@ -1,15 +1,14 @@
 """chassis run | status | resume | cancel | retry | ledger | list | demo.
 
-Exit codes: 0 done (with --wait: the workflow is not FAILED); 1 the workflow FAILED,
-or an operation was refused for the workflow's state (unknown id, not paused, already
-finished) and nothing changed; 2 bad input, nothing written; 3 a service (database or
-broker) is unreachable: the message says whether the request was recorded (then it
-goes on by itself once the service is back, and repeating the command is safe).
+Every command acts for one client (``--client``, default $CHASSIS_CLIENT_ID, else
+``local``): another client's workflow is as unknown to it as a missing one. Exit codes:
+see :mod:`chassis.cli.errors`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -17,49 +16,54 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kombu.utils.url import maybe_sanitize_url
 from rich.markup import escape
 
-from chassis import actions, config, infra
+from chassis import actions, config
 from chassis.ai import provider_note
 from chassis.api import DEFAULT_FUEL, Client
 from chassis.cli.base import main
+from chassis.cli.errors import describe
 from chassis.cli.output import (
     ProgressPrinter,
     console,
-    fail,
     print_json,
     print_ledger,
     print_list,
     print_status,
 )
-from chassis.errors import ChassisError, InputError, PlanError, ServiceUnavailable
+from chassis.errors import InputError, ServiceUnavailable
+from chassis.limits import loads_json
 from chassis.state import SETTLED, Status
-from chassis.store.db import mask_url
-
-#: Exit code when the database or the broker cannot be reached.
-EXIT_UNAVAILABLE = 3
 
 DEMO_PLAN = Path(__file__).resolve().parent.parent / "examples" / "blog_post.yaml"
 DEMO_INPUT = {"topic": "durable AI-agent workflows on Celery", "audience": "platform teams"}
 
 
 def _parse_json_arg(value: str | None, what: str) -> Any:
-    """JSON text, or @file holding JSON."""
+    """JSON text, or @file holding JSON: strict, within CHASSIS_MAX_DOCUMENT_BYTES and
+    CHASSIS_MAX_DEPTH."""
     if value is None:
         return None
-    text = value
+    limits = config.load().limits
+    raw: str | bytes = value
     if value.startswith("@"):
         path = Path(value[1:])
         try:
-            text = path.read_text()
+            with path.open("rb") as f:
+                raw = f.read(limits.max_bytes + 1)
         except OSError as exc:
             raise click.BadParameter(f"cannot read {path}: {exc.strerror}",
                                      param_hint=what) from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=what) from None
+        return loads_json(raw, "the value", limits)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint=what) from None
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= 7 * 86400):
+        raise click.BadParameter("must be a number of seconds from 0 to a week")
+    return value
 
 
 @contextmanager
@@ -83,7 +87,8 @@ def _worker_if_embedded(client: Client, wanted: bool) -> Any:
     return nullcontext()
 
 
-def _client(embedded_upgrade: bool = True, load_actions: bool = False) -> Client:
+def _client(client_id: str | None = None, embedded_upgrade: bool = True,
+            load_actions: bool = False) -> Client:
     settings = config.load()
     if load_actions:  # a plan is checked against the actions of CHASSIS_ACTION_MODULES
         actions.load_modules(settings.action_modules)
@@ -91,35 +96,34 @@ def _client(embedded_upgrade: bool = True, load_actions: bool = False) -> Client
         from chassis.store.db import upgrade
 
         upgrade(settings.database_url)
-    return Client(settings)
+    return Client(settings, client_id=client_id)
+
+
+#: The client a command acts for (every workflow command has it).
+client_option = click.option(
+    "--client", "client_id", envvar="CHASSIS_CLIENT_ID", default="local", show_default=True,
+    help="Client the command acts for (env CHASSIS_CLIENT_ID); another client's "
+         "workflows are out of its reach.")
 
 
 def _run_guarded(fn: Callable[[], int | None], hint: Callable[[str], str] | None = None) -> None:
     """Run a command body: refusals and unreachable services are one line on stderr
-    and an exit code (see the module's docstring), never a traceback. ``hint``: what to
+    and an exit code (:mod:`chassis.cli.errors`), never a traceback. ``hint``: what to
     add when the request was recorded but the broker is unreachable."""
     try:
         code = fn()
-    except PlanError as exc:
-        for problem in exc.problems:
-            click.echo(f"error: {problem}", err=True)
-        sys.exit(2)
-    except InputError as exc:
-        fail(str(exc), code=2)
-    except ServiceUnavailable as exc:
-        extra = hint(exc.correlation_id) if hint and exc.recorded and exc.correlation_id else ""
-        fail(str(exc) + extra, code=EXIT_UNAVAILABLE)
-    except ChassisError as exc:
-        fail(str(exc))
+    except click.ClickException:
+        raise
     except Exception as exc:
-        if not infra.is_infrastructure_error(exc):
+        if click.get_current_context().meta.get("chassis.debug"):
             raise
-        settings = config.load()
-        where = (f"the database at {mask_url(settings.database_url)}"
-                 if infra.is_database_error(exc)
-                 else f"the broker at {maybe_sanitize_url(settings.broker_url)}")
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
-        fail(f"cannot reach {where}: {reason}", code=EXIT_UNAVAILABLE)
+        status, lines = describe(exc)
+        if isinstance(exc, ServiceUnavailable) and exc.recorded and exc.correlation_id \
+                and hint is not None:
+            lines = [lines[0] + hint(exc.correlation_id)]
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        sys.exit(status)
     sys.exit(code or 0)
 
 
@@ -130,15 +134,15 @@ def _exit_code(doc: dict[str, Any]) -> int:
 @main.command()
 @click.argument("plan")
 @click.option("--input", "input_", metavar="JSON|@FILE", help="Initial request data (JSON).")
-@click.option("--client", "client_id", envvar="CHASSIS_CLIENT_ID", default="local",
-              show_default=True, help="Client that owns the workflow (env CHASSIS_CLIENT_ID).")
+@client_option
 @click.option("--project", "project_id", help="Project id carried in notifications.")
 @click.option("--fuel", default=str(DEFAULT_FUEL), show_default=True,
               help="Fuel budget: a positive integer.")
 @click.option("--correlation-id", help="Workflow id (UUID); starting an existing one is a no-op.")
 @click.option("--wait", is_flag=True,
               help="Wait until COMPLETED, FAILED or PAUSED_FOR_HUMAN_INPUT; exit 1 if FAILED.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
+@click.option("--timeout", type=float, default=None, callback=_seconds,
+              help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(plan: str, input_: str | None, client_id: str, project_id: str | None, fuel: str,
         correlation_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
@@ -152,9 +156,9 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
     data = _parse_json_arg(input_, "--input")
 
     def go() -> int:
-        client = _client(load_actions=True)
+        client = _client(client_id, load_actions=True)
         with _worker_if_embedded(client, wait):
-            cid = client.start(plan, data, client_id=client_id, fuel_budget=fuel,
+            cid = client.start(plan, data, fuel_budget=fuel,
                                correlation_id=correlation_id, project_id=project_id)
             if not wait:
                 doc = client.status(cid)
@@ -186,12 +190,13 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
 
 @main.command()
 @click.argument("correlation_id")
+@client_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(correlation_id: str, as_json: bool) -> None:
+def status(correlation_id: str, client_id: str, as_json: bool) -> None:
     """Show a workflow: status, where it waits, fuel, and every step with its attempts
     and last error (--json: every attempt too)."""
     def go() -> int:
-        doc = _client().status(correlation_id)
+        doc = _client(client_id).status(correlation_id)
         print_json(doc) if as_json else print_status(doc)
         return 0
 
@@ -200,13 +205,14 @@ def status(correlation_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("correlation_id")
+@client_option
 @click.option("--approve", "decision", flag_value="approve", help="Approve and continue.")
 @click.option("--reject", "decision", flag_value="reject", help="Reject: the workflow fails.")
 @click.option("--feedback", metavar="JSON|@FILE", help="Feedback, kept as human_feedback.")
 @click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def resume(correlation_id: str, decision: str | None, feedback: str | None, wait: bool,
-           as_json: bool) -> None:
+def resume(correlation_id: str, client_id: str, decision: str | None, feedback: str | None,
+           wait: bool, as_json: bool) -> None:
     """Resume a workflow paused for human input (--approve or --reject).
 
     Resuming an unknown workflow, or one that is not paused, is an error that changes
@@ -217,7 +223,7 @@ def resume(correlation_id: str, decision: str | None, feedback: str | None, wait
     fb = _parse_json_arg(feedback, "--feedback")
 
     def go() -> int:
-        client = _client()
+        client = _client(client_id)
         with _worker_if_embedded(client, wait):
             doc = client.resume(correlation_id, decision == "approve", fb)
             if doc.get("resume") == "already recorded" and not as_json:
@@ -234,9 +240,10 @@ def resume(correlation_id: str, decision: str | None, feedback: str | None, wait
 
 @main.command()
 @click.argument("correlation_id")
+@client_option
 @click.option("--reason", metavar="TEXT", help="Why (kept with the workflow and the event).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cancel(correlation_id: str, reason: str | None, as_json: bool) -> None:
+def cancel(correlation_id: str, client_id: str, reason: str | None, as_json: bool) -> None:
     """Cancel a workflow that has not finished: in-flight steps are revoked (terminated
     on the prefork pool), late results ignored, status CANCELLED, and a
     WORKFLOW_CANCELLED event is written to the outbox.
@@ -244,7 +251,7 @@ def cancel(correlation_id: str, reason: str | None, as_json: bool) -> None:
     Cancelling an unknown or finished workflow is an error that changes nothing.
     """
     def go() -> int:
-        doc = _client().cancel(correlation_id, reason)
+        doc = _client(client_id).cancel(correlation_id, reason)
         print_json(doc) if as_json else print_status(doc)
         return 0
 
@@ -253,17 +260,20 @@ def cancel(correlation_id: str, reason: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("correlation_id")
+@client_option
 @click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
+@click.option("--timeout", type=float, default=None, callback=_seconds,
+              help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def retry(correlation_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+def retry(correlation_id: str, client_id: str, wait: bool, timeout: float | None,
+          as_json: bool) -> None:
     """Retry a FAILED workflow from its failed step (or failed sub-tasks) with fresh
     attempts, keeping every completed output and the ledger.
 
     Retrying a workflow that is not FAILED is an error that changes nothing.
     """
     def go() -> int:
-        client = _client()
+        client = _client(client_id)
         with _worker_if_embedded(client, wait):
             doc = client.retry(correlation_id)
             if wait:
@@ -277,11 +287,12 @@ def retry(correlation_id: str, wait: bool, timeout: float | None, as_json: bool)
 
 @main.command()
 @click.argument("correlation_id")
+@client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
-def ledger(correlation_id: str, as_json: bool) -> None:
+def ledger(correlation_id: str, client_id: str, as_json: bool) -> None:
     """Show a workflow's fuel ledger: one debit per attempt of a step."""
     def go() -> int:
-        client = _client()
+        client = _client(client_id)
         entries = client.ledger(correlation_id)
         if as_json:
             print_json(entries)
@@ -293,14 +304,16 @@ def ledger(correlation_id: str, as_json: bool) -> None:
 
 
 @main.command(name="list")
+@client_option
 @click.option("--status", "status_", type=click.Choice([s.value for s in Status]),
               help="Only workflows with this status.")
-@click.option("--limit", default=50, show_default=True, help="At most this many.")
+@click.option("--limit", default=50, show_default=True,
+              type=click.IntRange(1, 10_000), help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def list_(status_: str | None, limit: int, as_json: bool) -> None:
-    """List recent workflows, newest first."""
+def list_(client_id: str, status_: str | None, limit: int, as_json: bool) -> None:
+    """List the client's recent workflows, newest first."""
     def go() -> int:
-        docs = _client().list(status_, limit)
+        docs = _client(client_id).list(status_, limit)
         print_json(docs) if as_json else print_list(docs)
         return 0
 
@@ -309,7 +322,7 @@ def list_(status_: str | None, limit: int, as_json: bool) -> None:
 
 @main.command()
 @click.option("--auto-approve", is_flag=True, help="Approve the review step without asking.")
-@click.option("--timeout", type=float, default=120.0, show_default=True,
+@click.option("--timeout", type=float, default=120.0, show_default=True, callback=_seconds,
               help="Give up after this many seconds.")
 def demo(auto_approve: bool, timeout: float) -> None:
     """Run the Blog Post Generator plan end to end, with a worker in this process.
@@ -319,7 +332,7 @@ def demo(auto_approve: bool, timeout: float) -> None:
     scripts) and ends COMPLETED.
     """
     def go() -> int:
-        client = _client()
+        client = _client("demo")
         s = client.settings
         out = console()
         if s.embedded_broker:
@@ -329,14 +342,15 @@ def demo(auto_approve: bool, timeout: float) -> None:
         if note:
             out.print(note, markup=False)
         with _in_process_worker():
-            cid = client.start(DEMO_PLAN, DEMO_INPUT, client_id="demo")
+            cid = client.start(DEMO_PLAN, DEMO_INPUT)
             out.print(f"started workflow [bold]{cid}[/] from {DEMO_PLAN.name}")
             printer = ProgressPrinter()
             doc = client.wait(cid, timeout=timeout, on_change=printer)
             if doc["status"] == Status.PAUSED_FOR_HUMAN_INPUT:
                 approved = _ask_approval(doc, auto_approve)
                 if approved is None:
-                    out.print(f"left paused; resume with: chassis resume {cid} --approve")
+                    out.print(f"left paused; resume with: chassis resume {cid} --approve "
+                              "--client demo")
                     return 0
                 client.resume(cid, approved, {"approved_by": "demo", "auto": auto_approve})
                 doc = client.wait(cid, timeout=timeout, until=SETTLED - {

@@ -30,7 +30,7 @@ from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import PlanNotFound
 from chassis.kafka import clients
 from chassis.kafka.publish import TaskPublisher
-from chassis.kafka.routing import Rejected, Router, TaskCall, routes
+from chassis.kafka.routing import Rejected, Router, StartRecord, TaskCall, routes
 from chassis.registry import PlanRegistry
 from chassis.store.db import make_engine
 from chassis.store.tables import orchestrator_state, plans, step_runs
@@ -79,6 +79,14 @@ class DbDirectory:
             return conn.execute(sa.select(orchestrator_state.c.client_id).where(
                 orchestrator_state.c.correlation_id == correlation_id)).scalar()
 
+    def start_of(self, correlation_id: str) -> StartRecord | None:
+        o = orchestrator_state.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(o.client_id, o.plan_name, o.plan_version,
+                                         o.initial_request_data, o.fuel_budget)
+                               .where(o.correlation_id == correlation_id)).first()
+        return None if row is None else tuple(row)  # type: ignore[return-value]
+
     def has_request(self, correlation_id: str, request_id: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(step_runs.c.id).where(
@@ -115,7 +123,7 @@ class Bridge:
         self.publisher = TaskPublisher(app)
         self.directory = DbDirectory(make_engine(settings.database_url))
         self.table = routes(settings)
-        self.router = Router(self.table, self.directory)
+        self.router = Router(self.table, self.directory, settings.limits)
         self.batch_size = batch_size
         self.consumer_conf = clients.consumer_config(self.bootstrap, settings.kafka_group,
                                                      **(consumer_overrides or {}))

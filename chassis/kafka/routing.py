@@ -30,11 +30,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from chassis import infra
 from chassis.celery_conf import CANCEL_TASK, RESPOND_TASK, RESUME_TASK, START_TASK
 from chassis.config import Settings
 from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import InputError
-from chassis.fuel import FUEL_HEADER
+from chassis.fuel import DEFAULT_FUEL, FUEL_HEADER
+from chassis.limits import DEFAULT as DEFAULT_LIMITS
+from chassis.limits import TEXT_MAX, Limits, check_count, check_name, check_text, loads_json
 from chassis.policy import ERROR_NAME, ERROR_NAME_MAX
 from chassis.registry import parse_ref
 
@@ -49,8 +52,9 @@ MISSING_HEADER = "missing_header"
 BAD_HEADER = "bad_header"
 UNKNOWN_PLAN = "unknown_plan"
 UNKNOWN_WORKFLOW = "unknown_workflow"
-CLIENT_MISMATCH = "client_mismatch"
 UNKNOWN_REQUEST = "unknown_request"
+CONFLICT = "conflict"
+BAD_MESSAGE = "bad_message"
 NO_ROUTE = "no_route"
 
 
@@ -86,6 +90,11 @@ class Incoming:
     value: bytes | None
     headers: Mapping[str, str]
     match: re.Match[str]
+    limits: Limits = DEFAULT_LIMITS
+
+
+#: (client_id, plan name, plan version, input, fuel budget) a workflow was started with.
+StartRecord = tuple[str, str | None, int | None, Any, int]
 
 
 class Directory(Protocol):
@@ -96,6 +105,10 @@ class Directory(Protocol):
 
     def owner(self, correlation_id: str) -> str | None:
         """The client_id owning the workflow; None when there is no such workflow."""
+
+    def start_of(self, correlation_id: str) -> StartRecord | None:
+        """(client_id, plan name, plan version, input, fuel budget) the workflow was
+        started with; None when there is no such workflow."""
 
     def has_request(self, correlation_id: str, request_id: str) -> bool:
         """True when the workflow sent a request with this id."""
@@ -120,17 +133,20 @@ class Route:
 # ------------------------------------------------------------------------- helpers
 
 
-def _json(value: bytes | None, what: str) -> Any:
-    if value is None or not value.strip():
+def _json(msg: Incoming, what: str) -> Any:
+    """The value as JSON within the limits (strict: no NaN, no NUL, bounded size and
+    depth); an empty value is null."""
+    if msg.value is None or not msg.value.strip():
         return None
     try:
-        return json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected(BAD_JSON, f"{what} is not valid JSON: {exc}") from None
+        return loads_json(msg.value, what, msg.limits)
+    except InputError as exc:
+        bad = "is not valid JSON" in str(exc) or "not UTF-8" in str(exc)
+        raise Rejected(BAD_JSON if bad else BAD_PAYLOAD, str(exc)) from None
 
 
-def _object(value: bytes | None, what: str) -> dict[str, Any]:
-    doc = _json(value, what)
+def _object(msg: Incoming, what: str) -> dict[str, Any]:
+    doc = _json(msg, what)
     if not isinstance(doc, dict):
         raise Rejected(BAD_PAYLOAD, f"{what} must be a JSON object, got "
                                     f"{type(doc).__name__}")
@@ -141,7 +157,19 @@ def _header(msg: Incoming, name: str) -> str:
     value = (msg.headers.get(name) or "").strip()
     if not value:
         raise Rejected(MISSING_HEADER, f"header {name} is required on {msg.topic}")
-    return value
+    return _name(name, value)
+
+
+def _name(header: str, value: str) -> str:
+    try:
+        return check_name(value, f"header {header}")
+    except InputError as exc:
+        raise Rejected(BAD_HEADER, str(exc)) from None
+
+
+def _optional(msg: Incoming, name: str) -> str | None:
+    value = (msg.headers.get(name) or "").strip()
+    return _name(name, value) if value else None
 
 
 def _uuid_header(msg: Incoming, name: str) -> str:
@@ -149,15 +177,25 @@ def _uuid_header(msg: Incoming, name: str) -> str:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise Rejected(BAD_HEADER, f"header {name} must be a UUID, got {value!r}") from None
+        raise Rejected(BAD_HEADER, f"header {name} must be a UUID, got {value[:60]!r}") from None
 
 
-def _owned(msg: Incoming, d: Directory, cid: str, client_id: str | None) -> None:
-    owner = d.owner(cid)
-    if owner is None:
-        raise Rejected(UNKNOWN_WORKFLOW, f"no workflow with correlation_id {cid}")
-    if client_id is not None and client_id != owner:
-        raise Rejected(CLIENT_MISMATCH, f"client {client_id!r} does not own workflow {cid}")
+def _owned(d: Directory, cid: str, client_id: str) -> None:
+    """Only the owning client reaches a workflow: another client's is as unknown as a
+    workflow that does not exist (the dead letter tells no more)."""
+    if d.owner(cid) != client_id:
+        raise Rejected(UNKNOWN_WORKFLOW,
+                       f"no workflow with correlation_id {cid} for client {client_id!r}")
+
+
+def _text(doc: dict[str, Any], key: str, what: str, max_length: int = TEXT_MAX) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    try:
+        return check_text(value, what, max_length=max_length)
+    except InputError as exc:
+        raise Rejected(BAD_PAYLOAD, str(exc)) from None
 
 
 # -------------------------------------------------------------------------- routes
@@ -167,75 +205,81 @@ def parse_start(msg: Incoming, d: Directory) -> TaskCall:
     """A start request: the value is the workflow's input; the plan is the topic's
     ``<type>`` unless a ``plan`` header (``name`` or ``name@version``) names one. Without
     a correlation_id, one is derived from the request_id (the same request, the same
-    workflow); with neither, the message is refused."""
-    data = _json(msg.value, "the start request")
-    request_id = (msg.headers.get("request_id") or "").strip() or None
+    workflow); with neither, the message is refused. An id in use by another client, or
+    by a workflow started with another plan, input or budget, is a conflict."""
+    data = _json(msg, "the start request")
+    request_id = _optional(msg, "request_id")
     if not (msg.headers.get("correlation_id") or "").strip() and request_id:
         # no workflow id given: derive it from the request, so a re-sent one is the same
         cid = str(uuid.uuid5(_START_NS, request_id))
     else:
         cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
+    project_id = _optional(msg, "project_id")
     budget: int | None = None
-    if msg.headers.get(FUEL_HEADER, "").strip():
-        raw = msg.headers[FUEL_HEADER].strip()
-        if not raw.isdigit() or int(raw) <= 0:
-            raise Rejected(BAD_HEADER, f"header {FUEL_HEADER} must be a positive integer, "
-                                       f"got {raw!r}")
-        budget = int(raw)
+    if (msg.headers.get(FUEL_HEADER) or "").strip():
+        try:
+            budget = check_count(msg.headers[FUEL_HEADER], f"header {FUEL_HEADER}")
+        except InputError as exc:
+            raise Rejected(BAD_HEADER, str(exc)) from None
     ref = (msg.headers.get("plan") or "").strip() or msg.match.group("type")
     try:
-        name, wanted = parse_ref(ref)
+        name, wanted = parse_ref(ref[:300])
     except InputError as exc:
         raise Rejected(UNKNOWN_PLAN, str(exc)) from None
     version = d.plan_version(name, wanted)
     if version is None:
         what = f"version {wanted} of plan {name!r}" if wanted else f"plan {name!r}"
         raise Rejected(UNKNOWN_PLAN, f"no registered {what}")
+    existing = d.start_of(cid)
+    if existing is not None and existing != (client_id, name, version, data,
+                                             budget or DEFAULT_FUEL):
+        raise Rejected(CONFLICT, f"correlation id {cid} is in use by another workflow, or "
+                                 "by this one started with another plan, input or budget")
     payload = {"plan": name, "version": version, "input": data, "correlation_id": cid,
-               "client_id": client_id, "project_id": msg.headers.get("project_id") or None,
+               "client_id": client_id, "project_id": project_id,
                "request_id": request_id, "fuel_budget": budget}
     return TaskCall(START_TASK, [payload], task_id=f"start-{cid}", correlation_id=cid)
 
 
 def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
     """A human's decision: {approved, feedback}; only the owning client may resume."""
-    doc = _object(msg.value, "the resume command")
+    doc = _object(msg, "the resume command")
     if not isinstance(doc.get("approved"), bool):
         raise Rejected(BAD_PAYLOAD, "the resume command needs approved: true or false")
     cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
-    _owned(msg, d, cid, client_id)
-    return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback")],
+    _owned(d, cid, client_id)
+    return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback"), client_id],
                     correlation_id=cid)
 
 
 def parse_cancel(msg: Incoming, d: Directory) -> TaskCall:
     """Cancel a workflow: an empty value or {reason}; only the owning client may."""
-    doc = _json(msg.value, "the cancel command")
+    doc = _json(msg, "the cancel command")
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise Rejected(BAD_PAYLOAD, "the cancel command must be empty or a JSON object "
                                     "{\"reason\": \"...\"}")
-    reason = doc.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
-        raise Rejected(BAD_PAYLOAD, "reason must be a text of at most 1000 characters")
+    reason = _text(doc, "reason", "reason")
     cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
-    _owned(msg, d, cid, client_id)
-    return TaskCall(CANCEL_TASK, [cid, reason or None], correlation_id=cid)
+    _owned(d, cid, client_id)
+    return TaskCall(CANCEL_TASK, [cid, reason or None, client_id], correlation_id=cid)
 
 
 def parse_response(msg: Incoming, d: Directory) -> TaskCall:
-    """An external agent's TaskResponse; causation_id is the request it answers. A
-    client_id header, when present, must be the workflow's owner."""
-    doc = _object(msg.value, "the task response")
+    """An external agent's TaskResponse; causation_id is the request it answers, and
+    client_id the workflow's client (both required)."""
+    doc = _object(msg, "the task response")
     if not isinstance(doc.get("success"), bool):
         raise Rejected(BAD_PAYLOAD, "the task response needs success: true or false")
     error = doc.get("error")
     if error is not None and not isinstance(error, str):
-        error = json.dumps(error)
+        error = json.dumps(error)[:10_000]
+    else:
+        error = _text(doc, "error", "error", max_length=10_000)
     error_type = doc.get("error_type")
     if error_type is not None and not (isinstance(error_type, str)
                                        and len(error_type) <= ERROR_NAME_MAX
@@ -244,13 +288,12 @@ def parse_response(msg: Incoming, d: Directory) -> TaskCall:
                                     "RateLimited (matched against retry.non_retryable)")
     cid = _uuid_header(msg, "correlation_id")
     causation = _header(msg, "causation_id")
-    _owned(msg, d, cid, (msg.headers.get("client_id") or "").strip() or None)
+    client_id = _header(msg, "client_id")
+    _owned(d, cid, client_id)
     if not d.has_request(cid, causation):
         raise Rejected(UNKNOWN_REQUEST, f"workflow {cid} sent no request {causation}")
-    args = [cid, causation, doc["success"], doc.get("data"), error]
-    if error_type is not None:
-        args.append(error_type)
-    return TaskCall(RESPOND_TASK, args, correlation_id=cid)
+    return TaskCall(RESPOND_TASK, [cid, causation, doc["success"], doc.get("data"), error,
+                                   error_type, client_id], correlation_id=cid)
 
 
 def _anchored(pattern: str) -> str:
@@ -272,9 +315,11 @@ def routes(settings: Settings) -> tuple[Route, ...]:
 class Router:
     """Finds a topic's route (cached per topic) and turns a message into a TaskCall."""
 
-    def __init__(self, table: tuple[Route, ...], directory: Directory) -> None:
+    def __init__(self, table: tuple[Route, ...], directory: Directory,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.table = table
         self.directory = directory
+        self.limits = limits
         self._compiled = [(r, re.compile(r.pattern)) for r in table]
         self._by_topic: dict[str, tuple[Route, re.Match[str]] | None] = {}
 
@@ -290,9 +335,20 @@ class Router:
         return self._by_topic[topic]
 
     def call(self, topic: str, value: bytes | None, headers: Mapping[str, str]) -> TaskCall:
-        """The task for this message; Rejected when it cannot be used."""
+        """The task for this message; Rejected when it cannot be used, for whatever
+        reason but an unreachable database (which is raised: the message is tried
+        again), so one bad message never blocks the ones behind it."""
         found = self.route(topic)
         if found is None:
-            raise Rejected(NO_ROUTE, f"no route for topic {topic}")
+            raise Rejected(NO_ROUTE, f"no route for topic {topic[:300]}")
         route, m = found
-        return route.parse(Incoming(topic, value, headers, m), self.directory)
+        try:
+            return route.parse(Incoming(topic, value, headers, m, self.limits),
+                               self.directory)
+        except (Rejected, MemoryError):
+            raise
+        except Exception as exc:
+            if infra.is_infrastructure_error(exc):
+                raise
+            raise Rejected(BAD_MESSAGE, f"{type(exc).__name__}: "
+                                        f"{' '.join(str(exc).split())[:300]}") from None

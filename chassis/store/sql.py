@@ -84,7 +84,7 @@ def _row_to_state(row: Any) -> WorkflowState:
         initial_request_data=m["initial_request_data"], final_result=m["final_result"],
         error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
         request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
-        updated_at=m["updated_at"], attempts=dict(m["attempts"] or {}))
+        updated_at=m["updated_at"], attempts=dict(m["attempts"] or {}), nonce=m["nonce"])
 
 
 def _state_values(s: WorkflowState) -> dict[str, Any]:
@@ -154,6 +154,7 @@ class SqlStore:
                   "project_id": s.project_id, "request_id": s.request_id,
                   "plan": plan_to_dict(plan), "plan_name": plan_name,
                   "plan_version": plan_version, "fuel_budget": s.fuel_budget, "version": 1,
+                  "nonce": s.nonce,
                   "created_at": ts, "updated_at": ts}
         if self._claims is not None:  # PostgreSQL: one statement, one round trip
             with self.engine.connect() as conn:
@@ -341,6 +342,12 @@ class SqlStore:
 
     # ------------------------------------------------------------------ reading
 
+    def owner(self, cid: str) -> str | None:
+        """The client owning the workflow; None when there is no such workflow."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(orchestrator_state.c.client_id).where(
+                orchestrator_state.c.correlation_id == cid)).scalar()
+
     def exists(self, cid: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(orchestrator_state.c.version).where(
@@ -414,9 +421,13 @@ class SqlStore:
         with self.engine.begin() as conn:
             return at.mark_resent(conn, row, now())
 
-    def list(self, status: str | None = None, limit: int = 50) -> list[WorkflowState]:
+    def list(self, status: str | None = None, limit: int = 50,
+             client_id: str | None = None) -> list[WorkflowState]:
+        """Recent workflows, newest first (of ``client_id`` only, when given)."""
         q = sa.select(*_STATE_COLS).order_by(orchestrator_state.c.created_at.desc()).limit(limit)
         if status:
             q = q.where(orchestrator_state.c.status == status)
+        if client_id is not None:
+            q = q.where(orchestrator_state.c.client_id == client_id)
         with self.engine.connect() as conn:
             return [_row_to_state(r) for r in conn.execute(q).all()]

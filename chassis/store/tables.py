@@ -77,8 +77,10 @@ orchestrator_state = sa.Table(
     sa.Column("fuel_budget", sa.Integer, nullable=False),
     sa.Column("fuel_spent", sa.Integer, nullable=False, server_default="0"),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
-    # 0003: attempts per step ([attempt, base, scheduled]; see WorkflowState.attempts)
+    # 0003: attempts per step ([attempt, base, scheduled]; see WorkflowState.attempts),
+    # and the secret mixed into request ids
     sa.Column("attempts", JSONType),
+    sa.Column("nonce", sa.String(64)),
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),

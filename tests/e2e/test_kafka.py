@@ -20,7 +20,6 @@ from chassis.api import Client
 from chassis.coordinator import CANCEL_TOPIC, NOTIFICATION_TOPIC, RESUME_TOPIC
 from chassis.plan import load_plan, parse_plan
 from chassis.registry import PlanRegistry
-from chassis.state import request_id_for
 from chassis.store.db import make_engine
 from chassis.store.tables import orchestrator_state
 from tests.e2e.conftest import KafkaServices, create_topics, headers_of, json_of
@@ -54,7 +53,7 @@ def running(kafka: KafkaServices) -> KafkaServices:
 
 
 def client(kafka: KafkaServices) -> Client:
-    return Client(config.load(kafka.env))
+    return Client(config.load(kafka.env), client_id="acme")
 
 
 def events_for(cid: str, event_type: str) -> Any:
@@ -84,7 +83,7 @@ def test_start_external_step_pause_resume_complete(running: KafkaServices) -> No
         headers_of(m).get("correlation_id") == cid for m in ms))
         if headers_of(m).get("correlation_id") == cid][0]
     h = headers_of(request)
-    assert h["causation_id"] == rid and h["request_id"] == request_id_for(cid, "research")
+    assert h["causation_id"] == rid and h["request_id"] == c.store.get(cid).rid("research")
     assert (h["client_id"], h["project_id"], h["fuel_budget"]) == ("acme", "p1", "49")
     assert request.key() == cid.encode()
     assert json_of(request)["action"] == "research"
@@ -132,7 +131,7 @@ def test_failed_agent_answer_fails_the_step(running: KafkaServices) -> None:
         headers_of(m).get("correlation_id") == cid for m in ms))
     create_topics(running.bootstrap, "system.responses.manual")
     running.send("system.responses.manual", {"success": False, "error": "quota exceeded"},
-                 {"correlation_id": cid, "causation_id": request_id_for(cid, "research"),
+                 {"correlation_id": cid, "causation_id": c.store.get(cid).rid("research"),
                   "client_id": "acme"}, key=cid)
 
     failed = wait_until(lambda: (d := c.status(cid))["status"] == "FAILED" and d,
@@ -153,7 +152,7 @@ def test_a_failed_answer_is_retried_with_a_new_request_then_cancel_by_kafka(
         "done": {"action": "complete_workflow"}}}
     c.start(plan, {"q": 1}, client_id="acme", correlation_id=cid)
     create_topics(running.bootstrap, answers)
-    first, second = request_id_for(cid, "ask", 1), request_id_for(cid, "ask", 2)
+    first, second = c.store.get(cid).rid("ask", 1), c.store.get(cid).rid("ask", 2)
 
     def requests(n: int) -> list[Message]:
         got = running.read(topic, lambda ms: sum(
@@ -198,24 +197,53 @@ def test_unusable_messages_go_to_the_dlq_with_their_reason(running: KafkaService
                                          "client_id": "acme"}),
         ("unknown_plan", "system.agent.nosuchplan.process", {"q": 1},
          {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}),
-        ("client_mismatch", RESUME_TOPIC, {"approved": True},
+        ("unknown_workflow", RESUME_TOPIC, {"approved": True},  # another client's
          {"correlation_id": owned, "client_id": "mallory"}),
         ("unknown_workflow", RESUME_TOPIC, {"approved": True},
          {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}),
         ("bad_payload", RESUME_TOPIC, {"approve": "yes"},
          {"correlation_id": owned, "client_id": "acme"}),
         ("unknown_workflow", RESPONSES, {"success": True, "data": {}},
-         {"correlation_id": str(uuid.uuid4()), "causation_id": "x"}),
+         {"correlation_id": str(uuid.uuid4()), "causation_id": "x", "client_id": "acme"}),
         ("unknown_request", RESPONSES, {"success": True, "data": {}},
-         {"correlation_id": owned, "causation_id": "not-a-request-of-it"}),
-        ("bad_json", RESPONSES, b"\xff\xfe", {"correlation_id": owned, "causation_id": "x"}),
+         {"correlation_id": owned, "causation_id": "not-a-request-of-it",
+          "client_id": "acme"}),
+        ("missing_header", RESPONSES, {"success": True, "data": {}},  # names no client
+         {"correlation_id": owned, "causation_id": "x"}),
+        ("bad_json", RESPONSES, b"\xff\xfe", {"correlation_id": owned, "causation_id": "x",
+                                               "client_id": "acme"}),
+        # poison that once blocked a partition or was lost after the commit
+        ("bad_header", start, {"q": 1}, {"correlation_id": str(uuid.uuid4()),
+                                         "client_id": "acme", "fuel_budget": "\u00b2"}),
+        ("bad_header", start, {"q": 1}, {"correlation_id": str(uuid.uuid4()),
+                                         "client_id": "acme", "fuel_budget": "99999999999"}),
+        ("bad_header", start, {"q": 1}, {"correlation_id": str(uuid.uuid4()),
+                                         "client_id": "c" * 300}),
+        ("bad_payload", start, b"[" * 100_000 + b"]" * 100_000,
+         {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}),
+        ("bad_json", start, b'{"n": 1' + b"0" * 5000 + b"}",
+         {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}),
+        ("bad_json", start, b'{"n": NaN}', {"correlation_id": str(uuid.uuid4()),
+                                            "client_id": "acme"}),
+        ("bad_payload", start, b'{"n": "\\u0000"}', {"correlation_id": str(uuid.uuid4()),
+                                                      "client_id": "acme"}),
+        ("bad_json", RESUME_TOPIC, b'{"approved": true, "feedback": NaN}',
+         {"correlation_id": owned, "client_id": "acme"}),
+        ("bad_json", RESPONSES, b'{"success": true, "data": NaN}',
+         {"correlation_id": owned, "causation_id": "x", "client_id": "acme"}),
+        ("bad_header", "system.agent.quick.process", None,
+         {"correlation_id": str(uuid.uuid4()), "client_id": "acme", "fuel_budget": "-1"}),
     ]
     create_topics(running.bootstrap, "system.agent.nosuchplan.process")
     for i, (_, topic, value, headers) in enumerate(bad):
-        running.send(topic, value, {**headers, "test_run": run, "test_case": str(i)})
-    # a good message after them: the bridge goes on
+        running.send(topic, value, {**headers, "test_run": run, "test_case": str(i)},
+                     key="same-key")
+    # good messages after them, on the same partitions: the bridge goes on
     running.send(RESUME_TOPIC, {"approved": True}, {"correlation_id": owned,
-                                                    "client_id": "acme"})
+                                                    "client_id": "acme"}, key="same-key")
+    after = str(uuid.uuid4())
+    running.send("system.agent.quick.process", None,
+                 {"correlation_id": after, "client_id": "acme"}, key="same-key")
 
     def mine(msgs: list[Message]) -> list[Message]:
         return [m for m in msgs if headers_of(m).get("test_run") == run]
@@ -233,6 +261,8 @@ def test_unusable_messages_go_to_the_dlq_with_their_reason(running: KafkaService
         assert by_case[i].value() == raw
     assert "header client_id is required" in headers_of(by_case[1])["dlq_detail"]
     assert wait_until(lambda: c.status(owned)["status"] == "COMPLETED", timeout=60)
+    assert wait_until(lambda: c.status(after)["status"] == "COMPLETED", timeout=60,
+                      ignore=(Exception,))
 
 
 def count_workflows(kafka: KafkaServices, client_id: str) -> int:

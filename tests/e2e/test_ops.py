@@ -31,7 +31,6 @@ from chassis.api import Client
 from chassis.coordinator import RESUME_TOPIC
 from chassis.kafka.clients import ensure_topics
 from chassis.kafka.lag import KafkaReader
-from chassis.state import request_id_for
 from chassis.store.db import upgrade
 from tests.conftest import PostgresServer
 from tests.e2e.conftest import tansu_broker
@@ -159,10 +158,15 @@ def stack(postgres_server: PostgresServer, redis_url: str, own_kafka: str,
         postgres_server.drop_database(db)
 
 
+def rid(stack: Stack, cid: str, step: str, attempt: int = 1) -> str:
+    """The request id (and Celery task id) of an attempt of a step."""
+    return Client(stack.settings(), client_id="acme").store.get(cid).rid(step, attempt)
+
+
 @pytest.fixture(scope="module")
 def completed(stack: Stack) -> str:
     """A workflow started from this process through the public API, run to the end."""
-    client = Client(stack.settings())
+    client = Client(stack.settings(), client_id="acme")
     cid = client.start(RESEARCH, {"question": "how do sagas recover?"}, client_id="acme")
     doc = client.wait(cid, timeout=90)
     assert doc["status"] == "COMPLETED", doc
@@ -182,8 +186,8 @@ def test_flower_sees_the_worker_and_wants_a_password(stack: Stack) -> None:
 
 def test_a_workflow_completes_and_its_tasks_show_in_flower(stack: Stack,
                                                            completed: str) -> None:
-    wanted = {request_id_for(completed, "web_search"): "chassis.step",
-              request_id_for(completed, "analyze_research"): "chassis.ai_step"}
+    wanted = {rid(stack, completed, "web_search"): "chassis.step",
+              rid(stack, completed, "analyze_research"): "chassis.ai_step"}
 
     def seen() -> bool:
         tasks = stack.get("/api/tasks?limit=1000")
@@ -191,7 +195,7 @@ def test_a_workflow_completes_and_its_tasks_show_in_flower(stack: Stack,
                    for tid, name in wanted.items())
 
     wait_until(seen, timeout=60, interval=0.5, message="flower does not show the tasks")
-    info = stack.get(f"/api/task/info/{request_id_for(completed, 'web_search')}")
+    info = stack.get(f"/api/task/info/{rid(stack, completed, 'web_search')}")
     assert completed in info["args"]  # the summary names the workflow and step
 
 
@@ -205,8 +209,8 @@ def test_beat_sends_the_sweep_and_the_relay_fallback(stack: Stack) -> None:
 
 
 def test_metrics_equal_the_database(stack: Stack, completed: str) -> None:
-    client = Client(stack.settings())
-    failed = client.start(FAILING, client_id="globex")
+    client = Client(stack.settings(), client_id="globex")
+    failed = client.start(FAILING)
     assert client.wait(failed, timeout=60)["status"] == "FAILED"
     # a message the bridge cannot use goes to the dead-letter topic
     producer = Producer({"bootstrap.servers": stack.env["CHASSIS_KAFKA_BOOTSTRAP"]})
@@ -233,13 +237,13 @@ def test_metrics_equal_the_database(stack: Stack, completed: str) -> None:
 
 def test_flower_shows_a_retried_attempt_as_retry_and_the_last_as_failure(
         stack: Stack) -> None:
-    client = Client(stack.settings())
+    client = Client(stack.settings(), client_id="acme")
     plan = {"start_step": "a", "steps": {"a": {
         "action": "fail", "params": {"message": "no"},
         "retry": {"max_attempts": 2, "initial_interval": 0.1}}}}
     cid = client.start(plan, client_id="acme")
     assert client.wait(cid, timeout=60)["error"] == "step 'a' failed after 2 attempts: no"
-    first, last = request_id_for(cid, "a", 1), request_id_for(cid, "a", 2)
+    first, last = rid(stack, cid, "a", 1), rid(stack, cid, "a", 2)
 
     def states() -> tuple[str | None, str | None]:
         tasks = stack.get("/api/tasks?limit=1000")
@@ -256,8 +260,8 @@ def test_worker_logs_are_json_lines_with_the_workflow_ids(stack: Stack, complete
     assert all(r["correlation_id"] == completed for r in mentioning)
     assert all(r["step"] != "-" and r["task_id"] != "-" for r in ours), ours
     for step in ("web_search", "analyze_research"):
-        rid = request_id_for(completed, step)
-        task = [r for r in ours if r["task_id"] == rid]
+        rid_ = rid(stack, completed, step)
+        task = [r for r in ours if r["task_id"] == rid_]
         assert all(r["step"] == step for r in task), task
         # Celery's own lines, before the task runs and after: "Task name[id] received"
         kinds = {r["message"].split("] ", 1)[1].split()[0] for r in task

@@ -20,7 +20,6 @@ import sqlalchemy as sa
 
 from chassis import config
 from chassis.api import Client
-from chassis.state import request_id_for
 from chassis.store.db import dispose_engines, make_engine, upgrade
 from chassis.store.tables import fuel_ledger, step_runs
 from tests.conftest import PostgresServer
@@ -238,7 +237,7 @@ def test_on_the_threads_pool_the_sweep_times_an_attempt_out(
     assert doc["status"] == "FAILED", doc
     assert doc["error"] == "step 'slow' failed after 2 attempts: timed out after 2 s"
     # both actions run on, return, and their tasks end: their results change nothing
-    done = [f"chassis.step[{request_id_for(cid, 'slow', n)}] succeeded" for n in (1, 2)]
+    done = [f"chassis.step[{client.store.get(cid).rid('slow', n)}] succeeded" for n in (1, 2)]
     wait_until(lambda: all(line in worker.text() for line in done), timeout=30,
                message="the timed-out actions never returned")
     after = client.status(cid)

@@ -53,7 +53,7 @@ class Services:
     workers: list[Worker] = field(default_factory=list)
 
     def client(self) -> Client:
-        return Client(config.load(self.env))
+        return Client(config.load(self.env), client_id="acme")
 
     def _celery(self, name: str, args: list[str], ready: str, env: dict[str, str]) -> Worker:
         """``celery -A tasks <args>`` in the repository, logging to a file, once ready."""

@@ -21,7 +21,8 @@ CHASSIS = [sys.executable, "-m", "chassis"]
 
 def chassis(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHASSIS_")}
-    return subprocess.run([*CHASSIS, *args], cwd=ROOT, env={**env, **services.env},
+    return subprocess.run([*CHASSIS, *args], cwd=ROOT,
+                          env={**env, **services.env, "CHASSIS_CLIENT_ID": "acme"},
                           capture_output=True, text=True, timeout=90)
 
 
@@ -44,8 +45,11 @@ def test_run_pause_resume_ledger_as_a_user(services: Services, worker: Worker) -
     resumed = chassis(services, "resume", cid, "--approve", "--feedback", '{"ok": true}')
     assert resumed.returncode == 0, resumed.stderr
     final = as_json(chassis(services, "run", "examples/blog_post.yaml", "--correlation-id",
-                            cid, "--wait", "--json", "--client", "acme"))
+                            cid, "--wait", "--json", "--input", '{"topic": "Celery"}',
+                            "--client", "acme"))
     assert final["status"] == "COMPLETED"  # starting it again is a no-op: same workflow
+    other = chassis(services, "run", "examples/blog_post.yaml", "--correlation-id", cid)
+    assert other.returncode == 2 and "exists already with another input" in other.stderr
     assert final["final_result"]["human_feedback"] == {"ok": True}
     ledger = as_json(chassis(services, "ledger", cid, "--json"))
     assert all({"step", "action", "amount"} <= set(e) for e in ledger)

@@ -14,7 +14,6 @@ from celery import Celery
 
 from chassis.api import Client
 from chassis.errors import InvalidTransition
-from chassis.state import request_id_for
 from tests.helpers import wait_until
 from tests.integration.conftest import Services, Worker
 from tests.integration.test_execution import ledger_sum, runs
@@ -114,7 +113,7 @@ def test_cancel_revokes_a_long_step_and_ignores_its_result(client: Client, worke
     assert doc["status"] == "CANCELLED"
     assert doc["error"] == "Workflow cancelled: not needed any more"
     assert the_step(doc, "flaky")["status"] == "CANCELLED"
-    rid = request_id_for(cid, "flaky")
+    rid = client.store.get(cid).rid("flaky")
     wait_until(lambda: f"Terminating {rid}" in worker.text(), timeout=10,
                message="the prefork pool never terminated the step")
     print(f"\n[measured] cancel of a 30 s step: CANCELLED and terminated after "
@@ -132,8 +131,11 @@ def test_cancel_through_the_celery_task(client: Client, worker: Worker,
     cid = client.start(flaky_plan(key, 0, seconds=30), client_id="acme")
     wait_until(lambda: runs(services, key) == 1, timeout=30, message="the step never started")
     other = Celery("another-app", broker=services.env["CHASSIS_BROKER_URL"])
-    other.send_task("chassis.cancel", args=[cid, "from another app"],
+    # another client's cancel is refused (FAILURE, nothing changes), the owner's applies
+    other.send_task("chassis.cancel", args=[cid, "not yours"], kwargs={"client_id": "evil"},
                     queue="chassis.coordination")
+    other.send_task("chassis.cancel", args=[cid, "from another app"],
+                    kwargs={"client_id": "acme"}, queue="chassis.coordination")
     doc = client.wait(cid, timeout=15)
     assert doc["status"] == "CANCELLED"
     assert doc["error"] == "Workflow cancelled: from another app"
@@ -217,7 +219,7 @@ def test_celery_sees_retry_then_failure(client: Client, worker: Worker,
                                   {"max_attempts": 2, "initial_interval": 0.2}),
                        client_id="acme")
     assert client.wait(cid, timeout=60)["status"] == "FAILED"
-    first, second = request_id_for(cid, "flaky", 1), request_id_for(cid, "flaky", 2)
+    first, second = client.store.get(cid).rid("flaky", 1), client.store.get(cid).rid("flaky", 2)
 
     def states() -> dict[str, set[str]]:
         out: dict[str, set[str]] = {first: set(), second: set()}

@@ -20,7 +20,6 @@ from chassis import config
 from chassis import coordinator as co
 from chassis.api import Client
 from chassis.config import Settings
-from chassis.state import request_id_for
 from chassis.store.db import make_engine
 from chassis.store.sql import now
 from chassis.store.tables import orchestrator_state, step_runs
@@ -53,7 +52,7 @@ def drain(settings: Settings) -> None:
 
 @pytest.fixture
 def client(settings: Settings) -> Client:
-    return Client(settings)
+    return Client(settings, client_id="acme")
 
 
 def sent(settings: Settings, task_id: str | None = None, task: str | None = None) -> int:
@@ -124,13 +123,13 @@ def sweep(client: Client, settings: Settings) -> SweepReport:
 def test_fresh_steps_are_left_alone(client: Client, settings: Settings) -> None:
     cid = client.start(LINEAR, client_id="acme")
     assert not sweep(client, settings).acted
-    assert sent(settings, request_id_for(cid, "work")) == 1
+    assert sent(settings, client.store.get(cid).rid("work")) == 1
 
 
 def test_a_lost_message_is_sent_again_once_by_two_sweeps(client: Client,
                                                          settings: Settings) -> None:
     cid = client.start(LINEAR, client_id="acme")
-    rid = request_id_for(cid, "work")
+    rid = client.store.get(cid).rid("work")
     age(settings, cid, 100)
     assert not sweep(client, settings).acted  # its queue is busy: it may be waiting its turn
     drain(settings)  # the broker restarted empty
@@ -155,7 +154,7 @@ def test_a_lost_workers_attempt_is_sent_again_then_fails(client: Client,
     age(settings, cid, 20)  # it stopped: the lease expired
     report = sweep(client, settings)
     assert report.resent == [f"{cid}/work#1"] and report.lost == []
-    assert sent(settings, request_id_for(cid, "work")) == 1
+    assert sent(settings, client.store.get(cid).rid("work")) == 1
     assert client.status(cid)["status"] == "RUNNING"
     claim(client, cid)  # the second delivery
     age(settings, cid, 20)
@@ -186,7 +185,7 @@ def test_an_attempt_past_its_deadline_fails_and_is_retried(client: Client,
     assert (first["status"], first["error"], first["error_type"]) == (
         "FAILED", "timed out after 5 s", "StepTimeout")
     assert attempt_row(client, cid, "work", 2)["status"] == "DISPATCHED"
-    assert sent(settings, request_id_for(cid, "work", 2)) == 1
+    assert sent(settings, client.store.get(cid).rid("work", 2)) == 1
 
 
 def test_an_unanswered_external_agent_times_out(client: Client, settings: Settings) -> None:
@@ -218,7 +217,7 @@ def test_a_retry_due_is_sent_when_its_time_comes(client: Client, settings: Setti
     reports = sweep_twice_at_once(client, settings)
     assert sum(len(r.sent_due) for r in reports) == 1
     assert attempt_row(client, cid, "work", 2)["status"] == "DISPATCHED"
-    assert sent(settings, request_id_for(cid, "work", 2)) == 1
+    assert sent(settings, client.store.get(cid).rid("work", 2)) == 1
 
 
 def test_a_fan_in_whose_trigger_was_lost_is_collected(client: Client,

@@ -12,7 +12,7 @@ import pytest
 
 from chassis import config
 from chassis.kafka import routing
-from chassis.kafka.routing import Rejected, Router, routes
+from chassis.kafka.routing import Rejected, Router, StartRecord, routes
 
 CID = str(uuid.uuid4())
 
@@ -22,6 +22,7 @@ class FakeDirectory:
         self.plans = {"research": 3}
         self.owners = {CID: "acme"}
         self.requests = {(CID, "req-1")}
+        self.starts: dict[str, StartRecord] = {}
 
     def plan_version(self, name: str, version: int | None) -> int | None:
         latest = self.plans.get(name)
@@ -31,6 +32,9 @@ class FakeDirectory:
 
     def owner(self, correlation_id: str) -> str | None:
         return self.owners.get(correlation_id)
+
+    def start_of(self, correlation_id: str) -> StartRecord | None:
+        return self.starts.get(correlation_id)
 
     def has_request(self, correlation_id: str, request_id: str) -> bool:
         return (correlation_id, request_id) in self.requests
@@ -90,10 +94,10 @@ def test_resume_is_only_for_the_owner_of_an_existing_workflow(router: Router) ->
     topic = "system.commands.workflow.resume"
     call = router.call(topic, b'{"approved": false, "feedback": "no"}',
                        {"correlation_id": CID, "client_id": "acme"})
-    assert (call.task, call.args) == (routing.RESUME_TASK, [CID, False, "no"])
+    assert (call.task, call.args) == (routing.RESUME_TASK, [CID, False, "no", "acme"])
     ok = {"approved": True}
     assert reason(router, topic, ok, {"correlation_id": CID, "client_id": "eve"}) == \
-        "client_mismatch"
+        "unknown_workflow"  # another client's workflow is as unknown as a missing one
     assert reason(router, topic, ok, {"correlation_id": str(uuid.uuid4()),
                                       "client_id": "acme"}) == "unknown_workflow"
     assert reason(router, topic, ok, {"correlation_id": CID}) == "missing_header"
@@ -105,9 +109,9 @@ def test_cancel_is_only_for_the_owner_of_an_existing_workflow(router: Router) ->
     topic = "system.commands.workflow.cancel"
     owner = {"correlation_id": CID, "client_id": "acme"}
     call = router.call(topic, b'{"reason": "budget cut"}', owner)
-    assert (call.task, call.args) == ("chassis.cancel", [CID, "budget cut"])
-    assert router.call(topic, None, owner).args == [CID, None]  # an empty value is fine
-    assert reason(router, topic, {}, {**owner, "client_id": "eve"}) == "client_mismatch"
+    assert (call.task, call.args) == ("chassis.cancel", [CID, "budget cut", "acme"])
+    assert router.call(topic, None, owner).args == [CID, None, "acme"]  # empty is fine
+    assert reason(router, topic, {}, {**owner, "client_id": "eve"}) == "unknown_workflow"
     assert reason(router, topic, {}, {**owner, "correlation_id": str(uuid.uuid4())}) == \
         "unknown_workflow"
     assert reason(router, topic, {}, {"correlation_id": CID}) == "missing_header"
@@ -120,12 +124,14 @@ def test_cancel_is_only_for_the_owner_of_an_existing_workflow(router: Router) ->
 def test_response_becomes_chassis_respond(router: Router) -> None:
     topic = "system.responses.research"
     call = router.call(topic, b'{"success": false, "error": {"code": 7}}',
-                       {"correlation_id": CID, "causation_id": "req-1"})
+                       {"correlation_id": CID, "causation_id": "req-1", "client_id": "acme"})
     assert (call.task, call.args) == (routing.RESPOND_TASK,
-                                      [CID, "req-1", False, None, '{"code": 7}'])
-    h = {"correlation_id": CID, "causation_id": "req-1"}
+                                      [CID, "req-1", False, None, '{"code": 7}', None, "acme"])
+    h = {"correlation_id": CID, "causation_id": "req-1", "client_id": "acme"}
     assert reason(router, topic, {"success": True}, {**h, "client_id": "eve"}) == \
-        "client_mismatch"
+        "unknown_workflow"
+    no_client = {"correlation_id": CID, "causation_id": "req-1"}
+    assert reason(router, topic, {"success": True}, no_client) == "missing_header"
     assert reason(router, topic, {"success": True}, {**h, "causation_id": "req-2"}) == \
         "unknown_request"
     assert reason(router, topic, {"data": 1}, h) == "bad_payload"
@@ -168,3 +174,53 @@ def test_start_without_correlation_id_derives_it_from_the_request_id(router: Rou
     assert first.correlation_id == again.correlation_id != other.correlation_id
     assert uuid.UUID(str(first.correlation_id))
     assert reason(router, topic, {}, {"client_id": "a"}) == "missing_header"
+
+
+START = "system.agent.research.process"
+OK = {"correlation_id": str(uuid.uuid4()), "client_id": "acme"}
+
+
+@pytest.mark.parametrize("topic, value, headers, expected", [
+    (START, {"q": 1}, {**OK, "fuel_budget": "²"}, "bad_header"),
+    (START, {"q": 1}, {**OK, "fuel_budget": "99999999999"}, "bad_header"),
+    (START, {"q": 1}, {**OK, "client_id": "c" * 300}, "bad_header"),
+    (START, {"q": 1}, {**OK, "client_id": "a\x01b"}, "bad_header"),
+    (START, {"q": 1}, {**OK, "project_id": "p" * 300}, "bad_header"),
+    (START, b"[" * 100_000 + b"]" * 100_000, OK, "bad_payload"),
+    (START, b'{"n": 1' + b"0" * 5000 + b"}", OK, "bad_json"),
+    (START, b'{"n": NaN}', OK, "bad_json"),
+    (START, b'{"n": Infinity}', OK, "bad_json"),
+    (START, b'{"n": "\\u0000"}', OK, "bad_payload"),
+    (START, b'{"n": "\\ud800"}', OK, "bad_payload"),
+    (START, b"\xff\xfe", OK, "bad_json"),
+    (START, b'"' + b"x" * 2_000_000 + b'"', OK, "bad_payload"),
+    ("system.commands.workflow.resume", b'{"approved": true, "feedback": NaN}',
+     {"correlation_id": CID, "client_id": "acme"}, "bad_json"),
+    ("system.responses.research", b'{"success": true, "data": {"x": NaN}}',
+     {"correlation_id": CID, "causation_id": "req-1", "client_id": "acme"}, "bad_json"),
+    ("system.responses.research", {"success": False, "error_type": "not a name"},
+     {"correlation_id": CID, "causation_id": "req-1", "client_id": "acme"}, "bad_payload"),
+])
+def test_poison_messages_get_a_reason(router: Router, topic: str, value: object,
+                                      headers: dict[str, str], expected: str) -> None:
+    assert reason(router, topic, value, headers) == expected
+
+
+def test_a_start_with_an_id_in_use_otherwise_is_a_conflict(router: Router) -> None:
+    d = router.directory
+    assert isinstance(d, FakeDirectory)
+    d.starts[CID] = ("acme", "research", 3, {"q": 1}, 40)
+    same = {"correlation_id": CID, "client_id": "acme", "fuel_budget": "40"}
+    assert router.call(START, b'{"q": 1}', same).task == routing.START_TASK  # a repeat
+    assert reason(router, START, {"q": 2}, same) == "conflict"
+    assert reason(router, START, {"q": 1}, {**same, "client_id": "eve"}) == "conflict"
+    assert reason(router, START, {"q": 1}, {**same, "fuel_budget": "41"}) == "conflict"
+
+
+def test_an_unexpected_error_is_a_dead_letter_not_a_retry(tmp_path: Path) -> None:
+    class Broken(FakeDirectory):
+        def plan_version(self, name: str, version: int | None) -> int | None:
+            raise ValueError("something odd in the registry")
+
+    router = Router(routes(config.load({"CHASSIS_HOME": str(tmp_path)})), Broken())
+    assert reason(router, START, {"q": 1}, OK) == "bad_message"

@@ -1,0 +1,91 @@
+"""Requests that arrive as Celery tasks, from the Kafka bridge or from other apps in any
+language: resume, cancel, retry, an agent's answer. Each is checked at the edge (the
+values, and that it names the client it acts for), then applied by the engine, where the
+coordinator refuses it for another client's workflow.
+
+A refused request raises (the task ends in FAILURE with the reason, and nothing is
+written); a duplicate of a request already applied (a resume of a workflow no longer
+paused, a cancel of a finished one) is logged and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from chassis import coordinator as co
+from chassis.engine import Engine
+from chassis.errors import InputError, InvalidTransition
+from chassis.limits import check_json, check_name, check_text
+from chassis.policy import ERROR_NAME, ERROR_NAME_MAX
+
+log = logging.getLogger(__name__)
+
+
+def _cid(value: Any) -> str:
+    try:
+        return str(uuid.UUID(str(value)[:100]))
+    except ValueError:
+        raise InputError(f"correlation_id must be a UUID, got {str(value)[:60]!r}") from None
+
+
+def _client(value: Any) -> str:
+    if value is None:
+        raise InputError("client_id is required: the client the request acts for")
+    return check_name(value, "client_id")
+
+
+def _ignored(what: str, cid: str, exc: InvalidTransition) -> None:
+    log.info("%s ignored: %s", what, exc, extra={"correlation_id": cid})
+
+
+def resume(engine: Engine, correlation_id: Any, approved: Any, feedback: Any = None,
+           client_id: Any = None) -> None:
+    cid, actor = _cid(correlation_id), _client(client_id)
+    if not isinstance(approved, bool):
+        raise InputError("approved must be true or false")
+    feedback = check_json(feedback, "feedback", engine.settings.limits)
+    try:
+        engine.resume(cid, approved, feedback, actor)
+    except InvalidTransition as exc:
+        _ignored("resume", cid, exc)
+
+
+def cancel(engine: Engine, correlation_id: Any, reason: Any = None,
+           client_id: Any = None) -> None:
+    cid, actor = _cid(correlation_id), _client(client_id)
+    text = None if reason is None else check_text(reason, "reason") or None
+    try:
+        engine.cancel(cid, text, actor)
+    except InvalidTransition as exc:
+        _ignored("cancel", cid, exc)
+
+
+def retry(engine: Engine, correlation_id: Any, client_id: Any = None) -> None:
+    cid, actor = _cid(correlation_id), _client(client_id)
+    try:
+        engine.retry(cid, actor)
+    except InvalidTransition as exc:
+        _ignored("retry", cid, exc)
+
+
+def respond(engine: Engine, correlation_id: Any, request_id: Any, success: Any,
+            data: Any = None, error: Any = None, error_type: Any = None,
+            client_id: Any = None) -> None:
+    """An agent's TaskResponse to ``request_id`` (its causation_id)."""
+    cid, actor = _cid(correlation_id), _client(client_id)
+    rid = check_name(request_id, "request_id")
+    if not isinstance(success, bool):
+        raise InputError("success must be true or false")
+    data = check_json(data, "data", engine.settings.limits)
+    if error is not None:
+        error = check_text(error, "error", max_length=10_000)
+    if error_type is not None and not (isinstance(error_type, str)
+                                       and len(error_type) <= ERROR_NAME_MAX
+                                       and ERROR_NAME.match(error_type)):
+        raise InputError("error_type must be an error type name such as RateLimited")
+    engine.apply(cid, co.ResponseReceived(rid, success, data, error, error_type, actor))
+
+
+__all__ = ["cancel", "respond", "resume", "retry"]
