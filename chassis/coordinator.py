@@ -51,6 +51,7 @@ from chassis.events import (
     StepSucceeded,
     SubtasksSucceeded,
 )
+from chassis.limits import EVENT_FIELD_MAX, MESSAGE_MAX
 from chassis.plan import COMPLETE, FAN_OUT, PAUSE, Plan, Step
 from chassis.state import Status, StepStatus, WorkflowState, request_id_for
 
@@ -468,8 +469,19 @@ def _fail(d: Decision, plan: Plan, error: str, step: str | None = None) -> None:
 
 def _event(s: WorkflowState, event_type: str, extra: dict[str, Any], dedup: str) -> Emit:
     payload = {"event_type": event_type, "correlation_id": s.correlation_id,
-               "project_id": s.project_id, "client_id": s.client_id, **extra}
+               "project_id": s.project_id, "client_id": s.client_id,
+               **{k: _small(s, v) for k, v in extra.items()}}
     return Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload, dedup)
+
+
+def _small(s: WorkflowState, value: Any) -> Any:
+    """An event's data, or a reference to the workflow when it is large: events stay
+    small (the workflow's status has it all)."""
+    size = len(json.dumps(value, default=str))
+    if size <= EVENT_FIELD_MAX:
+        return value
+    return {"truncated": True, "bytes": size,
+            "see": f"chassis status {s.correlation_id}"}
 
 
 def base_headers(s: WorkflowState) -> dict[str, str]:
@@ -534,7 +546,13 @@ def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None
     if later:
         d.commands.append(ScheduleStep(name, action, rid, attempt, delay, parent))
     elif topic:
-        d.commands.append(_request(s, name, action, topic, attempt, params, parent, timeout))
+        request = _request(s, name, action, topic, attempt, params, parent, timeout)
+        size = len(json.dumps(request.payload))
+        if size > MESSAGE_MAX:
+            _fail(d, plan, f"step '{name}': its request to the agent would be {size} bytes, "
+                           f"more than a Kafka message takes ({MESSAGE_MAX})", step=name)
+            return
+        d.commands.append(request)
     else:
         run = RunStep(name, action, dict(params), rid, parent, attempt, timeout, delay)
         (group if group is not None else d.commands).append(run)  # type: ignore[arg-type]
@@ -563,7 +581,7 @@ def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
         "project_id": s.project_id,
         "client_id": s.client_id,
         "message": f"Step '{step.description or name}' requires your approval",
-        "data_for_review": dict(s.collected_data),
+        "data_for_review": _small(s, dict(s.collected_data)),
     }
     dedup = f"{s.correlation_id}:paused:{name}" + (f"#{attempt}" if attempt > 1 else "")
     d.commands.append(Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -29,21 +30,32 @@ def can_interrupt() -> bool:
 
 @contextmanager
 def time_limit(seconds: float | None) -> Iterator[bool]:
-    """Interrupt the block after ``seconds`` where possible; yields whether it can."""
+    """Interrupt the block after ``seconds`` where possible; yields whether it can.
+
+    Limits nest (a prompt template's inside its step's): an outer limit that comes
+    first still fires, as its own, and is re-armed for what is left of it afterwards."""
     if seconds is None or not can_interrupt():
         yield False
         return
+    began = time.monotonic()
+    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]
+    outer_first = 0 < outer_left <= seconds
 
-    def on_alarm(_signum: int, _frame: FrameType | None) -> None:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        if outer_first and callable(previous):
+            previous(signum, frame)  # the outer deadline came first: it raises its own
         raise AttemptDeadline(f"ran past its timeout of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, outer_left if outer_first else seconds)
     try:
         yield True
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left > 0:
+            left = outer_left - (time.monotonic() - began)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
 
 __all__ = ["AttemptDeadline", "can_interrupt", "time_limit"]

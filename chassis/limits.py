@@ -28,6 +28,12 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 NAME_MAX = 255
 TEXT_MAX = 1000
+#: An event's data field (final_result, data_for_review) larger than this, in bytes of
+#: JSON, goes out as a reference to the workflow instead: events stay small.
+EVENT_FIELD_MAX = 64 * 1024
+#: The largest request to an external agent: Kafka's default message size (1 MB) with
+#: room for headers. A larger one fails its step at once.
+MESSAGE_MAX = 900_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"^[0-9]+$")
 
@@ -193,5 +199,5 @@ def check_count(value: Any, what: str, *, least: int = 1, most: int = INT32_MAX)
     return value
 
 
-__all__ = ["DEFAULT", "INT32_MAX", "Limits", "NAME_MAX", "check_count", "check_json",
-           "check_name", "check_text", "loads_json"]
+__all__ = ["DEFAULT", "EVENT_FIELD_MAX", "INT32_MAX", "Limits", "MESSAGE_MAX", "NAME_MAX",
+           "check_count", "check_json", "check_name", "check_text", "loads_json"]

@@ -14,6 +14,7 @@ agentchassis_step_duration_seconds       histogram  action: started → finished
                                                     finished step runs
 agentchassis_fuel_spent_total            counter    action, client_id: ledger sum
 agentchassis_outbox_backlog              gauge      outbox rows not yet published
+agentchassis_outbox_refused              gauge      outbox rows Kafka refused for good
 agentchassis_dead_letters_total          counter    messages on the dead-letter topic
 agentchassis_bridge_lag                  gauge      topic: messages the bridge's group
                                                     has not committed yet
@@ -106,9 +107,14 @@ class DatabaseCollector(Collector):
         yield fuel
 
         backlog = conn.execute(sa.select(sa.func.count()).select_from(outbox)
-                               .where(outbox.c.published_at.is_(None))).scalar_one()
+                               .where(outbox.c.published_at.is_(None),
+                                      outbox.c.failed_at.is_(None))).scalar_one()
         yield GaugeMetricFamily(PREFIX + "outbox_backlog", "Outbox messages not yet "
                                 "published to Kafka.", value=backlog)
+        refused = conn.execute(sa.select(sa.func.count()).select_from(outbox)
+                               .where(outbox.c.failed_at.is_not(None))).scalar_one()
+        yield GaugeMetricFamily(PREFIX + "outbox_refused", "Outbox messages Kafka refused "
+                                "for good, set aside by the relay.", value=refused)
 
     def _durations(self, conn: sa.Connection) -> Metric:
         r = step_runs.c

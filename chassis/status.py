@@ -69,11 +69,13 @@ def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
 
 
 def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
-                plan: Plan | None = None) -> dict[str, Any]:
+                plan: Plan | None = None,
+                refused: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The status document of ``chassis status --json``: ``steps`` holds one entry per
     step or sub-task (its latest attempt, ``attempts`` the attempt number, ``error`` the
     last error) with its ``history`` of attempts; ``waiting_for`` says where it waits
-    (None in lists, which read no attempts)."""
+    (None in lists, which read no attempts); ``undelivered`` lists its outgoing messages
+    Kafka refused for good."""
     step_docs = _step_docs(steps or [], plan)
     return {
         "correlation_id": s.correlation_id, "client_id": s.client_id,
@@ -88,6 +90,7 @@ def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
         "steps": step_docs,
         "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at),
         "version": s.version,
+        "undelivered": [{**m, "failed_at": _iso(m["failed_at"])} for m in refused or []],
     }
 
 

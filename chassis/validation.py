@@ -14,6 +14,7 @@ they are a problem.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 
 from chassis import actions
@@ -21,6 +22,8 @@ from chassis.errors import PlanError
 from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Plan, Step
 from chassis.policy import merged_problems
 
+#: What Kafka accepts as a topic name.
+KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 #: Keys of a step's data that are not step outputs.
 RESERVED_NAMES = frozenset({"input", "human_feedback"})
 #: Characters a step or sub-task name may not hold: they separate the attempt number in
@@ -57,7 +60,38 @@ def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[s
             problems.append(f"{place}: sub_tasks are only used by fan_out, "
                             f"not by action {step.action!r}")
         problems += _failure_problems(place, name, step, plan)
-    problems += [f"cycle: {' -> '.join([*cycle, cycle[0]])}" for cycle in _cycles(plan, owner)]
+    cycles = _cycles(plan, owner)
+    problems += [f"cycle: {' -> '.join([*cycle, cycle[0]])}" for cycle in cycles]
+    if not cycles:
+        problems += _unreachable_dependencies(plan, owner)
+    return problems
+
+
+def _unreachable_dependencies(plan: Plan, owner: dict[str, str]) -> list[str]:
+    """A step runs when the workflow reaches it along next_step from start_step; a
+    dependency that cannot have completed by then (a later step, a step off that way,
+    a sub-task of a later fan-out) would make the workflow wait for ever."""
+    path: list[str] = []
+    name: str | None = plan.start_step
+    while name is not None and name in plan.steps and name not in path:
+        path.append(name)
+        name = plan.steps[name].next_step
+    done: set[str] = set()
+    problems = []
+    for name in path:
+        step = plan.steps[name]
+        for dep in step.dependencies:
+            if dep in done or (dep not in plan.steps and dep not in owner):
+                continue  # fine, or already reported as naming no step
+            step_of = owner.get(dep, dep)
+            if step_of in path and path.index(step_of) >= path.index(name):
+                why = "it runs after it"
+            else:
+                why = f"it is not on the way from start_step {plan.start_step!r}"
+            problems.append(f"steps.{name}: dependency {dep!r} cannot have completed when "
+                            f"{name!r} is reached ({why}): the workflow would wait for ever")
+        done.add(name)
+        done.update(st.step_name for st in step.sub_tasks)
     return problems
 
 
@@ -107,6 +141,13 @@ def _action_problems(place: str, step: Step, known: Collection[str]) -> list[str
         return problems
     if step.action not in known and not step.topic:
         return [_unknown(place, step.action, known)]
+    return _topic_problems(place, step.topic)
+
+
+def _topic_problems(place: str, topic: str | None) -> list[str]:
+    if topic and not KAFKA_TOPIC.match(topic):
+        return [f"{place}: topic {topic[:80]!r} is not a Kafka topic name (letters, digits, "
+                "'.', '_' and '-', at most 249)"]
     return []
 
 
@@ -136,6 +177,7 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
             problems.append(f"{sp}: reserved action {action!r} cannot run as a sub-task")
         elif action not in known and not st.topic:
             problems.append(_unknown(sp, action, known))
+        problems += _topic_problems(sp, st.topic)
     return problems
 
 

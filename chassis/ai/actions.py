@@ -34,7 +34,8 @@ def tier_model(settings: Settings, tier: str) -> str:
 
 
 def build_request(name: str, data: Mapping[str, Any], params: Mapping[str, Any],
-                  model: str, allowed: frozenset[str] = _PARAMS) -> TextRequest:
+                  model: str, allowed: frozenset[str] = _PARAMS,
+                  settings: Settings | None = None) -> TextRequest:
     """Check ``params`` and render the templates; :class:`AIParamsError` or
     :class:`chassis.ai.errors.PromptTemplateError` say what is wrong."""
     unknown = sorted(set(params) - allowed)
@@ -45,10 +46,13 @@ def build_request(name: str, data: Mapping[str, Any], params: Mapping[str, Any],
         raise AIParamsError(f"{name}: params.prompt is required: a template over the "
                             "step's data, e.g. 'Summarise {{ input.text }}'")
     system = params.get("system")
+    s = settings or config.load()
+    seconds, most = s.template_timeout, s.template_max_bytes
     return TextRequest(
         model=model,
-        prompt=render(params["prompt"], data, what="prompt"),
-        system=render(system, data, what="system") if system is not None else None,
+        prompt=render(params["prompt"], data, what="prompt", seconds=seconds, max_bytes=most),
+        system=None if system is None else render(system, data, what="system",
+                                                  seconds=seconds, max_bytes=most),
         max_tokens=_max_tokens(name, params.get("max_tokens", DEFAULT_MAX_TOKENS)),
         temperature=_temperature(name, params.get("temperature")),
         effort=_effort(name, params.get("effort")),
@@ -83,7 +87,7 @@ def _effort(name: str, value: Any) -> str | None:
 def generate(name: str, data: Mapping[str, Any], params: Mapping[str, Any], model: str,
              settings: Settings, allowed: frozenset[str] = _PARAMS) -> dict[str, Any]:
     """Render, check, call the configured provider; the step's output."""
-    request = build_request(name, data, params, model, allowed)
+    request = build_request(name, data, params, model, allowed, settings)
     return provider_for(settings).generate_text(request).as_output()
 
 

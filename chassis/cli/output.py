@@ -69,6 +69,9 @@ def print_status(doc: dict[str, Any]) -> None:
                          f"({fuel['remaining']} remaining)")
     if doc["error"]:
         head.add_row("error", f"[red]{escape(doc['error'])}[/]")
+    for m in doc.get("undelivered") or []:
+        head.add_row("undelivered", escape(f"{m['event_type'] or 'message'} to {m['topic']}: "
+                                           f"{m['error']}"))
     out.print(head)
     if doc["steps"]:
         t = Table(title="steps", title_justify="left")

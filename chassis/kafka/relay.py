@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from chassis.config import Settings
 from chassis.kafka import clients
@@ -64,7 +64,7 @@ class OutboxRelay:
         with self.engine.begin() as conn:
             q = (sa.select(outbox.c.id, outbox.c.correlation_id, outbox.c.topic,
                            outbox.c.key, outbox.c.headers, outbox.c.payload)
-                 .where(outbox.c.published_at.is_(None))
+                 .where(outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None))
                  .order_by(outbox.c.id).limit(self.batch_size))
             if self.locking:
                 q = q.with_for_update(skip_locked=True)
@@ -80,27 +80,34 @@ class OutboxRelay:
                 conn.execute(outbox.update().where(outbox.c.id.in_(ok))
                              .values(published_at=ts, attempts=outbox.c.attempts + 1))
             for row_id, err in errors.items():
-                if err is not None:
-                    conn.execute(outbox.update().where(outbox.c.id == row_id)
-                                 .values(attempts=outbox.c.attempts + 1, last_error=err))
+                if err is None:
+                    continue
+                for_good = isinstance(err, Refused)
+                conn.execute(outbox.update().where(outbox.c.id == row_id).values(
+                    attempts=outbox.c.attempts + 1, last_error=str(err)[:2000],
+                    failed_at=ts if for_good else None))
+                if for_good:
+                    log.error("relay: outbox row %d set aside, Kafka refuses it for good: "
+                              "%s", row_id, err)
         self.published += len(ok)
         if len(ok) < len(rows):
             log.warning("relay: %d of %d messages not confirmed; they will be sent again",
                         len(rows) - len(ok), len(rows))
         return len(ok)
 
-    def _produce(self, rows: list[Any]) -> dict[int, str | None]:
-        """Produce the rows and wait for Kafka; row id → None (delivered) or the error.
-        Rows missing from the answer were not confirmed in time."""
+    def _produce(self, rows: list[Any]) -> dict[int, str | Refused | None]:
+        """Produce the rows and wait for Kafka; row id → None (delivered), the error
+        (to try again), or :class:`Refused` (Kafka will never take it). Rows missing from
+        the answer were not confirmed in time."""
         new = {r.topic for r in rows} - self._topics
         if new:
             clients.ensure_topics(self.bootstrap, new)
             self._topics |= new
-        results: dict[int, str | None] = {}
+        results: dict[int, str | Refused | None] = {}
         producer = self.producer
         for r in rows:
             def delivered(err: Any, _msg: Any, row_id: int = r.id) -> None:
-                results[row_id] = None if err is None else str(err)
+                results[row_id] = None if err is None else _judge(err)
 
             value = json.dumps(r.payload).encode()
             key = str(r.correlation_id or r.key or "") or None
@@ -112,6 +119,9 @@ class OutboxRelay:
                     break
                 except BufferError:  # the local queue is full: let deliveries drain
                     producer.poll(0.1)
+                except KafkaException as exc:  # refused at once (too large, bad topic)
+                    results[r.id] = _judge(exc.args[0] if exc.args else exc)
+                    break
         producer.flush(FLUSH_TIMEOUT)
         return results
 
@@ -147,6 +157,28 @@ class OutboxRelay:
         return self.published
 
 
+class Refused(str):
+    """Kafka refuses the message for good (too large, invalid topic, not authorised):
+    sending it again would fail again."""
+
+
+#: Errors about the message itself: sending it again would fail again. Any other error
+#: (a broker away, a timeout, a leader election) is tried again.
+_FOR_GOOD = frozenset(getattr(KafkaError, name) for name in (
+    "MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG_SIZE", "RECORD_LIST_TOO_LARGE",
+    "TOPIC_EXCEPTION",
+    "INVALID_TOPIC_EXCEPTION", "TOPIC_AUTHORIZATION_FAILED", "INVALID_RECORD", "INVALID_MSG",
+    "_INVALID_ARG") if hasattr(KafkaError, name))
+
+
+def _judge(err: Any) -> str | Refused:
+    """A delivery error: Refused when it is permanent, else its text (try again)."""
+    code = getattr(err, "code", None)
+    if callable(code) and code() in _FOR_GOOD:
+        return Refused(str(err))
+    return str(err)
+
+
 def _in_workflow_order(conn: sa.Connection, rows: list[Any]) -> list[Any]:
     """Drop the rows that another relay's earlier, still unpublished row of the same
     workflow must precede (that relay holds its lock; this row waits a round)."""
@@ -156,7 +188,8 @@ def _in_workflow_order(conn: sa.Connection, rows: list[Any]) -> list[Any]:
         return rows
     earlier = conn.execute(
         sa.select(outbox.c.id, outbox.c.correlation_id)
-        .where(outbox.c.published_at.is_(None), outbox.c.correlation_id.in_(cids),
+        .where(outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None),
+               outbox.c.correlation_id.in_(cids),
                outbox.c.id <= max(ours))
         .order_by(outbox.c.id)).all()
     blocked: set[str] = set()

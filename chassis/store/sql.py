@@ -373,6 +373,18 @@ class SqlStore:
                                 .order_by(fuel_ledger.c.id)).all()
         return [dict(r._mapping) for r in rows]
 
+    def refused_messages(self, cid: str) -> list[dict[str, Any]]:
+        """The workflow's outgoing messages Kafka refused for good (set aside)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(outbox.c.topic, outbox.c.payload, outbox.c.last_error,
+                                          outbox.c.failed_at)
+                                .where(outbox.c.correlation_id == cid,
+                                       outbox.c.failed_at.is_not(None))
+                                .order_by(outbox.c.id)).all()
+        return [{"topic": r.topic, "event_type": (r.payload or {}).get("event_type")
+                 if isinstance(r.payload, dict) else None, "error": r.last_error,
+                 "failed_at": r.failed_at} for r in rows]
+
     def outbox_for(self, cid: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(outbox).where(outbox.c.correlation_id == cid)

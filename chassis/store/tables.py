@@ -150,6 +150,8 @@ outbox = sa.Table(
     sa.Column("published_at", TS),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.Text),
+    # 0003: a row Kafka refused for good (too large, an invalid topic) is set aside
+    sa.Column("failed_at", TS),
     sa.Index("idx_outbox_unpublished", "published_at", "id"),
 )
 

@@ -144,3 +144,17 @@ def test_ai_sub_tasks_of_a_fan_out(client: Client, ai_worker: Worker,
     for step in ("short", "long"):
         [debit] = ledger_of(client, cid, step)
         assert debit["usage"] == {"input_tokens": 12, "output_tokens": 7}
+
+
+def test_a_template_that_would_hold_the_worker_fails_its_step_and_the_worker_goes_on(
+        client: Client, ai_worker: Worker, claude: FakeAnthropic) -> None:
+    claude.default = message("fine", input_tokens=3, output_tokens=1)
+    _, doc = run(client, {"prompt": "{{ 9 ** (9 ** 8) }}"})
+    assert doc["status"] == "FAILED"
+    assert "9 ** 43046721 is too large to compute" in doc["error"]
+    _, doc = run(client, {"prompt": "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                    "{% endfor %}{% endfor %}"})
+    assert doc["status"] == "FAILED" and "took longer than 2 s" in doc["error"]
+    assert claude.requests == []  # no request for either
+    _, doc = run(client, {"prompt": "Hello {{ input.name }}"}, {"name": "next"})
+    assert doc["status"] == "COMPLETED"

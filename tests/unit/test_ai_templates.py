@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import pytest
@@ -80,3 +82,30 @@ def test_a_template_must_be_a_string() -> None:
 
 def test_text_without_markup_is_kept_as_is() -> None:
     assert render("Just text.\n", {}) == "Just text.\n"
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 9 ** (9 ** 8) }}", "9 ** 43046721 is too large to compute"),
+    ("{{ 'x' * 10 ** 9 }}", "repeating a str 1000000000 times"),
+    ("{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}",
+     "makes more than 1048576 characters"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}"
+     "{% endfor %}{{ ns.x|length }}", "needs more memory than a template may use"),
+    ("{{ 'x'|center(2000000000) }}", "needs more memory than a template may use"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "took longer than 2 s"),
+])
+def test_a_template_cannot_hold_the_worker(template: str, message: str) -> None:
+    began = time.monotonic()
+    with pytest.raises(PromptTemplateError, match=re.escape(message)):
+        render(template, {"input": {}})
+    assert time.monotonic() - began < 10
+    assert render("{{ input.ok }}", {"input": {"ok": "still fine"}}) == "still fine"
+
+
+def test_the_limits_are_the_callers() -> None:
+    with pytest.raises(PromptTemplateError, match="more than 10 characters"):
+        render("{{ 'x' * 11 }}", {}, max_bytes=10)
+    with pytest.raises(PromptTemplateError, match="longer than 0.2 s"):
+        render("{% for i in range(100000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+               {}, seconds=0.2)

@@ -230,3 +230,40 @@ def test_names_may_not_hold_the_attempt_separators() -> None:
     assert validate(plan) == [
         "steps.a#2: step name 'a#2' may not contain '#'",
         "steps.a#2.sub_tasks[0]: step_name 'b/1' may not contain '/'"]
+
+
+def test_a_dependency_that_cannot_have_completed_is_refused() -> None:
+    # on the way from the start step, a later dependency is a cycle (reported as such)
+    later = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "echo", "next_step": "b"},
+        "b": {"action": "echo", "dependencies": ["c"], "next_step": "c"},
+        "c": {"action": "echo"}}})
+    assert validate(later) == ["cycle: b -> c -> b"]
+    # off that way: the step it depends on never runs
+    off_path = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "echo", "dependencies": ["x"], "next_step": "b"},
+        "b": {"action": "echo", "dependencies": ["s"]},
+        "x": {"action": "echo"},
+        "side": {"action": "fan_out", "sub_tasks": [{"step_name": "s", "action": "echo"}]}}})
+    assert validate(off_path) == [
+        "steps.a: dependency 'x' cannot have completed when 'a' is reached (it is not on "
+        "the way from start_step 'a'): the workflow would wait for ever",
+        "steps.b: dependency 's' cannot have completed when 'b' is reached (it is not on "
+        "the way from start_step 'a'): the workflow would wait for ever"]
+    fine = parse_plan({"start_step": "fan", "steps": {
+        "fan": {"action": "fan_out", "sub_tasks": [{"step_name": "s1", "action": "echo"}],
+                "next_step": "use"},
+        "use": {"action": "echo", "dependencies": ["s1", "fan"]}}})
+    assert validate(fine) == []
+
+
+def test_topics_must_be_kafka_topic_names() -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "x", "topic": "has space", "next_step": "f"},
+        "f": {"action": "fan_out", "sub_tasks": [{"step_name": "s", "topic": "ok.topic-1"},
+                                                 {"step_name": "t", "topic": "bad/topic"}]}}})
+    assert validate(plan) == [
+        "steps.a: topic 'has space' is not a Kafka topic name (letters, digits, '.', '_' "
+        "and '-', at most 249)",
+        "steps.f.sub_tasks[1]: topic 'bad/topic' is not a Kafka topic name (letters, digits, "
+        "'.', '_' and '-', at most 249)"]

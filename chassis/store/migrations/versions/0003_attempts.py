@@ -7,9 +7,10 @@ Create Date: 2026-12-02
 ``step_runs.attempts`` counted deliveries of a step; it becomes ``deliveries`` and the
 key (workflow, step) becomes (workflow, step, attempt). Existing rows are attempt 1.
 ``orchestrator_state.attempts`` keeps each step's latest attempt for the coordinator
-(filled in for the workflows already there: every step with a row is at attempt 1), and
+(filled in for the workflows already there: every step with a row is at attempt 1),
 ``nonce`` a workflow's secret for its request ids (none for the workflows already there,
-whose request ids stay as they were).
+whose request ids stay as they were), and ``outbox.failed_at`` marks a row Kafka refused
+for good, set aside so that it blocks nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def upgrade() -> None:
     with op.batch_alter_table("orchestrator_state") as batch:
         batch.add_column(sa.Column("attempts", JSON_TYPE))
         batch.add_column(sa.Column("nonce", sa.String(64)))
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("failed_at", TS))
     with op.batch_alter_table("step_runs") as batch:
         batch.alter_column("attempts", new_column_name="deliveries",
                            existing_type=sa.Integer(), existing_nullable=False,
@@ -83,6 +86,8 @@ def downgrade() -> None:
         batch.alter_column("deliveries", new_column_name="attempts",
                            existing_type=sa.Integer(), existing_nullable=False,
                            existing_server_default="0")
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("failed_at")
     with op.batch_alter_table("orchestrator_state") as batch:
         batch.drop_column("nonce")
         batch.drop_column("attempts")
