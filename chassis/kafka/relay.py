@@ -52,6 +52,7 @@ class OutboxRelay:
         self._producer = producer
         self._topics: set[str] = set()
         self.published = 0
+        self.last_rows = 0
 
     @property
     def producer(self) -> Producer:
@@ -69,6 +70,7 @@ class OutboxRelay:
             if self.locking:
                 q = q.with_for_update(skip_locked=True)
             rows: list[Any] = list(conn.execute(q).all())
+            self.last_rows = len(rows)  # a full batch: there may be more
             if self.locking and rows:
                 rows = _in_workflow_order(conn, rows)
             if not rows:
@@ -129,9 +131,8 @@ class OutboxRelay:
         """Publish until the outbox is empty (or ``max_batches``); the number published."""
         total = 0
         for _ in range(max_batches):
-            n = self.publish_batch()
-            total += n
-            if n < self.batch_size:
+            total += self.publish_batch()
+            if self.last_rows < self.batch_size:
                 break
         return total
 
@@ -150,7 +151,7 @@ class OutboxRelay:
                 log.warning("relay: %s; retrying in %.1f s", exc, backoff)
                 stop.wait(backoff)
                 continue
-            if n < self.batch_size:
+            if n == 0 or self.last_rows < self.batch_size:
                 stop.wait(self.settings.relay_poll_interval)
         if self._producer is not None:
             self._producer.flush(FLUSH_TIMEOUT)

@@ -141,3 +141,72 @@ def test_beat_task_publishes_the_outbox(kafka: KafkaServices) -> None:
     wait_until(lambda: unpublished(url, topic) == 0, timeout=60,
                message="the chassis.relay task did not publish the outbox")
     assert_in_order(read_all(kafka.bootstrap, topic, cids, 10), cids, 10)
+
+
+def test_a_row_kafka_refuses_is_set_aside_and_blocks_nothing(db_url: str, kafka_bootstrap: str,
+                                                             tmp_path: Any) -> None:
+    topic = f"test.relay.{uuid.uuid4().hex[:8]}"
+    settings = config.load({"CHASSIS_DATABASE_URL": db_url, "CHASSIS_HOME": str(tmp_path),
+                            "CHASSIS_KAFKA_BOOTSTRAP": kafka_bootstrap})
+    cids = fill_outbox(db_url, topic, workflows=3, messages=5)
+    huge = cids[1]
+    with make_engine(db_url).begin() as conn:  # one message of 2 MB, in the middle
+        conn.execute(outbox.insert().values(
+            correlation_id=huge, topic=topic, key=huge, headers={"correlation_id": huge},
+            payload={"correlation_id": huge, "seq": 99, "blob": "x" * 2_000_000},
+            dedup_key=f"{huge}:huge", created_at=datetime.now(UTC)))
+    cids_after = fill_outbox(db_url, topic, workflows=2, messages=3)
+    relay = OutboxRelay(settings, batch_size=4)
+
+    relay.drain()
+    assert relay.drain() == 0  # it does not come back for it
+
+    with make_engine(db_url).connect() as conn:
+        rows = conn.execute(sa.select(outbox.c.dedup_key, outbox.c.published_at,
+                                      outbox.c.failed_at, outbox.c.last_error)
+                            .where(outbox.c.topic == topic)).all()
+    refused = [r for r in rows if r.failed_at is not None]
+    assert [r.dedup_key for r in refused] == [f"{huge}:huge"]
+    assert "too large" in refused[0].last_error.lower()
+    assert all(r.published_at is not None for r in rows if r.failed_at is None)
+    msgs = read_topic(kafka_bootstrap, topic, lambda ms: len(
+        {(json_of(m)["correlation_id"], json_of(m)["seq"]) for m in ms}) >= 5 * 3 + 3 * 2,
+        timeout=90)
+    for group, n in ((cids, 5), (cids_after, 3)):
+        mine = [m for m in msgs if json_of(m)["correlation_id"] in group]
+        assert_in_order(mine, group, n)
+    assert not any(json_of(m).get("seq") == 99 for m in msgs)
+
+
+def test_a_workflow_with_a_2_mb_output_sends_a_small_event(kafka: KafkaServices) -> None:
+    """The WORKFLOW_COMPLETED event carries a reference, not the 2 MB: it is published,
+    and so are the other workflows' events."""
+    from chassis.coordinator import NOTIFICATION_TOPIC
+
+    import tests.integration.user_actions  # noqa: F401  (the client validates 'big')
+
+    for w in kafka.workers:  # this test's worker knows the action 'big'
+        if "test-" in w.log.name:
+            w.stop()
+    kafka.start_worker(CHASSIS_ACTION_MODULES="tests.integration.user_actions")
+    if not any("relay" in w.log.name and w.proc.poll() is None for w in kafka.workers):
+        kafka.relay()
+    client = Client(config.load(kafka.env), client_id="acme")
+    big = client.start({"start_step": "a", "steps": {
+        "a": {"action": "big", "params": {"size": 2_000_000}, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}, None)
+    small = client.start({"start_step": "done", "steps": {
+        "done": {"action": "complete_workflow"}}}, {"n": 1})
+    assert client.wait(big, timeout=60)["status"] == "COMPLETED"
+    assert client.wait(small, timeout=60)["status"] == "COMPLETED"
+
+    def both(ms: list[Message]) -> bool:
+        return {big, small} <= {json_of(m).get("correlation_id") for m in ms
+                                if json_of(m).get("event_type") == "WORKFLOW_COMPLETED"}
+
+    msgs = read_topic(kafka.bootstrap, NOTIFICATION_TOPIC, both, timeout=60)
+    event = next(json_of(m) for m in msgs if json_of(m).get("correlation_id") == big)
+    assert event["final_result"]["truncated"] is True
+    assert event["final_result"]["see"] == f"chassis status {big}"
+    assert event["final_result"]["bytes"] > 2_000_000
+    assert len(client.status(big)["final_result"]["a"]["blob"]) == 2_000_000

@@ -46,3 +46,9 @@ def flaky(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
                                                                      FlakyError)
         raise kind(f"flaky run {n}")
     return {"runs": n}
+
+
+@action("big")
+def big(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """An output of params.size characters."""
+    return {"blob": "x" * int(params["size"])}
