@@ -195,3 +195,50 @@ def test_bad_retry_policies_and_timeouts_are_refused(services: Services, tmp_pat
     assert len(client.list(limit=10_000)) == before
     validated = chassis(services, "validate", str(plan))
     assert validated.returncode == 1 and message in validated.stdout + validated.stderr
+
+
+def bare(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHASSIS_")}
+    return subprocess.run([*CHASSIS, *args], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=90)
+
+
+def test_setup_problems_are_one_line_that_says_what_to_do(
+        postgres_server: Any, tmp_path: Path, redis_url: str) -> None:
+    empty = postgres_server.create_database()
+    try:
+        env = {"CHASSIS_DATABASE_URL": empty, "CHASSIS_BROKER_URL": redis_url,
+               "CHASSIS_HOME": str(tmp_path)}
+        for args in (["list"], ["status", str(uuid.uuid4())], ["plan", "list"],
+                     ["run", "examples/research_assistant.yaml"], ["sweep"]):
+            proc = bare(env, *args)
+            assert proc.returncode == 3, (args, proc.stderr)
+            assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+            assert "is not migrated to this version: run `chassis db upgrade`" in proc.stderr
+        gone = {**env, "CHASSIS_DATABASE_URL": empty.rsplit("/", 1)[0] + "/no_such_db"}
+        proc = bare(gone, "list")
+        assert proc.returncode == 3 and 'database "no_such_db" does not exist' in proc.stderr
+        closed = {**env, "CHASSIS_DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x"}
+        proc = bare(closed, "list")
+        assert proc.returncode == 3 and "cannot reach the database at" in proc.stderr
+        assert "secret" not in proc.stderr and "u:***@" in proc.stderr
+        proc = bare({**env, "CHASSIS_VISIBILITY_TIMEOUT": "abc"}, "list")
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == ("error: CHASSIS_VISIBILITY_TIMEOUT must be a whole "
+                                       "number of at least 1, got 'abc'")
+        debug = bare(env, "--debug", "list")
+        assert debug.returncode != 0 and "Traceback" in debug.stderr
+    finally:
+        postgres_server.drop_database(empty)
+
+
+def test_wait_that_runs_out_exits_4_and_the_workflow_goes_on(services: Services,
+                                                            worker: Worker) -> None:
+    plan = {"start_step": "x", "steps": {"x": {"action": "sleep", "params": {"seconds": 4},
+                                               "next_step": "done"},
+                                         "done": {"action": "complete_workflow"}}}
+    path = Path(services.tmp) / "slow.json"
+    path.write_text(json.dumps(plan))
+    proc = chassis(services, "run", str(path), "--wait", "--timeout", "1", "--json")
+    assert proc.returncode == 4, proc.stderr
+    assert "still RUNNING after 1.0 s; the workflow goes on" in proc.stderr
