@@ -181,9 +181,8 @@ def test_a_row_kafka_refuses_is_set_aside_and_blocks_nothing(db_url: str, kafka_
 def test_a_workflow_with_a_2_mb_output_sends_a_small_event(kafka: KafkaServices) -> None:
     """The WORKFLOW_COMPLETED event carries a reference, not the 2 MB: it is published,
     and so are the other workflows' events."""
-    from chassis.coordinator import NOTIFICATION_TOPIC
-
     import tests.integration.user_actions  # noqa: F401  (the client validates 'big')
+    from chassis.coordinator import NOTIFICATION_TOPIC
 
     for w in kafka.workers:  # this test's worker knows the action 'big'
         if "test-" in w.log.name:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,49 @@ def test_wait_that_runs_out_exits_4_and_the_workflow_goes_on(services: Services,
     proc = chassis(services, "run", str(path), "--wait", "--timeout", "1", "--json")
     assert proc.returncode == 4, proc.stderr
     assert "still RUNNING after 1.0 s; the workflow goes on" in proc.stderr
+
+
+BOMB = "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+    f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 12)])
+STEP = "start_step: s\nsteps:\n  s:\n    action: echo\n"
+
+
+@pytest.mark.parametrize("text", [
+    BOMB + "\n" + STEP,
+    STEP + "    params: {v: !!int x}\n",
+    STEP + "    params: {v: !!timestamp x}\n",
+    '{"start_step": "s", "steps": {"s": {"action": "echo", "params": {"v": NaN}}}}',
+    '{"start_step": "s", "steps": {"s": {"action": "echo", "params": {"v": "\\u0000"}}}}',
+    '{"start_step": "s", "steps": {"s": {"action": "echo", "params": {"v": "\\udc00"}}}}',
+    '{"start_step": "s", "steps": {"s": {"action": "echo", "params": {"v": '
+    + "[" * 200 + "]" * 200 + "}}}}",
+    '{"start_step": "' + "s" * 300 + '", "steps": {"' + "s" * 300 + '": {"action": "echo"}}}',
+    '{"start_step": "a", "steps": {"a": {"action": "echo", "dependencies": ["x"]}, '
+    '"x": {"action": "echo"}}}',
+])
+def test_bad_plans_are_refused_quickly_in_one_line_and_write_nothing(
+        services: Services, tmp_path: Path, client: Client, text: str) -> None:
+    plan = tmp_path / "bad.yaml"
+    plan.write_text(text)
+    before = len(client.list(limit=10_000))
+    began = time.monotonic()
+    proc = chassis(services, "run", str(plan))
+    assert time.monotonic() - began < 20
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(client.list(limit=10_000)) == before
+    assert chassis(services, "validate", str(plan)).returncode in (1, 2)
+
+
+@pytest.mark.parametrize("args", [
+    ["--fuel", "2147483648"], ["--fuel", "²"], ["--client", "c" * 300],
+    ["--project", "p" * 300], ["--input", '{"a": NaN}'], ["--input", '"\\u0000"'],
+    ["--correlation-id", "x" * 5000], ["--timeout", "nan", "--wait"],
+])
+def test_bad_options_are_refused_in_one_line(services: Services, client: Client,
+                                             args: list[str]) -> None:
+    before = len(client.list(limit=10_000))
+    proc = chassis(services, "run", "examples/research_assistant.yaml", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(client.list(limit=10_000)) == before
