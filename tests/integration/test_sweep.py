@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from chassis import config
 from chassis import coordinator as co
 from chassis.api import Client
 from chassis.config import Settings
+from chassis.plan import parse_plan
+from chassis.state import Status, WorkflowState
 from chassis.store.db import make_engine
 from chassis.store.sql import now
 from chassis.store.tables import orchestrator_state, step_runs
@@ -242,10 +245,14 @@ def test_a_fan_in_whose_trigger_was_lost_is_collected(client: Client,
 
 def test_a_workflow_waiting_for_dependencies_that_never_come_fails(
         client: Client, settings: Settings) -> None:
-    plan = {"start_step": "wait", "steps": {
+    """Validation refuses such plans now; a workflow started before it did waits."""
+    plan = parse_plan({"start_step": "wait", "steps": {
         "never": {"action": "noop"},
-        "wait": {"action": "noop", "dependencies": ["never"]}}}
-    cid = client.start(plan, client_id="acme")
+        "wait": {"action": "noop", "dependencies": ["never"]}}})
+    cid = str(uuid.uuid4())
+    state = WorkflowState(correlation_id=cid, client_id="acme", status=Status.RUNNING,
+                          current_step="wait", fuel_budget=10)
+    assert client.engine.create(co.decide(state, plan, co.Start()), plan)
     assert client.status(cid)["status"] == "RUNNING"
     assert sweep(client, settings).failed == []  # not old enough
     age(settings, cid)
