@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from celery import Celery
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from chassis.celery_conf import celery_settings
 from chassis.config import Settings
@@ -30,7 +30,15 @@ from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import PlanNotFound
 from chassis.kafka import clients
 from chassis.kafka.publish import TaskPublisher
-from chassis.kafka.routing import Rejected, Router, StartRecord, TaskCall, routes
+from chassis.kafka.routing import (
+    CONFLICT,
+    Rejected,
+    Router,
+    StartRecord,
+    TaskCall,
+    routes,
+    start_record,
+)
 from chassis.registry import PlanRegistry
 from chassis.store.db import make_engine
 from chassis.store.tables import orchestrator_state, plans, step_runs
@@ -43,6 +51,11 @@ PLAN_CACHE_SECONDS = 2.0
 #: Seconds between looks for newly registered plans whose start topic is missing.
 TOPIC_CHECK_SECONDS = 30.0
 MAX_BACKOFF = 5.0
+#: Bytes of a message's value (and key) kept on the dead-letter topic when the whole
+#: message, with the reason headers, is too large to be sent again.
+DLQ_KEEP_BYTES = 64 * 1024
+DLQ_DETAIL_MAX = 1000
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE})
 STATS_SECONDS = 30.0
 #: Seconds between looks for the first topic of a route that had none.
 SUBSCRIPTION_CHECK_SECONDS = 5.0
@@ -129,6 +142,7 @@ class Bridge:
                                                      **(consumer_overrides or {}))
         self.stats = BridgeStats()
         self._producer: Producer | None = None
+        self._too_large: list[tuple[Message, Rejected]] = []
         self._topics_checked = 0.0
         self._subscribed_at = 0.0
 
@@ -215,6 +229,7 @@ class Bridge:
         calls: list[tuple[tuple[str, int], int, TaskCall]] = []
         dead: list[tuple[tuple[str, int], int]] = []
         failed_dlq: list[tuple[tuple[str, int], int]] = []
+        starts: dict[str | None, StartRecord] = {}
         for m in msgs:
             if m.error() is not None:
                 log.warning("consumer error: %s", m.error())
@@ -223,8 +238,10 @@ class Bridge:
             if tp in redo:
                 continue  # keep a partition in order: everything after a failure is redone
             try:
-                calls.append((tp, offset, self.router.call(
-                    tp[0], m.value(), clients.header_dict(m.headers()))))
+                call = self.router.call(tp[0], m.value(), clients.header_dict(m.headers()),
+                                        clients.repeated_headers(m.headers()))
+                _check_batch(starts, call)
+                calls.append((tp, offset, call))
             except Rejected as exc:
                 self._dead_letter(m, exc, failed_dlq)
                 dead.append((tp, offset))
@@ -237,7 +254,13 @@ class Bridge:
             for tp, offset, _ in calls:  # the broker is down: all of them again
                 redo[tp] = min(redo.get(tp, offset), offset)
         if dead:
-            if self.producer.flush(30):  # not all confirmed: redo them all, to be sure
+            unconfirmed = self.producer.flush(30)
+            if self._too_large:  # the broker's limit is lower than ours: cut them short
+                for big, why in self._too_large:
+                    self._dead_letter(big, why, failed_dlq, cut=True)
+                self._too_large.clear()
+                unconfirmed = self.producer.flush(30)
+            if unconfirmed:  # not all confirmed: redo them all, to be sure
                 failed_dlq = list(dead)
             for tp, offset in failed_dlq:
                 redo[tp] = min(redo.get(tp, offset), offset)
@@ -277,23 +300,72 @@ class Bridge:
         return self._producer
 
     def _dead_letter(self, m: Message, exc: Rejected,
-                     failed: list[tuple[tuple[str, int], int]]) -> None:
+                     failed: list[tuple[tuple[str, int], int]], cut: bool = False) -> None:
+        """Put ``m`` on the dead-letter topic with the reason; never raises. A message
+        too large to be sent again with the reason headers (it was at the size limit)
+        goes with its value and key cut to :data:`DLQ_KEEP_BYTES` (and its own headers
+        left out if they are larger than that), saying so in ``dlq_truncated`` (the
+        original size of value and key): the poison is set aside
+        either way, and never stops the bridge."""
         tp, offset = _position(m)
-        headers = clients.message_headers(m.headers()) + clients.encode_headers({
-            "dlq_reason": exc.reason, "dlq_detail": exc.detail, "source_topic": tp[0],
-            "source_partition": tp[1], "source_offset": offset})
+        reason = clients.encode_headers({
+            "dlq_reason": exc.reason, "dlq_detail": exc.detail[:DLQ_DETAIL_MAX],
+            "source_topic": tp[0], "source_partition": tp[1], "source_offset": offset})
 
         def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                log.warning("dead letter of %s[%d]@%d not delivered: %s", *tp, offset, err)
-                failed.append((tp, offset))
+            if err is None:
+                return
+            if not cut and err.code() in _TOO_LARGE:
+                self._too_large.append((m, exc))  # sent again cut short, after the flush
+                return
+            log.warning("dead letter of %s[%d]@%d not delivered: %s", *tp, offset, err)
+            failed.append((tp, offset))
 
-        log.warning("dead letter %s[%d]@%d: %s", *tp, offset, exc,
-                    extra={"correlation_id": clients.header_dict(m.headers())
-                           .get("correlation_id")})
-        self.producer.produce(self.settings.kafka_dlq_topic, value=m.value(), key=m.key(),
-                              headers=headers, on_delivery=delivered)
+        if not cut:
+            log.warning("dead letter %s[%d]@%d: %s", *tp, offset, exc,
+                        extra={"correlation_id": clients.header_dict(m.headers())
+                               .get("correlation_id")})
+        value, key = m.value(), m.key()
+        attempts = [] if cut else [(value, key, clients.message_headers(m.headers()) + reason)]
+        size = len(value or b"") + len(key or b"")
+        own = clients.message_headers(m.headers())
+        if sum(len(k) + len(v or b"") for k, v in own) > DLQ_KEEP_BYTES:
+            own = []  # (the headers are what is too large)
+        attempts.append(((value or b"")[:DLQ_KEEP_BYTES], (key or b"")[:DLQ_KEEP_BYTES],
+                         own + reason + clients.encode_headers({"dlq_truncated": size})))
+        for value, key, headers in attempts:
+            try:
+                self._produce(value, key, headers, delivered)
+                return
+            except (KafkaException, BufferError, ValueError, TypeError) as error:
+                log.warning("dead letter of %s[%d]@%d refused by the producer (%s)%s",
+                            *tp, offset, error,
+                            "" if headers is attempts[-1][2] else "; sending it cut short")
+        failed.append((tp, offset))  # kept, and tried again after a pause
+
+    def _produce(self, value: bytes | None, key: bytes | None, headers: Any,
+                 delivered: Callable[[Any, Any], None]) -> None:
+        topic = self.settings.kafka_dlq_topic
+        try:
+            self.producer.produce(topic, value=value, key=key, headers=headers,
+                                  on_delivery=delivered)
+        except BufferError:  # the local queue is full: let it drain, once
+            self.producer.poll(1)
+            self.producer.produce(topic, value=value, key=key, headers=headers,
+                                  on_delivery=delivered)
         self.producer.poll(0)
+
+
+def _check_batch(starts: dict[str | None, StartRecord], call: TaskCall) -> None:
+    """Two starts of one correlation_id in a batch must be the same start: the database
+    cannot tell (neither is written yet), so the second, different one is a conflict."""
+    record = start_record(call)
+    if record is None:
+        return
+    first = starts.setdefault(call.correlation_id, record)
+    if first != record:
+        raise Rejected(CONFLICT, f"correlation id {call.correlation_id} is started twice "
+                                 "in a row with another plan, input or budget")
 
 
 def _position(m: Message) -> tuple[tuple[str, int], int]:

@@ -74,13 +74,29 @@ def ensure_topics(bootstrap: str, topics: Iterable[str],
 
 def header_dict(headers: Sequence[tuple[str, str | bytes | None]] | Mapping[str, Any] | None
                 ) -> dict[str, str]:
-    """Message headers as text (the last of a repeated name wins; None → "")."""
+    """Message headers as text (the last of a repeated name wins; None → ""). Bytes
+    that are not UTF-8 become lone surrogates, which the routes' checks refuse (they are
+    not silently replaced by another, valid, value)."""
     pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
     out: dict[str, str] = {}
     for name, value in pairs:
         if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
+            value = value.decode("utf-8", "surrogateescape")
         out[name] = "" if value is None else str(value)
+    return out
+
+
+def repeated_headers(headers: Sequence[tuple[str, str | bytes | None]] | Mapping[str, Any]
+                     | None) -> set[str]:
+    """Names of the headers given more than once with different values."""
+    if headers is None or isinstance(headers, Mapping):
+        return set()
+    seen: dict[str, str | bytes | None] = {}
+    out: set[str] = set()
+    for name, value in headers:
+        if name in seen and seen[name] != value:
+            out.add(name)
+        seen.setdefault(name, value)
     return out
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,10 @@ UNKNOWN_REQUEST = "unknown_request"
 CONFLICT = "conflict"
 BAD_MESSAGE = "bad_message"
 NO_ROUTE = "no_route"
+
+#: Headers that say who sends and what for: each at most once.
+IDENTITY_HEADERS = frozenset({"correlation_id", "causation_id", "client_id", "project_id",
+                              "request_id", "plan", FUEL_HEADER})
 
 
 class Rejected(Exception):
@@ -198,6 +202,21 @@ def _text(doc: dict[str, Any], key: str, what: str, max_length: int = TEXT_MAX) 
         raise Rejected(BAD_PAYLOAD, str(exc)) from None
 
 
+def derived_id(client_id: str, request_id: str) -> str:
+    """The correlation_id of a start request that names only its request_id."""
+    return str(uuid.uuid5(_START_NS, f"{client_id}/{request_id}"))
+
+
+def start_record(call: TaskCall) -> StartRecord | None:
+    """What a start task would start (compared like :meth:`Directory.start_of`); None
+    for other tasks."""
+    if call.task != START_TASK:
+        return None
+    p = call.args[0]
+    return (p["client_id"], p["plan"], p["version"], p["input"],
+            p["fuel_budget"] or DEFAULT_FUEL)
+
+
 # -------------------------------------------------------------------------- routes
 
 
@@ -209,12 +228,13 @@ def parse_start(msg: Incoming, d: Directory) -> TaskCall:
     by a workflow started with another plan, input or budget, is a conflict."""
     data = _json(msg, "the start request")
     request_id = _optional(msg, "request_id")
+    client_id = _header(msg, "client_id")
     if not (msg.headers.get("correlation_id") or "").strip() and request_id:
-        # no workflow id given: derive it from the request, so a re-sent one is the same
-        cid = str(uuid.uuid5(_START_NS, request_id))
+        # no workflow id given: derive it from the client's request, so a re-sent one
+        # is the same workflow (and two clients' request ids never meet)
+        cid = derived_id(client_id, request_id)
     else:
         cid = _uuid_header(msg, "correlation_id")
-    client_id = _header(msg, "client_id")
     project_id = _optional(msg, "project_id")
     budget: int | None = None
     if (msg.headers.get(FUEL_HEADER) or "").strip():
@@ -234,6 +254,8 @@ def parse_start(msg: Incoming, d: Directory) -> TaskCall:
     existing = d.start_of(cid)
     if existing is not None and existing != (client_id, name, version, data,
                                              budget or DEFAULT_FUEL):
+        # (it tells the sender the id is taken, not by whom: ids are the sender's to
+        # choose, and a random UUID is never guessed)
         raise Rejected(CONFLICT, f"correlation id {cid} is in use by another workflow, or "
                                  "by this one started with another plan, input or budget")
     payload = {"plan": name, "version": version, "input": data, "correlation_id": cid,
@@ -334,13 +356,20 @@ class Router:
             self._by_topic[topic] = found
         return self._by_topic[topic]
 
-    def call(self, topic: str, value: bytes | None, headers: Mapping[str, str]) -> TaskCall:
+    def call(self, topic: str, value: bytes | None, headers: Mapping[str, str],
+             repeated: Collection[str] = ()) -> TaskCall:
         """The task for this message; Rejected when it cannot be used, for whatever
         reason but an unreachable database (which is raised: the message is tried
-        again), so one bad message never blocks the ones behind it."""
+        again), so one bad message never blocks the ones behind it. ``repeated``: the
+        headers the message carries more than once with different values (an identity
+        header among them is refused: which one would be meant?)."""
         found = self.route(topic)
         if found is None:
             raise Rejected(NO_ROUTE, f"no route for topic {topic[:300]}")
+        twice = sorted(set(repeated) & IDENTITY_HEADERS)
+        if twice:
+            raise Rejected(BAD_HEADER, f"header {twice[0][:60]} is given twice with "
+                                       "different values")
         route, m = found
         try:
             return route.parse(Incoming(topic, value, headers, m, self.limits),

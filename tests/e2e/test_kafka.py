@@ -265,6 +265,60 @@ def test_unusable_messages_go_to_the_dlq_with_their_reason(running: KafkaService
                       ignore=(Exception,))
 
 
+def test_poison_at_the_size_limit_two_starts_in_a_row_and_repeated_headers(
+        running: KafkaServices) -> None:
+    """A message that fits Kafka's limit only without the reason headers goes to the
+    dead-letter topic cut short (the bridge once died on it, and again on every
+    restart); two different starts of one id in one batch: the first starts, the second
+    is a conflict; an identity header given twice with different values is refused."""
+    c = client(running)
+    run = uuid.uuid4().hex
+    start = "system.agent.quick.process"
+    producer = running.producer()
+    big_headers = [("correlation_id", str(uuid.uuid4()).encode()), ("client_id", b"acme"),
+                   ("test_run", run.encode()), ("test_case", b"big")]
+    # not JSON, and just under the producer's 1,000,000 bytes (key, value and headers)
+    size = 1_000_000 - 8 - sum(len(k) + len(v) for k, v in big_headers) - 60
+    big = b"{" + b"x" * (size - 1)
+    producer.produce(start, value=big, key=b"same-key", headers=big_headers)
+    twice = str(uuid.uuid4())
+    for i in (1, 2):
+        producer.produce(start, value=json.dumps({"n": i}).encode(), key=b"same-key",
+                         headers=[("correlation_id", twice.encode()), ("client_id", b"acme"),
+                                  ("test_run", run.encode()), ("test_case", f"twice{i}")])
+    producer.produce(start, value=b"{}", key=b"same-key", headers=[
+        ("correlation_id", str(uuid.uuid4()).encode()), ("client_id", b"acme"),
+        ("client_id", b"mallory"), ("test_run", run.encode()), ("test_case", b"repeated")])
+    producer.produce(start, value=b"{}", key=b"same-key", headers=[
+        ("correlation_id", str(uuid.uuid4()).encode()), ("client_id", b"ac\xffme"),
+        ("test_run", run.encode()), ("test_case", b"not-utf8")])
+    after = str(uuid.uuid4())
+    producer.produce(start, value=b"{}", key=b"same-key", headers=[
+        ("correlation_id", after.encode()), ("client_id", b"acme")])
+    assert producer.flush(30) == 0
+
+    def mine(msgs: list[Message]) -> list[Message]:
+        return [m for m in msgs if headers_of(m).get("test_run") == run]
+
+    dead = {headers_of(m)["test_case"]: m
+            for m in mine(running.read(DLQ, lambda ms: len(mine(ms)) >= 4, timeout=90))}
+    assert sorted(dead) == ["big", "not-utf8", "repeated", "twice2"]
+    h = headers_of(dead["big"])
+    assert h["dlq_reason"] == "bad_json" and int(h["dlq_truncated"]) == len(big) + 8
+    assert dead["big"].value() == big[:64 * 1024]
+    assert headers_of(dead["twice2"])["dlq_reason"] == "conflict"
+    assert json_of(dead["twice2"]) == {"n": 2}
+    assert headers_of(dead["repeated"])["dlq_reason"] == "bad_header"
+    assert "client_id" in headers_of(dead["repeated"])["dlq_detail"]
+    assert headers_of(dead["not-utf8"])["dlq_reason"] == "bad_header"
+    # the bridge is alive: the message after them all starts its workflow
+    assert wait_until(lambda: c.status(after)["status"] == "COMPLETED", timeout=60,
+                      ignore=(Exception,))
+    assert wait_until(lambda: c.status(twice)["status"] == "COMPLETED", timeout=60,
+                      ignore=(Exception,))
+    assert c.status(twice)["input"] == {"n": 1}
+
+
 def count_workflows(kafka: KafkaServices, client_id: str) -> int:
     with make_engine(kafka.env["CHASSIS_DATABASE_URL"]).connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(orchestrator_state)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from chassis import config
-from chassis.kafka import routing
+from chassis.kafka import clients, routing
 from chassis.kafka.routing import Rejected, Router, StartRecord, routes
 
 CID = str(uuid.uuid4())
@@ -174,6 +174,24 @@ def test_start_without_correlation_id_derives_it_from_the_request_id(router: Rou
     assert first.correlation_id == again.correlation_id != other.correlation_id
     assert uuid.UUID(str(first.correlation_id))
     assert reason(router, topic, {}, {"client_id": "a"}) == "missing_header"
+    # another client's request with the same id is another workflow
+    theirs = router.call(topic, b"{}", {**headers, "client_id": "b"})
+    assert theirs.correlation_id != first.correlation_id
+
+
+def test_an_identity_header_given_twice_with_different_values_is_refused(
+        router: Router) -> None:
+    topic, headers = "system.agent.research.process", {"client_id": "a", "request_id": "r9"}
+    with pytest.raises(Rejected) as info:
+        router.call(topic, b"{}", headers, repeated={"client_id"})
+    assert info.value.reason == "bad_header" and "client_id" in info.value.detail
+    assert router.call(topic, b"{}", headers, repeated={"x-trace"}).task == "chassis.start"
+    assert clients.repeated_headers([("client_id", b"a"), ("client_id", b"b"),
+                                     ("x", b"1"), ("x", b"1")]) == {"client_id"}
+    # bytes that are not UTF-8 are refused, not replaced by a valid name
+    assert clients.header_dict([("client_id", b"ac\xffme")])["client_id"] != "ac\ufffdme"
+    assert reason(router, topic, {}, clients.header_dict(
+        [("client_id", b"ac\xffme"), ("request_id", b"r1")])) == "bad_header"
 
 
 START = "system.agent.research.process"
