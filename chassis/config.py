@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from celery.app.backends import BACKEND_ALIASES
+from kombu.transport import TRANSPORT_ALIASES
+
 from chassis.errors import ConfigError, InputError
-from chassis.limits import Limits, check_name
+from chassis.limits import INT32_MAX, Limits, check_name
 
 #: Where AI steps send their requests: Claude through the anthropic SDK, or the
 #: deterministic offline stand-in (see chassis.ai).
@@ -149,18 +152,44 @@ def normalize_database_url(url: str) -> str:
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, least: float = 0.0,
-            integer: bool = False) -> float:
-    """A number variable; ConfigError (naming it) when it is not one, or is below least."""
+            most: float | None = None, integer: bool = False) -> float:
+    """A number variable; ConfigError (naming it) when it is not one, or is out of
+    [least, most] (most: 2**31-1 for whole numbers, a billion seconds for others)."""
     raw = (env.get(name) or "").strip()
     if not raw:
         return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= least):
-        what = "a whole number" if integer else "a number"
-        raise ConfigError(f"{name} must be {what} of at least {least:g}, got {raw!r}")
+    top = most if most is not None else (INT32_MAX if integer else 1e9)
+    value = math.nan
+    if raw.isascii():
+        try:
+            value = (int(raw) if len(raw) < 20 else math.nan) if integer else float(raw)
+        except ValueError:
+            pass
+    if not (math.isfinite(value) and least <= value <= top):
+        what, low, high = (("a whole number", f"{least:.0f}", f"{top:.0f}") if integer
+                           else ("a number", f"{least:g}", f"{top:g}"))
+        raise ConfigError(f"{name} must be {what} from {low} to {high}, got {raw[:60]!r}")
+    return value
+
+
+def _url(name: str, raw: str, schemes: Collection[str]) -> str:
+    """A broker or result backend URL whose scheme Celery knows (``a+b://`` by its
+    ``a``; ``;``-separated fail-over lists each); ConfigError otherwise, before
+    anything is connected to or written."""
+    for url in raw.split(";"):
+        scheme, sep, _ = url.strip().partition("://")
+        if not sep or scheme.split("+")[0].lower() not in schemes:
+            raise ConfigError(f"{name} must be a URL such as redis://host:6379/0 or "
+                              f"amqp://user:password@host:5672//, got {url.strip()[:80]!r} "
+                              f"(known: {', '.join(sorted({k.lower() for k in schemes}))})")
+    return raw
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: Collection[str]) -> str:
+    raw = (env.get(name) or "").strip() or default
+    value = raw.lower() if default.islower() else raw.upper()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw[:60]!r}")
     return value
 
 
@@ -197,12 +226,15 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     database_url = normalize_database_url(
         env.get("CHASSIS_DATABASE_URL") or f"sqlite:///{home / 'chassis.db'}"
     )
-    broker = env.get("CHASSIS_BROKER_URL") or ""
+    broker = (env.get("CHASSIS_BROKER_URL") or "").strip()
     embedded = not broker
     if embedded:
         broker = "filesystem://"
-    backend = env.get("CHASSIS_RESULT_BACKEND") or ""
-    if not backend:
+    _url("CHASSIS_BROKER_URL", broker, TRANSPORT_ALIASES)
+    backend = (env.get("CHASSIS_RESULT_BACKEND") or "").strip()
+    if backend:
+        _url("CHASSIS_RESULT_BACKEND", backend, BACKEND_ALIASES)
+    else:
         if broker.startswith(("redis://", "rediss://")):
             backend = broker
         else:
@@ -219,8 +251,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
                                        integer=True)),
         prefetch_multiplier=int(_number(env, "CHASSIS_PREFETCH_MULTIPLIER", 4, least=1,
                                         integer=True)),
-        log_format=(env.get("CHASSIS_LOG_FORMAT") or "text").lower(),
-        log_level=(env.get("CHASSIS_LOG_LEVEL") or "INFO").upper(),
+        log_format=_choice(env, "CHASSIS_LOG_FORMAT", "text", ("text", "json")),
+        log_level=_choice(env, "CHASSIS_LOG_LEVEL", "INFO",
+                          ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
         kafka_response_pattern=(env.get("CHASSIS_KAFKA_RESPONSE_PATTERN")
                                 or Settings.kafka_response_pattern),
         kafka_dlq_topic=env.get("CHASSIS_KAFKA_DLQ_TOPIC") or Settings.kafka_dlq_topic,
@@ -248,12 +281,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_deliveries=int(_number(env, "CHASSIS_MAX_DELIVERIES", 3, least=1, integer=True)),
         sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 5.0, least=0.001),
         result_expires=int(_number(env, "CHASSIS_RESULT_EXPIRES", 86400, integer=True)),
-        metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, integer=True)),
+        metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, most=65535,
+                                 integer=True)),
         client_id=_client_id(env),
         max_document_bytes=int(_number(env, "CHASSIS_MAX_DOCUMENT_BYTES", 1_048_576,
-                                       least=1024, integer=True)),
-        max_depth=int(_number(env, "CHASSIS_MAX_DEPTH", 64, least=2, integer=True)),
+                                       least=1024, most=256 * 1_048_576, integer=True)),
+        max_depth=int(_number(env, "CHASSIS_MAX_DEPTH", 64, least=2, most=500,
+                              integer=True)),
         template_timeout=_number(env, "CHASSIS_TEMPLATE_TIMEOUT", 2.0, least=0.01),
         template_max_bytes=int(_number(env, "CHASSIS_TEMPLATE_MAX_BYTES", 1_048_576,
-                                       least=1024, integer=True)),
+                                       least=1024, most=256 * 1_048_576, integer=True)),
     )

@@ -38,9 +38,29 @@ def test_values_and_their_errors_name_the_variable() -> None:
                       ("CHASSIS_SWEEP_INTERVAL", "-1"), ("CHASSIS_METRICS_PORT", "http"),
                       ("CHASSIS_LEASE_SECONDS", "0.5"), ("CHASSIS_REDISPATCH_AFTER", "nan"),
                       ("CHASSIS_VISIBILITY_TIMEOUT", "x"), ("CHASSIS_RELAY_BATCH_SIZE", "0"),
-                      ("CHASSIS_PREFETCH_MULTIPLIER", "1.5")):
+                      ("CHASSIS_PREFETCH_MULTIPLIER", "1.5"),
+                      # out of range once they are numbers: refused, not an overflow later
+                      ("CHASSIS_MAX_DOCUMENT_BYTES", "9" * 30), ("CHASSIS_MAX_DEPTH", "100000"),
+                      ("CHASSIS_METRICS_PORT", "70000"), ("CHASSIS_STEP_TIMEOUT", "1e300"),
+                      ("CHASSIS_RELAY_BATCH_SIZE", "\u0663"),  # an Arabic-Indic three
+                      ("CHASSIS_LOG_FORMAT", "xml"), ("CHASSIS_LOG_LEVEL", "chatty"),
+                      ("CHASSIS_BROKER_URL", "redis//localhost"),
+                      ("CHASSIS_BROKER_URL", "rabbit://localhost"),
+                      ("CHASSIS_BROKER_URL", "redis://a;nope"),
+                      ("CHASSIS_RESULT_BACKEND", "postgres://x")):
         with pytest.raises(ConfigError, match=name):
             config.load({name: bad})
+
+
+def test_known_urls_and_choices_are_taken_as_written() -> None:
+    s = config.load({"CHASSIS_BROKER_URL": " amqp://guest:guest@h:5672// ",
+                     "CHASSIS_RESULT_BACKEND": "db+postgresql://u@h/db",
+                     "CHASSIS_LOG_FORMAT": "JSON", "CHASSIS_LOG_LEVEL": "debug"})
+    assert (s.broker_url, s.result_backend) == ("amqp://guest:guest@h:5672//",
+                                                "db+postgresql://u@h/db")
+    assert (s.log_format, s.log_level) == ("json", "DEBUG")
+    both = config.load({"CHASSIS_BROKER_URL": "redis://a:6379/0;redis://b:6379/0"})
+    assert both.broker_url.count("redis://") == 2
 
 
 def test_beat_sends_the_sweep_every_interval_and_each_message_expires() -> None:
