@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from chassis.errors import ChassisError, InputError, PlanNotFound
+from chassis.limits import INT32_MAX
 from chassis.plan import Plan, parse_plan, plan_to_dict
 from chassis.store.tables import plans
 
@@ -76,8 +77,10 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     name, sep, version = ref.rpartition("@")
     if not sep:
         return check_name(ref), None
-    if not version.isdigit() or int(version) < 1:
-        raise InputError(f"invalid plan version in {ref!r}: expected NAME@N, N >= 1")
+    if not (version.isascii() and version.isdigit() and len(version) <= 10
+            and 1 <= int(version) <= INT32_MAX):
+        raise InputError(f"invalid plan version in {ref[:300]!r}: expected NAME@N, "
+                         f"N from 1 to {INT32_MAX}")
     return check_name(name), int(version)
 
 
@@ -123,6 +126,8 @@ class PlanRegistry:
 
     def get(self, name: str, version: int | None = None) -> RegisteredPlan:
         """A version of ``name`` (default the latest); PlanNotFound when there is none."""
+        if version is not None and not (isinstance(version, int) and 1 <= version <= INT32_MAX):
+            raise PlanNotFound(f"no version {version!r} of plan {name!r}")
         q = sa.select(plans).where(plans.c.name == name)
         q = (q.where(plans.c.version == version) if version is not None
              else q.order_by(plans.c.version.desc()).limit(1))

@@ -13,6 +13,7 @@ from chassis.cli.output import console, print_json
 from chassis.cli.plans import EXIT_INVALID, EXIT_UNREADABLE
 from chassis.cli.workflows import _client, _run_guarded
 from chassis.errors import ConfigError, InputError, PlanFileError
+from chassis.limits import INT32_MAX
 from chassis.plan import load_plan_data, parse_plan_partial
 from chassis.registry import check_name
 from chassis.validation import validate
@@ -101,7 +102,7 @@ def list_plans(as_json: bool) -> None:
 
 @plan.command("show")
 @click.argument("name")
-@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+@click.option("--version", "version", type=click.IntRange(1, INT32_MAX), default=None,
               help="This version (default: the latest).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print {name, version, content_hash, created_at, plan} as JSON.")

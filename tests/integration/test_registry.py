@@ -16,9 +16,9 @@ import sqlalchemy as sa
 
 from chassis import config
 from chassis.api import Client
-from chassis.errors import PlanFileError, PlanNotFound
+from chassis.errors import InputError, PlanFileError, PlanNotFound
 from chassis.plan import parse_plan
-from chassis.registry import PlanRegistry, content_hash
+from chassis.registry import PlanRegistry, content_hash, parse_ref
 from chassis.store.db import make_engine
 from chassis.store.tables import orchestrator_state
 
@@ -50,6 +50,13 @@ def test_same_content_is_a_no_op_and_new_content_a_new_version(db_url: str) -> N
         reg.get("greet", 3)
     with pytest.raises(PlanNotFound):
         reg.get("other")
+    # versions past what the column holds are not found (not a database error)
+    with pytest.raises(PlanNotFound):
+        reg.get("greet", 2**31)
+    for ref in ("greet@2147483648", "greet@99999999999999999999", "greet@0", "greet@\u0663"):
+        with pytest.raises(InputError, match="N from 1 to 2147483647"):
+            parse_ref(ref)
+    assert parse_ref("greet@2147483647") == ("greet", 2147483647)
 
 
 def test_hash_ignores_layout_and_key_order() -> None:
@@ -128,3 +135,7 @@ def test_cli_register_list_show(db_url: str, tmp_path: Path) -> None:
     assert "version 2" in text.stdout and "greeting: hello" in text.stdout
     missing = run_chassis("plan", "show", "nope", db_url=db_url, home=tmp_path)
     assert missing.returncode == 1 and "no registered plan 'nope'" in missing.stderr
+    huge = run_chassis("plan", "show", "greet", "--version", "2147483648", db_url=db_url,
+                       home=tmp_path)
+    assert huge.returncode == 2 and "2147483648" in huge.stderr
+    assert "Traceback" not in huge.stderr
