@@ -13,12 +13,37 @@ import click
 from chassis.cli.errors import describe
 
 
+class _OneLine(click.UsageError):
+    """A usage error (a bad option or argument) shown as one ``error:`` line, like the
+    other errors, naming the help to read; exit code 2."""
+
+    def show(self, file: Any = None) -> None:
+        hint = (f" (see {self.ctx.command_path} {self.ctx.help_option_names[0]})"
+                if self.ctx is not None else "")
+        click.echo(f"error: {self.format_message()}{hint}", err=True)
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, _OneLine | click.exceptions.NoArgsIsHelpError):
+        return exc  # (a group run without a command shows its help)
+    return _OneLine(exc.format_message(), exc.ctx)
+
+
 class _Main(click.Group):
     """A group whose commands never end in a traceback (unless --debug)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from exc.__cause__
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from exc.__cause__
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:

@@ -127,6 +127,18 @@ def _run_guarded(fn: Callable[[], int | None], hint: Callable[[str], str] | None
     sys.exit(code or 0)
 
 
+def _wait(client: Client, cid: str, timeout: float | None, as_json: bool,
+          on_change: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """``client.wait``; when --timeout runs out, --json still prints the workflow's
+    status document (then exit 4, as without --json)."""
+    try:
+        return client.wait(cid, timeout=timeout, on_change=on_change)
+    except TimeoutError:
+        if as_json:
+            print_json(client.status(cid))
+        raise
+
+
 def _exit_code(doc: dict[str, Any]) -> int:
     return 1 if doc["status"] == Status.FAILED else 0
 
@@ -174,7 +186,7 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
             printer = ProgressPrinter(err=as_json) if show else None
             if printer and not as_json:
                 console().print(f"workflow [bold]{cid}[/]")
-            doc = client.wait(cid, timeout=timeout, on_change=printer)
+            doc = _wait(client, cid, timeout, as_json, printer)
         if as_json:
             print_json(doc)
         else:
@@ -210,9 +222,11 @@ def status(correlation_id: str, client_id: str, as_json: bool) -> None:
 @click.option("--reject", "decision", flag_value="reject", help="Reject: the workflow fails.")
 @click.option("--feedback", metavar="JSON|@FILE", help="Feedback, kept as human_feedback.")
 @click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
+@click.option("--timeout", type=float, default=None, callback=_seconds,
+              help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def resume(correlation_id: str, client_id: str, decision: str | None, feedback: str | None,
-           wait: bool, as_json: bool) -> None:
+           wait: bool, timeout: float | None, as_json: bool) -> None:
     """Resume a workflow paused for human input (--approve or --reject).
 
     Resuming an unknown workflow, or one that is not paused, is an error that changes
@@ -230,8 +244,8 @@ def resume(correlation_id: str, client_id: str, decision: str | None, feedback: 
                 console().print(f"{'approval' if decision == 'approve' else 'rejection'} "
                                 f"already recorded for workflow {doc['correlation_id']}")
             if wait:
-                doc = client.wait(doc["correlation_id"],
-                                  on_change=None if as_json else ProgressPrinter())
+                doc = _wait(client, doc["correlation_id"], timeout, as_json,
+                            None if as_json else ProgressPrinter())
         print_json(doc) if as_json else print_status(doc)
         return _exit_code(doc)
 
@@ -277,8 +291,8 @@ def retry(correlation_id: str, client_id: str, wait: bool, timeout: float | None
         with _worker_if_embedded(client, wait):
             doc = client.retry(correlation_id)
             if wait:
-                doc = client.wait(doc["correlation_id"], timeout=timeout,
-                                  on_change=None if as_json else ProgressPrinter())
+                doc = _wait(client, doc["correlation_id"], timeout, as_json,
+                            None if as_json else ProgressPrinter())
         print_json(doc) if as_json else print_status(doc)
         return _exit_code(doc)
 

@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from chassis.config import load, normalize_database_url
-from chassis.errors import ConfigError
+from chassis.errors import ConfigError, DatabaseUnavailable
 
 __all__ = [
     "current_revision",
@@ -196,11 +196,11 @@ def _connect(engine: sa.Engine, url: str) -> sa.Connection:
         return engine.connect()
     except sa.exc.DBAPIError as exc:
         reason = " ".join(str(exc.orig if exc.orig is not None else exc).split())
-        raise ConfigError(
+        raise DatabaseUnavailable(
             f"cannot connect to the database at {mask_url(url)} ({reason}). Check that "
             "the database server is running and reachable, that the database exists, and "
-            "the user name and password in CHASSIS_DATABASE_URL."
-        ) from exc
+            "the user name and password in CHASSIS_DATABASE_URL.",
+            service="database", recorded=False) from exc
 
 
 def _alembic_config(url: str) -> Config:
@@ -220,7 +220,7 @@ def head_revision() -> str:
 
 def upgrade(url: str | None = None) -> list[str]:
     """Migrate the database to the newest revision; return the revisions applied, oldest
-    first (empty when it was already up to date). Raises ConfigError when unreachable."""
+    first (empty when it was already up to date). Raises DatabaseUnavailable when unreachable."""
     target = _resolve(url)
     config = _alembic_config(target)
     applied: list[str] = []

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from chassis.api import Client
+from tests.helpers import wait_until
 from tests.integration.conftest import ROOT, Services, Worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,11 +227,29 @@ def test_setup_problems_are_one_line_that_says_what_to_do(
         proc = bare({**env, "CHASSIS_VISIBILITY_TIMEOUT": "abc"}, "list")
         assert proc.returncode == 2
         assert proc.stderr.strip() == ("error: CHASSIS_VISIBILITY_TIMEOUT must be a whole "
-                                       "number of at least 1, got 'abc'")
+                                       "number from 1 to 2147483647, got 'abc'")
         debug = bare(env, "--debug", "list")
         assert debug.returncode != 0 and "Traceback" in debug.stderr
     finally:
         postgres_server.drop_database(empty)
+
+
+@pytest.mark.parametrize("env", [{"CHASSIS_LOG_FORMAT": "xml"},
+                                 {"CHASSIS_BROKER_URL": "rabbit://localhost"},
+                                 {"CHASSIS_MAX_DEPTH": "9" * 30}])
+def test_a_bad_variable_stops_every_process_in_one_line(tmp_path: Path,
+                                                        env: dict[str, str]) -> None:
+    name = next(iter(env))
+    celery = str(Path(sys.executable).parent / "celery")
+    for command in ([*CHASSIS, "list"], [celery, "-A", "tasks", "worker"],
+                    [celery, "-A", "tasks", "beat"], [*CHASSIS, "bridge"]):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CHASSIS_")}
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90,
+                              env={**base, "CHASSIS_HOME": str(tmp_path), **env})
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.startswith(f"error: {name} must be"), (command, proc.stderr)
+        assert proc.stderr.count("\n") == 1, (command, proc.stderr)
+    assert not (tmp_path / "chassis.db").exists()  # nothing written
 
 
 def test_wait_that_runs_out_exits_4_and_the_workflow_goes_on(services: Services,
@@ -243,6 +262,11 @@ def test_wait_that_runs_out_exits_4_and_the_workflow_goes_on(services: Services,
     proc = chassis(services, "run", str(path), "--wait", "--timeout", "1", "--json")
     assert proc.returncode == 4, proc.stderr
     assert "still RUNNING after 1.0 s; the workflow goes on" in proc.stderr
+    doc = json.loads(proc.stdout)  # --json: the document still, to pick the id from
+    assert doc["status"] == "RUNNING" and doc["current_step"] == "x"
+    assert wait_until(lambda: json.loads(chassis(services, "status", doc["correlation_id"],
+                                                 "--json").stdout)["status"] == "COMPLETED",
+                      timeout=60)
 
 
 BOMB = "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
@@ -281,11 +305,13 @@ def test_bad_plans_are_refused_quickly_in_one_line_and_write_nothing(
     ["--fuel", "2147483648"], ["--fuel", "²"], ["--client", "c" * 300],
     ["--project", "p" * 300], ["--input", '{"a": NaN}'], ["--input", '"\\u0000"'],
     ["--correlation-id", "x" * 5000], ["--timeout", "nan", "--wait"],
+    ["--timeout", "abc"], ["--bogus"], ["--input", '{"a": 1, "a": 2}'],
 ])
 def test_bad_options_are_refused_in_one_line(services: Services, client: Client,
                                              args: list[str]) -> None:
     before = len(client.list(limit=10_000))
     proc = chassis(services, "run", "examples/research_assistant.yaml", *args)
     assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(client.list(limit=10_000)) == before

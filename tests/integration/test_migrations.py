@@ -161,7 +161,8 @@ def test_cli_upgrade_then_up_to_date(empty_db_url: str, tmp_path: Path) -> None:
 def test_cli_unreachable_database_is_a_clear_error(command: str, tmp_path: Path) -> None:
     result = run_chassis("db", command, database_url=UNREACHABLE, home=tmp_path)
 
-    assert result.returncode == 1
+    assert result.returncode == 3  # a service unreachable
+    assert result.stderr.startswith("error: cannot connect")
     output = result.stdout + result.stderr
     assert "Traceback" not in output
     assert "cannot connect to the database at" in result.stderr
