@@ -130,7 +130,8 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def _no_constant(name: str) -> Any:
+def no_constant(name: str) -> Any:
+    """``parse_constant`` for :func:`json.loads`: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -141,8 +142,8 @@ def _int(text: str) -> int:
 
 
 def loads_json(raw: str | bytes, what: str, limits: Limits = DEFAULT) -> Any:
-    """Parse JSON text strictly (no NaN or Infinity, no duplicate-free guarantee beyond
-    JSON's) within the limits; InputError naming ``what`` otherwise."""
+    """Parse JSON text strictly (no NaN or Infinity, no key given twice in an object:
+    which one would be meant?) within the limits; InputError naming ``what`` otherwise."""
     size = len(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass"))
     if size > limits.max_bytes:
         raise InputError(f"{what}: {size} bytes, more than the {limits.max_bytes} allowed "
@@ -154,10 +155,21 @@ def loads_json(raw: str | bytes, what: str, limits: Limits = DEFAULT) -> Any:
     if _depth(text) > limits.max_depth:
         raise InputError(f"{what}: nested more than {limits.max_depth} levels deep")
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_int=_int)
+        value = json.loads(text, parse_constant=no_constant, parse_int=_int,
+                           object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise InputError(f"{what} is not valid JSON: {exc}") from None
     return check_json(value, what, limits)
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads`: a key given twice is refused."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:60]!r}")
+        out[key] = value
+    return out
 
 
 def check_name(value: Any, what: str, *, max_length: int = NAME_MAX) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from chassis.errors import InputError, PlanError, PlanFileError
-from chassis.limits import DEFAULT, NAME_MAX, Limits, check_json
+from chassis.limits import DEFAULT, NAME_MAX, Limits, check_json, no_constant, unique_keys
 from chassis.policy import (
     ERROR_NAME,
     ERROR_NAME_MAX,
@@ -387,7 +387,7 @@ class _Reader:
             return ()
         if len(value) > MAX_STEPS:
             self.problem(place, f"{len(value)} sub-tasks, more than {MAX_STEPS}")
-            return ()
+            value = value[:MAX_STEPS]  # (the rest is not looked at)
         subs = (self.sub_task(f"{place}[{i}]", item) for i, item in enumerate(value))
         return tuple(sub for sub in subs if sub is not None)
 
@@ -533,19 +533,6 @@ _PlanLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _strict_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def loads_plan_data(text: str, source: str = "<string>",
                     limits: Limits = DEFAULT) -> dict[str, Any]:
     """Decode plan text (JSON, else YAML); :class:`PlanFileError` when it is neither,
@@ -556,8 +543,8 @@ def loads_plan_data(text: str, source: str = "<string>",
         raise PlanFileError(f"{source}: {size} bytes, more than the {limits.max_bytes} "
                             "allowed (CHASSIS_MAX_DOCUMENT_BYTES)")
     try:
-        data: object = json.loads(text, object_pairs_hook=_no_duplicates,
-                                  parse_constant=_strict_constant)
+        data: object = json.loads(text, object_pairs_hook=unique_keys,
+                                  parse_constant=no_constant)
     except json.JSONDecodeError as json_exc:
         try:
             data = yaml.load(text, Loader=_PlanLoader)  # noqa: S506 (a SafeLoader)

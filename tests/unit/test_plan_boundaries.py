@@ -101,3 +101,14 @@ def test_too_many_steps(tmp_path: Path) -> None:
     plan.write_text(json.dumps({"start_step": "s0", "steps": steps}))
     result = CliRunner().invoke(main, ["validate", str(plan)])
     assert result.exit_code == 1 and "10001 steps, more than 10000" in result.output
+
+
+def test_too_many_sub_tasks_says_so_and_only_that(tmp_path: Path) -> None:
+    subs = [{"step_name": f"b{i}", "action": "echo"} for i in range(10_001)]
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"start_step": "f", "steps": {
+        "f": {"action": "fan_out", "sub_tasks": subs, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}))
+    result = CliRunner().invoke(main, ["validate", str(plan)])
+    assert result.exit_code == 1 and "10001 sub-tasks, more than 10000" in result.output
+    assert "at least one sub-task" not in result.output
