@@ -113,7 +113,7 @@ class Client:
                  client_id: str | None = None) -> None:
         self.settings = settings or config.load()
         self.client_id = check_name(client_id if client_id is not None
-                                    else self.settings.client_id, "client_id")
+                                    else self.settings.client_id, "client_id").strip()
         self.limits = self.settings.limits
         if app is None:
             app = Celery("agentchassis-client", set_as_current=False)

@@ -33,7 +33,7 @@ def _cid(value: Any) -> str:
 def _client(value: Any) -> str:
     if value is None:
         raise InputError("client_id is required: the client the request acts for")
-    return check_name(value, "client_id")
+    return check_name(value, "client_id").strip()  # as on Kafka and in the API
 
 
 def _ignored(what: str, cid: str, exc: InvalidTransition) -> None:

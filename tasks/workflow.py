@@ -21,7 +21,13 @@ from chassis.celery_conf import (
     STEP_TASK,
     SUBTASK_TASK,
 )
-from chassis.errors import StepAttemptFailed
+from chassis.errors import (
+    InputError,
+    PlanError,
+    PlanNotFound,
+    StepAttemptFailed,
+    WorkflowNotFound,
+)
 from chassis.runtime import engine, relay_outbox
 from chassis.store.db import dispose_engines
 from tasks.celery_app import app
@@ -31,6 +37,10 @@ log = logging.getLogger(__name__)
 #: An attempt whose action raised is reported as this, after it is recorded: Celery
 #: logs it without a traceback and Flower shows FAILURE (RETRY when another follows).
 _ATTEMPT = {"bind": True, "throws": (StepAttemptFailed,)}
+#: A request refused for what it says (bad arguments, another client's or an unknown
+#: workflow, a plan that is not registered, a conflicting start): FAILURE with the
+#: reason, logged in one line, without a traceback.
+_REFUSABLE = {"throws": (InputError, PlanError, PlanNotFound, WorkflowNotFound)}
 
 
 @app.task(name=STEP_TASK, **_ATTEMPT)
@@ -58,20 +68,20 @@ def ai_subtask(self: Task, payload: dict[str, Any]) -> None:
     engine(app).run_step(payload, self.request.id).report()
 
 
-@app.task(name=CANCEL_TASK)
+@app.task(name=CANCEL_TASK, **_REFUSABLE)
 def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None) -> None:
     """``client_id`` cancels a workflow (sent by other apps and the Kafka bridge).
     Cancelling one that has already finished changes nothing and is not an error here."""
     inbox.cancel(engine(app), correlation_id, reason, client_id)
 
 
-@app.task(name=RETRY_TASK)
+@app.task(name=RETRY_TASK, **_REFUSABLE)
 def retry(correlation_id: str, client_id: str | None = None) -> None:
     """``client_id`` retries a FAILED workflow from its failed step."""
     inbox.retry(engine(app), correlation_id, client_id)
 
 
-@app.task(name=RESUME_TASK)
+@app.task(name=RESUME_TASK, **_REFUSABLE)
 def resume(correlation_id: str, approved: bool, feedback: Any = None,
            client_id: str | None = None) -> None:
     """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge).
@@ -80,15 +90,17 @@ def resume(correlation_id: str, approved: bool, feedback: Any = None,
     inbox.resume(engine(app), correlation_id, approved, feedback, client_id)
 
 
-@app.task(name=START_TASK)
+@app.task(name=START_TASK, **_REFUSABLE)
 def start(payload: dict[str, Any]) -> str:
     """Start a registered plan for a Kafka start request (idempotent by correlation_id;
     an unreachable database is waited for)."""
+    cid = payload.get("correlation_id") if isinstance(payload, dict) else None
     return infra.persist(lambda: runtime.client(app).start_request(payload),
-                         "starting a workflow", correlation_id=payload.get("correlation_id"))
+                         "starting a workflow", correlation_id=cid if isinstance(cid, str)
+                         else None)
 
 
-@app.task(name=RESPOND_TASK)
+@app.task(name=RESPOND_TASK, **_REFUSABLE)
 def respond(correlation_id: str, request_id: str, success: bool, data: Any = None,
             error: str | None = None, error_type: str | None = None,
             client_id: str | None = None) -> None:

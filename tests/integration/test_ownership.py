@@ -100,6 +100,7 @@ def test_celery_tasks_act_for_the_client_they_name(services: Services, client: C
     other.send_task("chassis.cancel", args=[cid, "mine", "evil"], **q)
     other.send_task("chassis.retry", args=[cid, "evil"], **q)
     other.send_task("chassis.resume", args=[cid, True, None], **q)  # names no client
+    other.send_task("chassis.start", args=[["not", "an", "object"]], **q)
     # then the owner's own resume: the others have been handled before it
     other.send_task("chassis.resume", args=[cid, True, {"ok": 1}, "acme"], **q)
     done = client.wait(cid, timeout=60, until={"COMPLETED", "FAILED", "CANCELLED"})
@@ -108,6 +109,10 @@ def test_celery_tasks_act_for_the_client_they_name(services: Services, client: C
     wait_until(lambda: worker.text().count("no workflow with correlation_id") >= 3,
                timeout=30, message="the refusals are not in the worker's log")
     assert "client_id is required" in worker.text()
+    # refusals are expected errors: one line each, no traceback
+    wait_until(lambda: "a start request must be a JSON object" in worker.text(), timeout=30)
+    assert "raised expected: InputError" in worker.text()
+    assert "raised unexpected" not in worker.text()
 
 
 def test_an_agents_answer_must_name_the_client_and_a_real_request(
