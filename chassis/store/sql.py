@@ -235,27 +235,26 @@ class SqlStore:
         """Read the workflow, decide, and write the outcome in one transaction; retried
         when another transition got there first. ``state``: a recent read to start from
         (PostgreSQL; its version guards the write)."""
-        for attempt in range(_MAX_RETRIES):
-            try:
-                if self._claims is not None:
-                    known, state = state, None  # a retry reads afresh
-                    return self._transition_pg(cid, decide, known)
-                with self.engine.begin() as conn:
-                    state, plan = self._load(conn, cid)
-                    decision = decide(state, plan)
-                    if decision.changed:
-                        self._save(conn, decision, state.version)
-                    return decision
-            except StaleState as exc:
-                log.debug("transition of %s retried (%s), attempt %d", cid, exc, attempt + 1,
-                          extra={"correlation_id": cid})
-            except IntegrityError as exc:
-                raise StoreConflict(
-                    f"workflow {cid}: a row of this transition exists already "
-                    f"({' '.join(str(exc.orig).split())[:300]}); nothing was written",
-                    correlation_id=cid) from None
-        raise StaleState(f"workflow {cid}: too much contention, gave up after "
-                         f"{_MAX_RETRIES} tries", correlation_id=cid)
+        known = [state]
+
+        def once() -> cmd.Decision:
+            if self._claims is not None:
+                first, known[0] = known[0], None  # a retry reads afresh
+                return self._transition_pg(cid, decide, first)
+            with self.engine.begin() as conn:
+                current, plan = self._load(conn, cid)
+                decision = decide(current, plan)
+                if decision.changed:
+                    self._save(conn, decision, current.version)
+                return decision
+
+        try:
+            return self._retrying(cid, once)
+        except IntegrityError as exc:
+            raise StoreConflict(
+                f"workflow {cid}: a row of this transition exists already "
+                f"({' '.join(str(exc.orig).split())[:300]}); nothing was written",
+                correlation_id=cid) from None
 
     def transition_if(self, cid: str, step: str, attempt: int, statuses: Sequence[str],
                       decide: Callable[[WorkflowState, Plan], cmd.Decision]) -> cmd.Decision:
@@ -267,17 +266,26 @@ class SqlStore:
                 .where(step_runs.c.correlation_id == cid, step_runs.c.step_name == step,
                        step_runs.c.attempt == attempt, step_runs.c.status.in_(statuses))
                 .values(status=step_runs.c.status).returning(step_runs.c.id))
+
+        def once() -> cmd.Decision:
+            with self.engine.begin() as conn:
+                locked = conn.execute(lock).first() is not None
+                state, plan = self._load(conn, cid)
+                if not locked:
+                    return cmd.Decision(state, changed=False)
+                decision = decide(state, plan)
+                if decision.changed:
+                    self._save(conn, decision, state.version)
+                return decision
+
+        return self._retrying(cid, once)
+
+    @staticmethod
+    def _retrying(cid: str, once: Callable[[], cmd.Decision]) -> cmd.Decision:
+        """``once()``, again while another transition got there first (StaleState)."""
         for tries in range(_MAX_RETRIES):
             try:
-                with self.engine.begin() as conn:
-                    locked = conn.execute(lock).first() is not None
-                    state, plan = self._load(conn, cid)
-                    if not locked:
-                        return cmd.Decision(state, changed=False)
-                    decision = decide(state, plan)
-                    if decision.changed:
-                        self._save(conn, decision, state.version)
-                    return decision
+                return once()
             except StaleState as exc:
                 log.debug("transition of %s retried (%s), attempt %d", cid, exc, tries + 1,
                           extra={"correlation_id": cid})

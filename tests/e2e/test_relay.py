@@ -65,11 +65,16 @@ def assert_in_order(msgs: list[Message], cids: list[str], messages: int) -> None
         assert seqs == list(range(messages)), cid
 
 
+def relay_setup(db_url: str, kafka_bootstrap: str, tmp_path: Any) -> tuple[str, Any]:
+    """A new topic, and the settings of a relay from this database to this Kafka."""
+    return f"test.relay.{uuid.uuid4().hex[:8]}", config.load({
+        "CHASSIS_DATABASE_URL": db_url, "CHASSIS_HOME": str(tmp_path),
+        "CHASSIS_KAFKA_BOOTSTRAP": kafka_bootstrap})
+
+
 def test_relay_publishes_in_order_and_marks_rows(db_url: str, kafka_bootstrap: str,
                                                  tmp_path: Any) -> None:
-    topic = f"test.relay.{uuid.uuid4().hex[:8]}"
-    settings = config.load({"CHASSIS_DATABASE_URL": db_url, "CHASSIS_HOME": str(tmp_path),
-                            "CHASSIS_KAFKA_BOOTSTRAP": kafka_bootstrap})
+    topic, settings = relay_setup(db_url, kafka_bootstrap, tmp_path)
     cids = fill_outbox(db_url, topic, workflows=5, messages=40)
     relay = OutboxRelay(settings, batch_size=64)
 
@@ -145,9 +150,7 @@ def test_beat_task_publishes_the_outbox(kafka: KafkaServices) -> None:
 
 def test_a_row_kafka_refuses_is_set_aside_and_blocks_nothing(db_url: str, kafka_bootstrap: str,
                                                              tmp_path: Any) -> None:
-    topic = f"test.relay.{uuid.uuid4().hex[:8]}"
-    settings = config.load({"CHASSIS_DATABASE_URL": db_url, "CHASSIS_HOME": str(tmp_path),
-                            "CHASSIS_KAFKA_BOOTSTRAP": kafka_bootstrap})
+    topic, settings = relay_setup(db_url, kafka_bootstrap, tmp_path)
     cids = fill_outbox(db_url, topic, workflows=3, messages=5)
     huge = cids[1]
     with make_engine(db_url).begin() as conn:  # one message of 2 MB, in the middle
