@@ -17,7 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
-from chassis.errors import ConfigError
+from chassis.errors import DatabaseUnavailable
 from chassis.store.db import (
     MIGRATIONS_DIR,
     current_revision,
@@ -170,8 +170,8 @@ def test_cli_unreachable_database_is_a_clear_error(command: str, tmp_path: Path)
     assert "s3cret" not in output
 
 
-def test_upgrade_unreachable_raises_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1/x.*Check that") as info:
+def test_upgrade_unreachable_raises_database_unavailable() -> None:
+    with pytest.raises(DatabaseUnavailable, match=r"127\.0\.0\.1:1/x.*Check that") as info:
         upgrade(UNREACHABLE)
     assert "s3cret" not in str(info.value)
 
