@@ -39,6 +39,7 @@ from chassis.policy import (
     last_timeout,
     resolve,
 )
+from chassis.state import compensated_step
 
 #: Most steps in a plan, and most sub-tasks in a fan_out.
 MAX_STEPS = 10_000
@@ -53,6 +54,26 @@ FAN_OUT = "fan_out"
 PAUSE = "pause_for_human_input"
 COMPLETE = "complete_workflow"
 RESERVED_ACTIONS = frozenset({FAN_OUT, PAUSE, COMPLETE})
+
+
+#: How a compensation is retried unless its ``compensate.retry`` says otherwise: undo
+#: must happen, so several attempts with backoff (about 30 s in all).
+COMPENSATE_RETRY = RetryOptions(max_attempts=5, initial_interval=1.0,
+                                backoff_coefficient=2.0, max_interval=30.0)
+
+
+@dataclass(frozen=True)
+class Compensate:
+    """How a completed step (or sub-task) is undone when the workflow fails or is
+    cancelled with compensation: an action of this process, or an external agent's."""
+
+    action: str
+    topic: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    retry: RetryOptions | None = None
+    """Merged over :data:`COMPENSATE_RETRY` (not over the plan's defaults)."""
+    timeout: float | None = None
+    """Unset: the step's own timeout."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,8 @@ class SubTask:
     """How failed attempts are retried (merged over the fan_out step's and the plan's)."""
     timeout: float | None = None
     """Seconds one attempt may run (or an agent take to answer)."""
+    compensate: Compensate | None = None
+    """How the sub-task is undone (its siblings' compensations run in parallel)."""
 
     @property
     def resolved_action(self) -> str:
@@ -96,6 +119,11 @@ class Step:
     timeout: float | None = None
     """Seconds one attempt may run (or an agent take to answer); on a fan_out step, the
     default of its sub-tasks."""
+    compensate: Compensate | None = None
+    """How the step is undone once it has completed, should the workflow fail."""
+    on_failure: str | None = None
+    """The step to go on at when this step's attempts are exhausted (on a fan_out: a
+    sub-task's), instead of failing; it sees ``error``."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +157,35 @@ class Plan:
         """(fan_out step, sub-task) of a sub-task's step_name; None for a step."""
         return self._owners.get(name)
 
+    def compensation(self, name: str) -> Compensate | None:
+        """The ``compensate`` of a step or sub-task (None when it has none)."""
+        owned = self.subtask(name)
+        if owned is not None:
+            return owned[1].compensate
+        step = self.steps.get(name)
+        return step.compensate if step is not None else None
+
+    def work(self, name: str) -> tuple[str, str | None, dict[str, Any]]:
+        """(action, topic, params) of a step, a sub-task or a compensation."""
+        undone = compensated_step(name)
+        if undone is not None:
+            comp = self.compensation(undone)
+            if comp is None:
+                raise KeyError(name)
+            return comp.action, comp.topic, comp.params
+        owned = self.subtask(name)
+        if owned is not None:
+            st = owned[1]
+            return st.resolved_action, st.topic, st.params
+        step = self.steps[name]
+        return step.action, step.topic, step.params
+
     def policy(self, name: str) -> RetryPolicy:
-        """The retry policy of a step or sub-task, its layers merged."""
+        """The retry policy of a step, sub-task or compensation, its layers merged."""
+        undone = compensated_step(name)
+        if undone is not None:
+            comp = self.compensation(undone)
+            return resolve((COMPENSATE_RETRY, comp.retry if comp else None))
         owned = self.subtask(name)
         if owned is not None:
             return resolve((self.defaults.retry, self.steps[owned[0]].retry, owned[1].retry))
@@ -138,7 +193,14 @@ class Plan:
         return resolve((self.defaults.retry, step.retry if step else None))
 
     def timeout(self, name: str) -> float | None:
-        """Seconds one attempt of a step or sub-task may take; None when unset."""
+        """Seconds one attempt of a step, sub-task or compensation may take; None when
+        unset."""
+        undone = compensated_step(name)
+        if undone is not None:
+            comp = self.compensation(undone)
+            if comp is not None and comp.timeout is not None:
+                return comp.timeout
+            return self.timeout(undone)
         owned = self.subtask(name)
         if owned is not None:
             return last_timeout((self.defaults.timeout, self.steps[owned[0]].timeout,
@@ -176,6 +238,10 @@ STEP_FIELDS: Mapping[str, str] = {
              "step: the default of its sub-tasks).",
     "timeout": "Seconds one attempt may run, or an external agent take to answer; a "
                "later result is ignored (on a fan_out step: the default of its sub-tasks).",
+    "compensate": "How the step is undone once completed, should the workflow fail (or be "
+                  "cancelled with compensation): {action, params} or {action, topic}.",
+    "on_failure": "Step to go on at when this step's attempts are exhausted (on a "
+                  "fan_out: a sub-task's); it sees error = {step, message, attempts}.",
 }
 SUB_TASK_FIELDS: Mapping[str, str] = {
     "step_name": "Name the sub-task's output is stored under; unique within the plan.",
@@ -185,6 +251,18 @@ SUB_TASK_FIELDS: Mapping[str, str] = {
     "retry": "Retry policy of failed attempts, merged over the fan_out step's and "
              "defaults.retry.",
     "timeout": "Seconds one attempt may run, or an external agent take to answer.",
+    "compensate": "How the sub-task is undone once completed, should the workflow fail: "
+                  "{action, params} or {action, topic}.",
+}
+COMPENSATE_FIELDS: Mapping[str, str] = {
+    "action": "The action that undoes the step: registered in this process, or an "
+              "external agent's (with topic).",
+    "topic": "Kafka topic of an external agent that carries out the compensation.",
+    "params": "Parameters handed to the action (its data: the step's, with output and "
+              "error).",
+    "retry": "Retry policy of the compensation (default: 5 attempts, 1 s doubling up to "
+             "30 s).",
+    "timeout": "Seconds one attempt may run (default: the step's timeout).",
 }
 
 
@@ -360,6 +438,22 @@ class _Reader:
             params=self.params(f"{place}.params", data.get("params")),
             retry=self.retry(f"{place}.retry", data.get("retry")),
             timeout=self.seconds(f"{place}.timeout", data.get("timeout")),
+            compensate=self.compensate(f"{place}.compensate", data.get("compensate")),
+        )
+
+    def compensate(self, place: str, value: object) -> Compensate | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.problem(place, f"expected a mapping with an action, got {_type_name(value)}")
+            return None
+        self.fields(place, value, COMPENSATE_FIELDS)
+        return Compensate(
+            action=self.ident(f"{place}.action", value.get("action")),
+            topic=self.name(f"{place}.topic", value.get("topic")),
+            params=self.params(f"{place}.params", value.get("params")),
+            retry=self.retry(f"{place}.retry", value.get("retry")),
+            timeout=self.seconds(f"{place}.timeout", value.get("timeout")),
         )
 
     def step(self, place: str, data: object) -> Step | None:
@@ -377,6 +471,8 @@ class _Reader:
             params=self.params(f"{place}.params", data.get("params")),
             retry=self.retry(f"{place}.retry", data.get("retry")),
             timeout=self.seconds(f"{place}.timeout", data.get("timeout")),
+            compensate=self.compensate(f"{place}.compensate", data.get("compensate")),
+            on_failure=self.name(f"{place}.on_failure", data.get("on_failure")),
         )
 
     def sub_tasks(self, place: str, value: object) -> tuple[SubTask, ...]:
@@ -627,6 +723,18 @@ def _sub_task_to_dict(st: SubTask) -> dict[str, Any]:
     if st.params:
         out["params"] = dict(st.params)
     _failure_fields(out, st.retry, st.timeout)
+    if st.compensate is not None:
+        out["compensate"] = _compensate_to_dict(st.compensate)
+    return out
+
+
+def _compensate_to_dict(c: Compensate) -> dict[str, Any]:
+    out: dict[str, Any] = {"action": c.action}
+    if c.topic is not None:
+        out["topic"] = c.topic
+    if c.params:
+        out["params"] = dict(c.params)
+    _failure_fields(out, c.retry, c.timeout)
     return out
 
 
@@ -653,6 +761,10 @@ def _step_to_dict(step: Step) -> dict[str, Any]:
     if step.params:
         out["params"] = dict(step.params)
     _failure_fields(out, step.retry, step.timeout)
+    if step.compensate is not None:
+        out["compensate"] = _compensate_to_dict(step.compensate)
+    if step.on_failure is not None:
+        out["on_failure"] = step.on_failure
     return out
 
 
@@ -700,6 +812,17 @@ def json_schema() -> dict[str, Any]:
                                         "maxLength": ERROR_NAME_MAX}},
         }),
     }
+    compensate = {
+        "type": "object",
+        "description": "How a completed step is undone.",
+        "additionalProperties": False,
+        "required": ["action"],
+        "properties": props(COMPENSATE_FIELDS, {
+            "action": {"type": "string", "minLength": 1}, "topic": optional_name,
+            "params": params, "retry": retry_ref, "timeout": seconds,
+        }),
+    }
+    compensate_ref = {"anyOf": [{"$ref": "#/$defs/compensate"}, {"type": "null"}]}
     sub_task = {
         "type": "object",
         "description": "One branch of a fan_out step.",
@@ -708,7 +831,7 @@ def json_schema() -> dict[str, Any]:
         "properties": props(SUB_TASK_FIELDS, {
             "step_name": {"type": "string", "minLength": 1},
             "topic": optional_name, "action": optional_name, "params": params,
-            "retry": retry_ref, "timeout": seconds,
+            "retry": retry_ref, "timeout": seconds, "compensate": compensate_ref,
         }),
     }
     step = {
@@ -724,7 +847,8 @@ def json_schema() -> dict[str, Any]:
             "next_step": optional_name,
             "sub_tasks": {"type": ["array", "null"], "items": {"$ref": "#/$defs/sub_task"}},
             "params": params,
-            "retry": retry_ref, "timeout": seconds,
+            "retry": retry_ref, "timeout": seconds, "compensate": compensate_ref,
+            "on_failure": optional_name,
         }),
     }
     return {
@@ -747,12 +871,14 @@ def json_schema() -> dict[str, Any]:
                 "properties": props(DEFAULTS_FIELDS, {"retry": retry_ref,
                                                       "timeout": seconds})}]},
         }),
-        "$defs": {"step": step, "sub_task": sub_task, "retry": retry},
+        "$defs": {"step": step, "sub_task": sub_task, "retry": retry,
+                  "compensate": compensate},
     }
 
 
 __all__ = [
-    "COMPLETE", "FAN_OUT", "PAUSE", "RESERVED_ACTIONS", "Defaults", "Plan", "Step", "SubTask",
+    "COMPENSATE_RETRY", "COMPLETE", "FAN_OUT", "PAUSE", "RESERVED_ACTIONS", "Compensate",
+    "Defaults", "Plan", "Step", "SubTask",
     "json_schema", "load_plan", "load_plan_data", "loads_plan", "loads_plan_data",
     "parse_plan", "parse_plan_partial", "plan_to_dict",
 ]

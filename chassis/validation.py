@@ -19,13 +19,14 @@ from collections.abc import Collection
 
 from chassis import actions
 from chassis.errors import PlanError
-from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Plan, Step
+from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Compensate, Plan, Step
 from chassis.policy import merged_problems
+from chassis.state import compensation_of
 
 #: What Kafka accepts as a topic name.
 KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 #: Keys of a step's data that are not step outputs.
-RESERVED_NAMES = frozenset({"input", "human_feedback"})
+RESERVED_NAMES = frozenset({"input", "human_feedback", "error", "output"})
 #: Characters a step or sub-task name may not hold: they separate the attempt number in
 #: request ids and ledger keys (``<id>/<step>/<n>``, ``<id>:<step>#<n>``).
 NAME_SEPARATORS = ("#", "/")
@@ -60,6 +61,8 @@ def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[s
             problems.append(f"{place}: sub_tasks are only used by fan_out, "
                             f"not by action {step.action!r}")
         problems += _failure_problems(place, name, step, plan)
+        problems += _compensate_problems(place, step, step.compensate, known)
+        problems += _on_failure_problems(place, name, step, plan)
     cycles = _cycles(plan, owner)
     problems += [f"cycle: {' -> '.join([*cycle, cycle[0]])}" for cycle in cycles]
     if not cycles:
@@ -67,31 +70,61 @@ def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[s
     return problems
 
 
+#: Most steps the reachability check walks (a plan of many on_failure paths would
+#: otherwise cost the square of its size); past it, the rest is not checked.
+WALK_BUDGET = 200_000
+
+
 def _unreachable_dependencies(plan: Plan, owner: dict[str, str]) -> list[str]:
-    """A step runs when the workflow reaches it along next_step from start_step; a
-    dependency that cannot have completed by then (a later step, a step off that way,
-    a sub-task of a later fan-out) would make the workflow wait for ever."""
-    path: list[str] = []
-    name: str | None = plan.start_step
-    while name is not None and name in plan.steps and name not in path:
-        path.append(name)
-        name = plan.steps[name].next_step
-    done: set[str] = set()
-    problems = []
-    for name in path:
-        step = plan.steps[name]
-        for dep in step.dependencies:
-            if dep in done or (dep not in plan.steps and dep not in owner):
-                continue  # fine, or already reported as naming no step
-            step_of = owner.get(dep, dep)
-            if step_of in path and path.index(step_of) >= path.index(name):
-                why = "it runs after it"
-            else:
-                why = f"it is not on the way from start_step {plan.start_step!r}"
-            problems.append(f"steps.{name}: dependency {dep!r} cannot have completed when "
-                            f"{name!r} is reached ({why}): the workflow would wait for ever")
-        done.add(name)
-        done.update(st.step_name for st in step.sub_tasks)
+    """A step runs when the workflow reaches it along next_step from start_step (or from
+    an on_failure step, which is reached with only the steps before the failed one
+    completed); a dependency that cannot have completed by then (a later step, a step
+    off that way, a sub-task of a later fan-out) would make the workflow wait for ever."""
+    problems: list[str] = []
+    reported: set[tuple[str, str]] = set()
+    handlers: dict[str, set[str]] = {}  # on_failure step -> steps surely completed then
+    queue: list[str] = []
+    budget = WALK_BUDGET
+
+    def walk(start: str, completed: set[str]) -> None:
+        nonlocal budget
+        path: list[str] = []
+        done = set(completed)
+        name: str | None = start
+        while name is not None and name in plan.steps and name not in path and budget > 0:
+            budget -= 1
+            path.append(name)
+            step = plan.steps[name]
+            for dep in step.dependencies:
+                if dep in done or (dep not in plan.steps and dep not in owner):
+                    continue  # fine, or already reported as naming no step
+                if (name, dep) in reported:
+                    continue
+                reported.add((name, dep))
+                step_of = owner.get(dep, dep)
+                if step_of in path and path.index(step_of) >= path.index(name):
+                    why = "it runs after it"
+                elif start == plan.start_step:
+                    why = f"it is not on the way from start_step {plan.start_step!r}"
+                else:
+                    why = f"it may not have completed when on_failure leads to {start!r}"
+                problems.append(f"steps.{name}: dependency {dep!r} cannot have completed "
+                                f"when {name!r} is reached ({why}): the workflow would "
+                                "wait for ever")
+            target = step.on_failure
+            if target in plan.steps:
+                before = handlers.get(target)
+                if before is None or not before <= done:
+                    handlers[target] = set(done) if before is None else before & done
+                    queue.append(target)  # (again: fewer steps are sure to be done)
+            done.add(name)
+            done.update(st.step_name for st in step.sub_tasks)
+            name = step.next_step
+
+    walk(plan.start_step, set())
+    while queue and budget > 0:
+        target = queue.pop(0)
+        walk(target, handlers[target])
     return problems
 
 
@@ -178,7 +211,45 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
         elif action not in known and not st.topic:
             problems.append(_unknown(sp, action, known))
         problems += _topic_problems(sp, st.topic)
+        problems += _compensate_problems(sp, None, st.compensate, known)
+        if st.compensate is not None and plan.subtask(st.step_name) == (name, st):
+            problems += merged_problems(f"{sp}.compensate", plan.policy(
+                compensation_of(st.step_name)))
     return problems
+
+
+def _compensate_problems(place: str, step: Step | None, comp: Compensate | None,
+                         known: Collection[str]) -> list[str]:
+    """A compensation needs an action that can run; a reserved step has none (a
+    fan_out's compensation is its sub-tasks')."""
+    if comp is None:
+        return []
+    cp = f"{place}.compensate"
+    problems = []
+    if step is not None and step.action in RESERVED_ACTIONS:
+        why = " (give its sub-tasks a compensate)" if step.action == FAN_OUT else ""
+        problems.append(f"{cp}: a {step.action} step has nothing to undo{why}")
+    if not comp.action:
+        problems.append(f"{cp}: has no action")
+    elif comp.action in RESERVED_ACTIONS:
+        problems.append(f"{cp}: reserved action {comp.action!r} cannot undo a step")
+    elif comp.action not in known and not comp.topic:
+        problems.append(_unknown(cp, comp.action, known))
+    problems += _topic_problems(cp, comp.topic)
+    return problems
+
+
+def _on_failure_problems(place: str, name: str, step: Step, plan: Plan) -> list[str]:
+    target = step.on_failure
+    if target is None:
+        return []
+    if step.action in RESERVED_ACTIONS - {FAN_OUT}:
+        return [f"{place}: on_failure does not apply to {step.action} (it makes no attempts)"]
+    if target == name:
+        return [f"{place}: on_failure names the step itself"]
+    if target not in plan.steps:
+        return [f"{place}: on_failure {target!r} names no step"]
+    return []
 
 
 def _name_problems(place: str, what: str, name: str) -> list[str]:
@@ -196,6 +267,8 @@ def _failure_problems(place: str, name: str, step: Step, plan: Plan) -> list[str
             return [f"{place}: retry and timeout do not apply to {step.action}"]
         return []
     problems = merged_problems(place, plan.policy(name))
+    if step.compensate is not None and step.action not in RESERVED_ACTIONS:
+        problems += merged_problems(f"{place}.compensate", plan.policy(compensation_of(name)))
     if step.action == FAN_OUT:
         for i, st in enumerate(step.sub_tasks):
             if st.step_name and plan.subtask(st.step_name) == (name, st):
@@ -216,12 +289,16 @@ def _sub_task_owners(plan: Plan) -> dict[str, str]:
 
 
 def _cycles(plan: Plan, owner: dict[str, str]) -> list[list[str]]:
-    """Cycles over "runs before" edges: a step → its next_step, and a dependency's step
+    """Cycles over "runs before" edges: a step → its next_step and its on_failure, and a
+    dependency's step
     (a sub-task's fan_out step) → the step that depends on it."""
     edges: dict[str, list[str]] = {name: [] for name in plan.steps}
     for name, step in plan.steps.items():
         if step.next_step in edges:
             edges[name].append(step.next_step)
+        if (step.on_failure in edges and step.on_failure != name  # (reported apart)
+                and step.on_failure not in edges[name]):
+            edges[name].append(step.on_failure)
         for dep in step.dependencies:
             before = dep if dep in edges else owner.get(dep)
             if before is not None and name not in edges[before]:

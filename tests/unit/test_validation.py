@@ -267,3 +267,78 @@ def test_topics_must_be_kafka_topic_names() -> None:
         "and '-', at most 249)",
         "steps.f.sub_tasks[1]: topic 'bad/topic' is not a Kafka topic name (letters, digits, "
         "'.', '_' and '-', at most 249)"]
+
+
+def test_compensate_needs_an_action_that_can_run() -> None:
+    done = {"action": "complete_workflow"}
+    assert problems({"a": {"action": "echo", "compensate": {"params": {}},
+                            "next_step": "z"}, "z": done}) == [
+        "steps.a.compensate: has no action"]
+    assert problems({"a": {"action": "echo", "compensate": {"action": "release"},
+                            "next_step": "z"}, "z": done}) == [
+        "steps.a.compensate: action 'release' is not registered in this process and has "
+        "no topic (registered: echo, fail, noop, sleep)"]
+    assert problems({"a": {"action": "echo", "next_step": "z", "compensate": {
+        "action": "release", "topic": "agents.release"}}, "z": done}) == []
+    assert problems({"a": {"action": "echo", "compensate": {"action": "fan_out"},
+                            "next_step": "z"}, "z": done}) == [
+        "steps.a.compensate: reserved action 'fan_out' cannot undo a step"]
+    assert problems({"a": {"action": "echo", "next_step": "z", "compensate": {
+        "action": "echo", "retry": {"max_attempts": 3, "initial_interval": 10,
+                                    "max_interval": 5}}}, "z": done})[0].startswith(
+        "steps.a.compensate")
+
+
+def test_compensate_on_a_reserved_action_is_refused() -> None:
+    done = {"action": "complete_workflow"}
+    found = problems({
+        "a": {"action": "fan_out", "sub_tasks": [{"step_name": "s", "action": "echo"}],
+              "compensate": {"action": "echo"}, "next_step": "p"},
+        "p": {"action": "pause_for_human_input", "compensate": {"action": "echo"},
+              "next_step": "z"},
+        "z": {**done, "compensate": {"action": "echo"}}})
+    assert found == [
+        "steps.a.compensate: a fan_out step has nothing to undo (give its sub-tasks a "
+        "compensate)",
+        "steps.p.compensate: a pause_for_human_input step has nothing to undo",
+        "steps.z.compensate: a complete_workflow step has nothing to undo"]
+    assert problems({"a": {"action": "fan_out", "next_step": "z", "sub_tasks": [
+        {"step_name": "s", "action": "echo", "compensate": {"action": "nope"}}]},
+        "z": done})[0].startswith("steps.a.sub_tasks[0].compensate: action 'nope'")
+
+
+def test_on_failure_must_name_another_step() -> None:
+    done = {"action": "complete_workflow"}
+    assert problems({"a": {"action": "echo", "on_failure": "nowhere", "next_step": "z"},
+                      "z": done}) == ["steps.a: on_failure 'nowhere' names no step"]
+    assert problems({"a": {"action": "echo", "on_failure": "a", "next_step": "z"},
+                      "z": done}) == ["steps.a: on_failure names the step itself"]
+    assert problems({"a": {"action": "pause_for_human_input", "on_failure": "z",
+                            "next_step": "z"}, "z": done}) == [
+        "steps.a: on_failure does not apply to pause_for_human_input (it makes no "
+        "attempts)"]
+    assert problems({"a": {"action": "echo", "on_failure": "h", "next_step": "z"},
+                      "h": {"action": "echo", "next_step": "z"}, "z": done}) == []
+
+
+def test_an_on_failure_loop_is_a_cycle() -> None:
+    assert problems({"a": {"action": "echo", "on_failure": "h", "next_step": "z"},
+                      "h": {"action": "echo", "next_step": "a"},
+                      "z": {"action": "complete_workflow"}}) == ["cycle: a -> h -> a"]
+
+
+def test_an_on_failure_path_may_not_wait_for_the_step_that_failed() -> None:
+    found = problems({
+        "a": {"action": "echo", "next_step": "b"},
+        "b": {"action": "echo", "on_failure": "h", "next_step": "z"},
+        "h": {"action": "echo", "dependencies": ["a", "b"], "next_step": "z"},
+        "z": {"action": "complete_workflow"}})
+    assert found == [
+        "steps.h: dependency 'b' cannot have completed when 'h' is reached (it may not "
+        "have completed when on_failure leads to 'h'): the workflow would wait for ever"]
+
+
+@pytest.mark.parametrize("name", ["error", "output"])
+def test_the_names_a_compensation_and_on_failure_see_are_reserved(name: str) -> None:
+    assert f"steps.{name}: the name {name!r} is reserved for workflow data" in problems(
+        {"a": {"action": "echo", "next_step": name}, name: {"action": "complete_workflow"}})
