@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from chassis import fuel
@@ -53,7 +53,14 @@ from chassis.events import (
 )
 from chassis.limits import EVENT_FIELD_MAX, MESSAGE_MAX
 from chassis.plan import COMPLETE, FAN_OUT, PAUSE, Plan, Step
-from chassis.state import Status, StepStatus, WorkflowState, request_id_for
+from chassis.state import (
+    Status,
+    StepStatus,
+    WorkflowState,
+    compensated_step,
+    compensation_of,
+    request_id_for,
+)
 
 NOTIFICATION_TOPIC = "system.notifications.ui"
 RESUME_TOPIC = "system.commands.workflow.resume"
@@ -80,21 +87,52 @@ def json_roundtrip(value: Any) -> Any:
     return json.loads(text)
 
 
-def decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
+def decide(state: WorkflowState, plan: Plan, event: Event,
+           settled: Mapping[str, tuple[int, Any]] | None = None) -> Decision:
     """Apply ``event`` to ``state`` under ``plan``. Never mutates its arguments.
+
+    ``settled``: the sub-tasks of the fan-out under way (:func:`open_fan_out`) whose
+    success is recorded in their own rows, name → (attempt, output), read under lock
+    with the state: they are taken in first, so that a failure or a cancel that ends
+    the fan-out knows every sub-task that completed (and undoes it).
 
     Raises :class:`InvalidTransition` for a resume of a workflow that is not paused,
     a cancel of a finished one, or a retry of one that has not failed.
     """
-    handler = _HANDLERS[type(event)]
     _check_owner(state, event)
     _check_allowed(state, event)
+    fan = open_fan_out(state, plan) if settled else None
+    if fan is None or isinstance(event, SubtasksSucceeded):
+        return _decide(state, plan, event)
+    first = _decide(state, plan, SubtasksSucceeded(
+        fan, {n: out for n, (_, out) in settled.items()},  # type: ignore[union-attr]
+        {n: a for n, (a, _) in settled.items()}))  # type: ignore[union-attr]
+    then = _decide(first.state, plan, event)
+    if not first.changed:
+        return then
+    return Decision(then.state, first.commands + then.commands)
+
+
+def open_fan_out(state: WorkflowState, plan: Plan) -> str | None:
+    """The fan-out step whose sub-tasks are under way, if any."""
+    step = plan.steps.get(state.current_step)
+    if (state.status is Status.AWAITING_RESPONSES and step is not None
+            and step.action == FAN_OUT and state.current_step in state.attempts
+            and state.current_step not in state.collected_data):
+        return state.current_step
+    return None
+
+
+def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
+    handler = _HANDLERS[type(event)]
     if state.status.finished and not isinstance(event, Retry):
         return Decision(state, changed=False)
     new = copy.copy(state)
     new.awaited_steps = list(state.awaited_steps)
     new.collected_data = dict(state.collected_data)
     new.attempts = {k: list(v) for k, v in state.attempts.items()}
+    new.completed = list(state.completed)
+    new.undo = [list(b) for b in state.undo]
     d = Decision(new)
     answer = handler(d, plan, event)
     if answer is not None:  # nothing to do: the state as it was
@@ -125,6 +163,11 @@ def _check_allowed(s: WorkflowState, event: Event) -> None:
         raise InvalidTransition(
             f"workflow {cid} is already {s.status}; only a workflow that has not finished "
             "can be cancelled", correlation_id=cid)
+    if isinstance(event, Cancel) and s.status is Status.COMPENSATING:
+        raise InvalidTransition(
+            f"workflow {cid} is COMPENSATING: its completed steps are being undone, which "
+            "is not stopped; it ends COMPENSATED (or FAILED, to be retried)",
+            correlation_id=cid)
     if isinstance(event, Retry) and s.status is not Status.FAILED:
         raise InvalidTransition(
             f"workflow {cid} is {s.status}; only a FAILED workflow can be retried",
@@ -151,7 +194,10 @@ def _on_start(d: Decision, plan: Plan, event: Start) -> Decision | None:
 def _on_succeeded(d: Decision, plan: Plan, event: StepSucceeded) -> Decision | None:
     if not _take(d.state, event.step, event.attempt):
         return _unchanged(d)
-    _record_output(d, event.step, event.attempt, event.output)
+    if compensated_step(event.step) is not None:
+        _undone(d, plan, event.step, event.attempt, event.output)
+        return None
+    _record_output(d, plan, event.step, event.attempt, event.output)
     d.commands.append(FinishStep(event.step, StepStatus.COMPLETED, output=event.output,
                                  attempt=event.attempt))
     _step_done(d, plan, event.step)
@@ -171,7 +217,7 @@ def _on_subtasks(d: Decision, plan: Plan, event: SubtasksSucceeded) -> Decision 
     if not taken:
         return _unchanged(d)
     for name in taken:
-        _record_output(d, name, event.attempts.get(name, 1), event.outputs[name])
+        _record_output(d, plan, name, event.attempts.get(name, 1), event.outputs[name])
     _fan_in(d, plan, event.step)
     return None
 
@@ -182,8 +228,10 @@ def _on_response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision |
         return _unchanged(d)
     name, attempt = found
     d.state.awaited_steps.remove(event.request_id)
-    if event.success:
-        _record_output(d, name, attempt, event.data)
+    if event.success and compensated_step(name) is not None:
+        _undone(d, plan, name, attempt, event.data)
+    elif event.success:
+        _record_output(d, plan, name, attempt, event.data)
         d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=event.data,
                                      attempt=attempt))
         _step_done(d, plan, name)
@@ -228,7 +276,7 @@ def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
             or rid not in s.awaited_steps):
         return _unchanged(d)
     progress[2] = 0
-    action, topic, params = _work_of(plan, event.step)
+    action, topic, params = plan.work(event.step)
     owned = plan.subtask(event.step)
     parent = owned[0] if owned else None
     timeout = plan.timeout(event.step)
@@ -248,6 +296,9 @@ def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
     if revoke:
         d.commands.append(Revoke(tuple(revoke)))
     _finish_fan_out(d, plan, StepStatus.CANCELLED, error)
+    if event.compensate and s.completed:
+        _start_compensation(d, plan, error, Status.CANCELLED, step=None)
+        return None
     s.status = Status.CANCELLED
     s.error = error
     d.commands.append(_event(s, "WORKFLOW_CANCELLED", {"reason": event.reason},
@@ -257,12 +308,21 @@ def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
 
 def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
     s = d.state
-    s.status = Status.RUNNING
-    s.error = None
-    s.final_result = None
     for progress in s.attempts.values():  # a fresh retry budget for every step
         progress[1] = progress[0]
         progress[2] = 0
+    if s.undo:  # a compensation ran out of attempts: compensate on
+        s.status = Status.COMPENSATING
+        s.error = s.cause
+        s.undo_failed = None
+        d.commands.append(_event(s, "WORKFLOW_COMPENSATING",
+                                 {"error": s.cause, "retry": True},
+                                 f"{s.correlation_id}:WORKFLOW_COMPENSATING:{s.version}"))
+        _next_batch(d, plan)
+        return None
+    s.status = Status.RUNNING
+    s.error = None
+    s.final_result = None
     step = plan.steps.get(s.current_step)
     if step is not None and step.action == FAN_OUT:
         for st in step.sub_tasks:
@@ -321,19 +381,11 @@ def _awaited_attempt(s: WorkflowState, plan: Plan, request_id: str) -> tuple[str
     return None
 
 
-def _work_of(plan: Plan, name: str) -> tuple[str, str | None, dict[str, Any]]:
-    """(action, topic, params) of a step or sub-task."""
-    owned = plan.subtask(name)
-    if owned is not None:
-        st = owned[1]
-        return st.resolved_action, st.topic, st.params
-    step = plan.steps[name]
-    return step.action, step.topic, step.params
-
-
-def _record_output(d: Decision, name: str, attempt: int, output: Any) -> None:
+def _record_output(d: Decision, plan: Plan, name: str, attempt: int, output: Any) -> None:
     s = d.state
     s.collected_data[name] = output
+    if plan.compensation(name) is not None and name not in s.completed:
+        s.completed.append(name)  # to be undone, should the workflow fail
     if isinstance(output, dict) and "usage" in output:
         # token usage is kept with the attempt's debit, to price by tokens later
         d.commands.append(Usage(fuel.ledger_key(s.correlation_id, name, attempt),
@@ -383,29 +435,62 @@ def _attempt_failed(d: Decision, plan: Plan, name: str, attempt: int, error: str
     progress = s.attempts.setdefault(name, [attempt, 0, 0])
     used = attempt - progress[1]
     retryable = policy.retryable(error_types)
+    undone = compensated_step(name)
     if retryable and used < policy.max_attempts:
-        action, topic, params = _work_of(plan, name)
-        if _charge(d, plan, name, action, fuel.cost(action)):
+        action, topic, params = plan.work(name)
+        if _charge(d, plan, name, action, fuel.cost(action), force=undone is not None):
             owned = plan.subtask(name)
             delay = policy.delay(used, seed=f"{s.correlation_id}/{name}/{attempt}")
             _dispatch(d, plan, name, action, topic, params, attempt + 1,
                       owned[0] if owned else None, delay)
+        if undone is not None and s.undo_failed is not None:
+            _batch_settled(d, plan)
         return
-    what = "sub-task" if plan.subtask(name) else "step"
+    if undone is not None:
+        what = f"compensation of '{undone}'"
+    else:
+        what = f"{'sub-task' if plan.subtask(name) else 'step'} '{name}'"
     if not retryable and used < policy.max_attempts:
         why = f" ({error_types[0]} is not retried)"
     elif policy.max_attempts > 1 or used > 1:
         why = f" after {used} attempt{'s' if used != 1 else ''}"
     else:
         why = ""
-    _fail(d, plan, f"{what} '{name}' failed{why}: {error}", step=name)
+    message = f"{what} failed{why}: {error}"
+    if undone is not None:
+        s.undo_failed = s.undo_failed or message
+        _batch_settled(d, plan)
+        return
+    owned = plan.subtask(name)
+    handler = plan.steps[owned[0] if owned else name].on_failure
+    if handler is not None and s.status is not Status.COMPENSATING:
+        _go_on_failure(d, plan, handler, {"step": name, "message": message,
+                                          "attempts": used})
+        return
+    _fail(d, plan, message, step=name)
 
 
-def _charge(d: Decision, plan: Plan, name: str, action: str, amount: int) -> bool:
-    """Count ``amount`` as spent before an attempt is dispatched; False (and the workflow
-    FAILED with the original's message) when too little fuel is left."""
+def _go_on_failure(d: Decision, plan: Plan, handler: str, error: dict[str, Any]) -> None:
+    """A step ran out of attempts and says where to go on: its siblings (a fan-out's)
+    are abandoned, the workflow goes on at ``handler``, which sees ``error``."""
     s = d.state
-    if s.fuel_remaining < amount:
+    revoke = _abandon(d, plan, "not needed: the step failed and on_failure goes on")
+    if revoke:
+        d.commands.append(Revoke(tuple(revoke)))
+    _finish_fan_out(d, plan, StepStatus.FAILED, error["message"])
+    s.collected_data["error"] = error
+    s.current_step = handler
+    s.status = Status.RUNNING
+    _advance(d, plan)
+
+
+def _charge(d: Decision, plan: Plan, name: str, action: str, amount: int,
+            force: bool = False) -> bool:
+    """Count ``amount`` as spent before an attempt is dispatched; False (and the workflow
+    FAILED with the original's message) when too little fuel is left. ``force``: a
+    compensation, priced but never refused (undo must happen)."""
+    s = d.state
+    if s.fuel_remaining < amount and not force:
         _fail(d, plan, f"insufficient fuel for action '{action}': "
                        f"have {s.fuel_remaining}, need {amount}", step=name)
         return False
@@ -423,7 +508,7 @@ def _debit(d: Decision, name: str, action: str, attempt: int) -> None:
 
 def _is_task(plan: Plan, name: str) -> bool:
     """True when attempts of this step or sub-task are Celery tasks."""
-    action, topic, _ = _work_of(plan, name)
+    action, topic, _ = plan.work(name)
     return not topic and action != PAUSE
 
 
@@ -455,16 +540,131 @@ def _finish_fan_out(d: Decision, plan: Plan, status: StepStatus, error: str) -> 
 
 
 def _fail(d: Decision, plan: Plan, error: str, step: str | None = None) -> None:
+    """The workflow cannot go on: undo its completed steps that have a compensate
+    (COMPENSATING), or end FAILED."""
     s = d.state
+    if s.status is Status.COMPENSATING:  # a compensation could not even be sent
+        s.undo_failed = s.undo_failed or error  # (failed once its batch has settled)
+        return
     revoke = _abandon(d, plan, "not needed: the workflow failed")
     if revoke:  # siblings of a failed sub-task: their work would be wasted
         d.commands.append(Revoke(tuple(revoke)))
     _finish_fan_out(d, plan, StepStatus.FAILED, error)
+    if s.completed:
+        _start_compensation(d, plan, error, Status.COMPENSATED, step)
+        return
+    _failed(d, error, step)
+
+
+def _failed(d: Decision, error: str, step: str | None) -> None:
+    s = d.state
     s.status = Status.FAILED
     s.error = error
     s.awaited_steps = []
     d.commands.append(_event(s, "WORKFLOW_FAILED", {"error": error, "step": step},
                              f"{s.correlation_id}:WORKFLOW_FAILED:{s.version}"))
+
+
+# --------------------------------------------------------------------- compensation
+
+
+def _batches(plan: Plan, completed: list[str]) -> list[list[str]]:
+    """Compensations in reverse order of completion, one batch per step; the sub-tasks
+    of one fan-out form one batch (run in parallel)."""
+    batches: list[list[str]] = []
+    last_owner: str | None = None
+    for name in reversed(completed):
+        owned = plan.subtask(name)
+        owner = owned[0] if owned else None
+        if owner is not None and owner == last_owner:
+            batches[-1].append(name)
+        else:
+            batches.append([name])
+        last_owner = owner
+    return batches
+
+
+def _start_compensation(d: Decision, plan: Plan, cause: str, then: Status,
+                        step: str | None) -> None:
+    """COMPENSATING: the completed steps' compensations run, last completed first."""
+    s = d.state
+    s.status = Status.COMPENSATING
+    s.error = cause
+    s.cause = cause
+    s.then = then.value
+    s.undo = _batches(plan, s.completed)
+    s.completed = []
+    s.undo_failed = None
+    s.awaited_steps = []
+    d.commands.append(_event(
+        s, "WORKFLOW_COMPENSATING",
+        {"error": cause, "step": step, "compensations": [c for b in s.undo for c in b]},
+        f"{s.correlation_id}:WORKFLOW_COMPENSATING:{s.version}"))
+    _next_batch(d, plan)
+
+
+def _next_batch(d: Decision, plan: Plan) -> None:
+    """Send the batch of compensations under way (those not yet done), or end the
+    compensation when none is left."""
+    s = d.state
+    while s.undo and not s.undo[0]:
+        s.undo.pop(0)
+    if not s.undo:
+        _compensated(d)
+        return
+    celery: list[RunStep] = []
+    for undone in s.undo[0]:
+        name = compensation_of(undone)
+        action, topic, params = plan.work(name)
+        attempt = _attempt_of(s, name) + 1 if name in s.attempts else 1
+        _charge(d, plan, name, action, fuel.cost(action), force=True)
+        _dispatch(d, plan, name, action, topic, params, attempt, None, 0.0, celery)
+    if len(celery) > 1:
+        owned = plan.subtask(s.undo[0][0])
+        d.commands.append(RunFanOut(compensation_of(owned[0] if owned else s.undo[0][0]),
+                                    tuple(celery)))
+    elif celery:
+        d.commands.append(celery[0])
+    if s.status is Status.COMPENSATING and not s.awaited_steps:
+        _batch_settled(d, plan)  # (nothing could be sent)
+
+
+def _undone(d: Decision, plan: Plan, name: str, attempt: int, output: Any) -> None:
+    """A compensation completed: it leaves its batch; the next batch follows once the
+    whole batch has settled."""
+    s = d.state
+    d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=output, attempt=attempt))
+    undone = compensated_step(name)
+    if s.undo and undone in s.undo[0]:
+        s.undo[0].remove(undone)
+    _batch_settled(d, plan)
+
+
+def _batch_settled(d: Decision, plan: Plan) -> None:
+    s = d.state
+    if s.awaited_steps:
+        return  # others of the batch are still under way
+    if s.undo_failed is not None:
+        _failed(d, f"{s.cause}; then the {s.undo_failed}", None)
+        return
+    if s.undo and not s.undo[0]:
+        s.undo.pop(0)
+    _next_batch(d, plan)
+
+
+def _compensated(d: Decision) -> None:
+    s = d.state
+    s.undo = []
+    s.error = s.cause
+    if s.then == Status.CANCELLED.value:
+        s.status = Status.CANCELLED
+        d.commands.append(_event(s, "WORKFLOW_CANCELLED",
+                                 {"reason": s.cause, "compensated": True},
+                                 f"{s.correlation_id}:WORKFLOW_CANCELLED"))
+        return
+    s.status = Status.COMPENSATED
+    d.commands.append(_event(s, "WORKFLOW_COMPENSATED", {"error": s.cause},
+                             f"{s.correlation_id}:WORKFLOW_COMPENSATED"))
 
 
 def _event(s: WorkflowState, event_type: str, extra: dict[str, Any], dedup: str) -> Emit:
@@ -557,7 +757,7 @@ def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None
         run = RunStep(name, action, dict(params), rid, parent, attempt, timeout, delay)
         (group if group is not None else d.commands).append(run)  # type: ignore[arg-type]
     s.awaited_steps.append(rid)
-    if topic or parent is not None:
+    if (topic or parent is not None) and s.status is not Status.COMPENSATING:
         s.status = Status.AWAITING_RESPONSES
 
 
@@ -624,7 +824,7 @@ def _request(s: WorkflowState, step: str, action: str, topic: str, attempt: int,
     headers = base_headers(s)
     headers["causation_id"] = s.request_id or s.correlation_id
     headers["request_id"] = rid
-    payload = {"action": action, "data": s.step_data(), "params": dict(params)}
+    payload = {"action": action, "data": s.step_data(step), "params": dict(params)}
     dedup = f"{s.correlation_id}:request:{step}" + (f"#{attempt}" if attempt > 1 else "")
     return SendRequest(step, action, topic, rid, headers, payload, parent, attempt, timeout,
                        dedup, scheduled)
@@ -636,4 +836,5 @@ __all__ = [
     "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
     "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",
     "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip", "not_found",
+    "open_fan_out",
 ]

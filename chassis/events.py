@@ -81,10 +81,12 @@ class RetryDue:
 @dataclass(frozen=True)
 class Cancel:
     """``client_id`` stops the workflow: in-flight attempts are revoked, late results
-    ignored."""
+    ignored. With ``compensate``, the completed steps that have a ``compensate`` are
+    undone first (COMPENSATING, then CANCELLED)."""
 
     reason: str | None = None
     client_id: str | None = None
+    compensate: bool = False
 
 
 @dataclass(frozen=True)

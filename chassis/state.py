@@ -10,7 +10,8 @@ from typing import Any
 
 
 class Status(StrEnum):
-    """Workflow statuses: the original platform's five, and CANCELLED."""
+    """Workflow statuses: the original platform's five, CANCELLED, and the saga's
+    COMPENSATING (completed steps are being undone) and COMPENSATED (they were)."""
 
     RUNNING = "RUNNING"
     AWAITING_RESPONSES = "AWAITING_RESPONSES"
@@ -18,12 +19,14 @@ class Status(StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    COMPENSATING = "COMPENSATING"
+    COMPENSATED = "COMPENSATED"
 
     @property
     def finished(self) -> bool:
         """A final status: nothing happens to the workflow any more (an operator may
         still retry a FAILED one)."""
-        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.COMPENSATED)
 
 
 class StepStatus(StrEnum):
@@ -49,7 +52,21 @@ class StepStatus(StrEnum):
 
 #: Statuses at which ``chassis run --wait`` returns.
 SETTLED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED,
-                     Status.PAUSED_FOR_HUMAN_INPUT})
+                     Status.COMPENSATED, Status.PAUSED_FOR_HUMAN_INPUT})
+
+#: A step's compensation runs under the step's name with this suffix (its attempts,
+#: rows, debits and request ids); step names cannot hold "/", so it names no step.
+COMPENSATE_SUFFIX = "/compensate"
+
+
+def compensation_of(name: str) -> str:
+    """The name a step's (or sub-task's) compensation runs under."""
+    return name + COMPENSATE_SUFFIX
+
+
+def compensated_step(name: str) -> str | None:
+    """The step a compensation's name undoes; None for a step's own name."""
+    return name[:-len(COMPENSATE_SUFFIX)] if name.endswith(COMPENSATE_SUFFIX) else None
 
 _REQUEST_NS = uuid.UUID("6f1c8a4e-2b1d-4c55-9a57-0e4a3c2d9b10")
 
@@ -95,6 +112,20 @@ class WorkflowState:
     attempt's number, the attempts made before the current round (an operator's retry
     starts a new round with a fresh retry budget), and 1 while that attempt waits for
     its retry time (nothing sent yet)."""
+    completed: list[str] = field(default_factory=list)
+    """Steps and sub-tasks with a ``compensate`` that completed, in order of completion
+    (those a failure would undo)."""
+    undo: list[list[str]] = field(default_factory=list)
+    """While compensating (or FAILED in a compensation): the compensations still to run,
+    in batches run one after the other (a fan-out's sub-tasks form one batch, run in
+    parallel); the first batch is under way."""
+    cause: str | None = None
+    """The error that started the compensation (kept as ``error`` at the end)."""
+    then: str | None = None
+    """The status the workflow ends with once compensated: COMPENSATED or CANCELLED."""
+    undo_failed: str | None = None
+    """A compensation of the batch under way ran out of attempts: the workflow FAILS
+    with this once the rest of the batch has settled."""
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -106,6 +137,30 @@ class WorkflowState:
         """The request id of attempt ``attempt`` of ``step`` (see :func:`request_id_for`)."""
         return request_id_for(self.correlation_id, step, attempt, self.nonce)
 
-    def step_data(self) -> dict[str, Any]:
-        """What a step sees: ``input``, earlier outputs by step name, ``human_feedback``."""
-        return {"input": self.initial_request_data, **self.collected_data}
+    def step_data(self, step: str | None = None) -> dict[str, Any]:
+        """What a step sees: ``input``, earlier outputs by step name, ``human_feedback``
+        (and ``error`` on an ``on_failure`` path). A compensation sees that, the output
+        of the step it undoes under ``output``, and the error that started the
+        compensation under ``error``."""
+        data = {"input": self.initial_request_data, **self.collected_data}
+        undone = compensated_step(step) if step else None
+        if undone is not None:
+            data["output"] = self.collected_data.get(undone)
+            data["error"] = {"message": self.cause, "status": self.then}
+        return data
+
+    def saga(self) -> dict[str, Any] | None:
+        """The saga's progress as stored (None when there is none)."""
+        if not (self.completed or self.undo or self.cause or self.then):
+            return None
+        return {"completed": self.completed, "undo": self.undo, "cause": self.cause,
+                "then": self.then, "undo_failed": self.undo_failed}
+
+    def load_saga(self, saga: Any) -> None:
+        """Read back :meth:`saga`."""
+        if isinstance(saga, dict):
+            self.completed = list(saga.get("completed") or [])
+            self.undo = [list(b) for b in saga.get("undo") or []]
+            self.cause = saga.get("cause")
+            self.then = saga.get("then")
+            self.undo_failed = saga.get("undo_failed")

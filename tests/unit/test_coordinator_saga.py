@@ -1,0 +1,405 @@
+"""Sagas as pure decisions: compensation in reverse order of completion, a fan-out's
+sub-tasks undone in parallel, on_failure, cancel with compensation, a compensation
+that fails and an operator's retry of it (no database, no broker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from chassis import coordinator as co
+from chassis.errors import InvalidTransition
+from chassis.plan import Plan, parse_plan
+from chassis.state import Status, StepStatus, WorkflowState
+
+CID = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d"
+
+
+def undo(name: str, **extra: Any) -> dict[str, Any]:
+    return {"action": "undo", "params": {"of": name}, **extra}
+
+
+def booking(**ship: Any) -> Plan:
+    """reserve -> charge -> ship, each with a compensation."""
+    return parse_plan({"start_step": "reserve", "steps": {
+        "reserve": {"action": "work", "compensate": undo("reserve"), "next_step": "charge"},
+        "charge": {"action": "work", "compensate": undo("charge"), "next_step": "ship"},
+        "ship": {"action": "work", "compensate": undo("ship"), "next_step": "done", **ship},
+        "done": {"action": "complete_workflow"}}})
+
+
+def start(plan: Plan, fuel: int = 100) -> co.Decision:
+    s = WorkflowState(correlation_id=CID, client_id="acme", status=Status.RUNNING,
+                      current_step=plan.start_step, fuel_budget=fuel)
+    return co.decide(s, plan, co.Start())
+
+
+def of(d: co.Decision, kind: type) -> list[Any]:
+    return [c for c in d.commands if isinstance(c, kind)]
+
+
+def sent(d: co.Decision) -> list[str]:
+    """Names of the attempts a decision sends (Celery tasks and agents' requests)."""
+    names = [c.step for c in d.commands if isinstance(c, co.RunStep | co.SendRequest)]
+    for group in of(d, co.RunFanOut):
+        names += [t.step for t in group.subtasks]
+    return names
+
+
+def events(d: co.Decision) -> list[str]:
+    return [e.payload["event_type"] for e in of(d, co.Emit)]
+
+
+def ok(d: co.Decision, plan: Plan, *names: str, attempt: int = 1) -> co.Decision:
+    for name in names:
+        d = co.decide(d.state, plan, co.StepSucceeded(name, {"did": name}, attempt))
+    return d
+
+
+def test_a_failed_last_step_undoes_the_others_last_first() -> None:
+    plan = booking()
+    d = ok(start(plan), plan, "reserve", "charge")
+    d = co.decide(d.state, plan, co.StepFailed("ship", "no courier", 1))
+    assert d.state.status is Status.COMPENSATING
+    assert events(d) == ["WORKFLOW_COMPENSATING"]
+    assert sent(d) == ["charge/compensate"]  # one at a time, the last completed first
+    (run,) = of(d, co.RunStep)
+    assert run.params == {"of": "charge"}
+    data = co.json_roundtrip(d.state.step_data("charge/compensate"))
+    assert data["output"] == {"did": "charge"} and data["reserve"] == {"did": "reserve"}
+    assert data["error"]["message"] == "step 'ship' failed: no courier"
+    d = ok(d, plan, "charge/compensate")
+    assert sent(d) == ["reserve/compensate"] and d.state.status is Status.COMPENSATING
+    d = ok(d, plan, "reserve/compensate")
+    assert d.state.status is Status.COMPENSATED
+    assert d.state.error == "step 'ship' failed: no courier"
+    assert events(d) == ["WORKFLOW_COMPENSATED"]
+    assert of(d, co.Emit)[0].payload["error"] == "step 'ship' failed: no courier"
+    assert not ok(d, plan, "reserve/compensate").changed  # a duplicate report
+
+
+@pytest.mark.parametrize(("failing", "undone"), [
+    ("reserve", []),
+    ("charge", ["reserve"]),
+    ("ship", ["charge", "reserve"]),
+])
+def test_only_completed_steps_are_undone(failing: str, undone: list[str]) -> None:
+    plan = booking()
+    d = start(plan)
+    order = ["reserve", "charge", "ship"]
+    d = ok(d, plan, *order[:order.index(failing)])
+    d = co.decide(d.state, plan, co.StepFailed(failing, "boom", 1))
+    ran = []
+    while d.state.status is Status.COMPENSATING:
+        (name,) = sent(d)
+        ran.append(name.removesuffix("/compensate"))
+        d = ok(d, plan, name)
+    assert ran == undone
+    assert d.state.status is (Status.COMPENSATED if undone else Status.FAILED)
+    assert d.state.error == f"step '{failing}' failed: boom"
+
+
+def test_a_fan_outs_sub_tasks_are_undone_together_then_the_steps_before() -> None:
+    plan = parse_plan({"start_step": "reserve", "steps": {
+        "reserve": {"action": "work", "compensate": undo("reserve"), "next_step": "fan"},
+        "fan": {"action": "fan_out", "next_step": "ship", "sub_tasks": [
+            {"step_name": f"b{i}", "action": "work", "compensate": undo(f"b{i}")}
+            for i in range(3)]},
+        "ship": {"action": "work", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan), plan, "reserve")
+    for i in (2, 0, 1):
+        d = co.decide(d.state, plan, co.SubtasksSucceeded("fan", {f"b{i}": i}, {f"b{i}": 1}))
+    d = co.decide(d.state, plan, co.StepFailed("ship", "boom", 1))
+    (group,) = of(d, co.RunFanOut)  # in parallel: one Celery group
+    assert group.step == "fan/compensate"
+    assert sorted(t.step for t in group.subtasks) == [f"b{i}/compensate" for i in range(3)]
+    assert all(t.parent_step is None for t in group.subtasks)
+    d = ok(d, plan, "b1/compensate", "b0/compensate")
+    assert sent(d) == []  # the batch has not settled
+    d = ok(d, plan, "b2/compensate")
+    assert sent(d) == ["reserve/compensate"]
+    assert ok(d, plan, "reserve/compensate").state.status is Status.COMPENSATED
+
+
+def test_a_sub_task_that_fails_undoes_the_siblings_that_completed() -> None:
+    plan = parse_plan({"start_step": "fan", "steps": {
+        "fan": {"action": "fan_out", "next_step": "done", "sub_tasks": [
+            {"step_name": f"b{i}", "action": "work", "compensate": undo(f"b{i}")}
+            for i in range(3)]},
+        "done": {"action": "complete_workflow"}}})
+    d = start(plan)
+    # b0's success is recorded in its own row only; the store hands it over, read
+    # under lock, with the failure of b1 (b2 still runs: it is abandoned)
+    d = co.decide(d.state, plan, co.StepFailed("b1", "boom", 1), settled={"b0": (1, "x")})
+    assert d.state.status is Status.COMPENSATING
+    assert sent(d) == ["b0/compensate"]
+    finished = {(c.step, c.status) for c in of(d, co.FinishStep)}
+    assert ("b2", StepStatus.CANCELLED) in finished and ("fan", StepStatus.FAILED) in finished
+    assert ok(d, plan, "b0/compensate").state.status is Status.COMPENSATED
+
+
+def test_a_rejected_review_undoes_the_steps_before_it() -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "work", "compensate": undo("a"), "next_step": "b"},
+        "b": {"action": "work", "compensate": undo("b"), "next_step": "review"},
+        "review": {"action": "pause_for_human_input", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan), plan, "a", "b")
+    assert d.state.status is Status.PAUSED_FOR_HUMAN_INPUT
+    d = co.decide(d.state, plan, co.Resume(False, "no"))
+    assert sent(d) == ["b/compensate"]
+    d = ok(ok(d, plan, "b/compensate"), plan, "a/compensate")
+    assert d.state.status is Status.COMPENSATED
+    assert d.state.error == co.REJECTED_ERROR
+
+
+def test_on_failure_goes_on_at_the_handler_which_sees_the_error() -> None:
+    plan = parse_plan({"start_step": "reserve", "steps": {
+        "reserve": {"action": "work", "compensate": undo("reserve"), "next_step": "charge"},
+        "charge": {"action": "work", "compensate": undo("charge"), "next_step": "ship"},
+        "ship": {"action": "work", "on_failure": "notify", "next_step": "done",
+                 "retry": {"max_attempts": 2, "initial_interval": 0.1}},
+        "notify": {"action": "work", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan), plan, "reserve", "charge")
+    d = co.decide(d.state, plan, co.StepFailed("ship", "no courier", 1))
+    assert sent(d) == ["ship"]  # a retry first
+    d = co.decide(d.state, plan, co.StepFailed("ship", "no courier", 2))
+    assert sent(d) == ["notify"] and d.state.status is Status.RUNNING
+    error = d.state.step_data()["error"]
+    assert error == {"step": "ship", "message": "step 'ship' failed after 2 attempts: "
+                                                "no courier", "attempts": 2}
+    d = ok(d, plan, "notify")
+    assert d.state.status is Status.COMPLETED
+    assert d.state.final_result["error"]["step"] == "ship"
+
+
+def test_a_failing_on_failure_path_compensates_everything_completed() -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "work", "compensate": undo("a"), "next_step": "b"},
+        "b": {"action": "work", "on_failure": "h", "next_step": "done"},
+        "h": {"action": "work", "compensate": undo("h"), "next_step": "h2"},
+        "h2": {"action": "work", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan), plan, "a")
+    d = co.decide(d.state, plan, co.StepFailed("b", "x", 1))
+    d = ok(d, plan, "h")
+    d = co.decide(d.state, plan, co.StepFailed("h2", "y", 1))
+    assert sent(d) == ["h/compensate"]
+    d = ok(d, plan, "h/compensate")
+    assert sent(d) == ["a/compensate"]
+
+
+def test_a_compensation_is_retried_then_fails_with_both_errors_and_a_retry_resumes_it() -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "work", "compensate": undo("a"), "next_step": "b"},
+        "b": {"action": "work", "next_step": "c",
+              "compensate": undo("b", retry={"max_attempts": 2, "initial_interval": 0.5})},
+        "c": {"action": "work", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan, fuel=3), plan, "a", "b")
+    d = co.decide(d.state, plan, co.StepFailed("c", "boom", 1))
+    d = co.decide(d.state, plan, co.StepFailed("b/compensate", "undo broke", 1))
+    assert sent(d) == ["b/compensate"]  # its own policy: 2 attempts
+    d = co.decide(d.state, plan, co.StepFailed("b/compensate", "undo broke", 2))
+    assert d.state.status is Status.FAILED
+    assert d.state.error == ("step 'c' failed: boom; then the compensation of 'b' failed "
+                             "after 2 attempts: undo broke")
+    assert events(d) == ["WORKFLOW_FAILED"]
+    r = co.decide(d.state, plan, co.Retry())
+    assert r.state.status is Status.COMPENSATING and sent(r) == ["b/compensate"]
+    assert of(r, co.RunStep)[0].attempt == 3
+    r = ok(r, plan, "b/compensate", attempt=3)
+    r = ok(r, plan, "a/compensate")
+    assert r.state.status is Status.COMPENSATED and r.state.error == "step 'c' failed: boom"
+    # compensations are priced, and run past the budget (3): undo must happen
+    assert r.state.fuel_spent == 3 + 4 and r.state.fuel_remaining < 0
+
+
+def test_cancel_with_compensation_undoes_then_ends_cancelled() -> None:
+    plan = booking()
+    d = ok(start(plan), plan, "reserve", "charge")
+    running = of(d, co.RunStep)[0].request_id
+    c = co.decide(d.state, plan, co.Cancel("changed my mind", compensate=True))
+    assert of(c, co.Revoke) == [co.Revoke((running,))]
+    assert c.state.status is Status.COMPENSATING and sent(c) == ["charge/compensate"]
+    with pytest.raises(InvalidTransition, match="COMPENSATING"):
+        co.decide(c.state, plan, co.Cancel())
+    c = ok(ok(c, plan, "charge/compensate"), plan, "reserve/compensate")
+    assert c.state.status is Status.CANCELLED
+    assert c.state.error == "Workflow cancelled: changed my mind"
+    assert events(c) == ["WORKFLOW_CANCELLED"]
+    plain = co.decide(d.state, plan, co.Cancel())
+    assert plain.state.status is Status.CANCELLED and sent(plain) == []
+
+
+def test_an_agents_compensation_goes_out_as_a_request_and_its_answer_completes_it() -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "work", "next_step": "b",
+              "compensate": {"action": "release", "topic": "agents.release"}},
+        "b": {"action": "work", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan), plan, "a")
+    d = co.decide(d.state, plan, co.StepFailed("b", "boom", 1))
+    (req,) = of(d, co.SendRequest)
+    assert req.topic == "agents.release" and req.payload["data"]["output"] == {"did": "a"}
+    d = co.decide(d.state, plan, co.ResponseReceived(req.request_id, True, {"ok": 1}))
+    assert d.state.status is Status.COMPENSATED
+
+
+def test_every_saga_event_gets_its_own_outbox_key() -> None:
+    plan = booking()
+    d = ok(start(plan), plan, "reserve")
+    d = co.decide(d.state, plan, co.StepFailed("charge", "boom", 1))
+    keys = [e.dedup_key for e in of(d, co.Emit)]
+    d = co.decide(d.state, plan, co.StepFailed("reserve/compensate", "x", 1))
+    for attempt in range(2, 6):
+        d = co.decide(d.state, plan, co.StepFailed("reserve/compensate", "x", attempt))
+    assert d.state.status is Status.FAILED
+    keys += [e.dedup_key for e in of(d, co.Emit)]
+    d.state.version = 7  # (the store counts versions up; a retry comes later)
+    d = co.decide(d.state, plan, co.Retry())
+    keys += [e.dedup_key for e in of(d, co.Emit)]
+    d = ok(d, plan, "reserve/compensate", attempt=6)
+    keys += [e.dedup_key for e in of(d, co.Emit)]
+    assert len(keys) == len(set(keys)) == 4
+
+
+# ----------------------------------------------------------------- property-based
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from chassis.state import compensated_step, request_id_for  # noqa: E402
+
+
+@st.composite
+def sagas(draw: st.DrawFn) -> Plan:
+    """Random plans of Celery steps, agents' steps and fan-outs, some of them (and some
+    sub-tasks) with a compensation of one or two attempts, Celery's or an agent's."""
+    def compensate() -> dict[str, Any] | None:
+        if draw(st.integers(0, 2)) == 0:
+            return None
+        c: dict[str, Any] = {"action": "undo", "retry": {
+            "max_attempts": draw(st.integers(1, 2)), "initial_interval": 0.1}}
+        if draw(st.booleans()):
+            c["topic"] = "agents.undo"
+        return c
+
+    n = draw(st.integers(1, 5))
+    steps: dict[str, Any] = {}
+    for i in range(n):
+        kind = draw(st.sampled_from(["celery", "agent", "fan_out"]))
+        step: dict[str, Any] = {"action": "work", "next_step": f"s{i + 1}" if i + 1 < n
+                                else "end",
+                                "retry": {"max_attempts": draw(st.integers(1, 2)),
+                                          "initial_interval": 0.1}}
+        if kind == "agent":
+            step["topic"] = f"agents.s{i}"
+        if kind == "fan_out":
+            step["action"] = "fan_out"
+            step["sub_tasks"] = []
+            for j in range(draw(st.integers(1, 3))):
+                sub: dict[str, Any] = {"step_name": f"s{i}_{j}", "action": "work"}
+                if draw(st.booleans()):
+                    sub["topic"] = f"agents.s{i}_{j}"
+                if (c := compensate()) is not None:
+                    sub["compensate"] = c
+                step["sub_tasks"].append(sub)
+        elif (c := compensate()) is not None:
+            step["compensate"] = c
+        steps[f"s{i}"] = step
+    steps["end"] = {"action": "complete_workflow"}
+    return parse_plan({"start_step": "s0", "steps": steps})
+
+
+def _in_flight(s: WorkflowState) -> list[tuple[str, int, bool]]:
+    return sorted((name, a, bool(sched)) for name, (a, _b, sched) in s.attempts.items()
+                  if request_id_for(CID, name, a) in s.awaited_steps)
+
+
+def _report(plan: Plan, name: str, attempt: int, good: bool) -> co.Event:
+    topic = plan.work(name)[1]
+    if topic:
+        return co.ResponseReceived(request_id_for(CID, name, attempt), good,
+                                   {"n": attempt} if good else None,
+                                   None if good else "broke", None if good else "Broke")
+    owned = plan.subtask(name)
+    if good and owned:
+        return co.SubtasksSucceeded(owned[0], {name: {"n": attempt}}, {name: attempt})
+    if good:
+        return co.StepSucceeded(name, {"n": attempt}, attempt)
+    return co.StepFailed(name, "broke", attempt, ("Broke", "Exception"))
+
+
+def _batch(plan: Plan, name: str) -> str:
+    owned = plan.subtask(name)
+    return owned[0] if owned else name
+
+
+def _batches(plan: Plan, names: list[str]) -> list[set[str]]:
+    out: list[set[str]] = []
+    keys: list[str] = []
+    for name in names:
+        key = _batch(plan, name)
+        if keys and keys[-1] == key:
+            out[-1].add(name)
+        else:
+            keys.append(key)
+            out.append({name})
+    return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=sagas(), data=st.data())
+def test_every_completed_step_is_undone_once_in_reverse_order(plan: Plan,
+                                                              data: st.DataObject) -> None:
+    s = WorkflowState(correlation_id=CID, client_id="acme", status=Status.RUNNING,
+                      current_step="s0", fuel_budget=data.draw(st.integers(8, 80)))
+    d = co.decide(s, plan, co.Start())
+    spent = sum(c.amount for c in of(d, co.Debit))
+    completed: list[str] = []  # steps and sub-tasks whose success was taken, in order
+    undone: list[str] = []  # compensations whose success was taken, in order
+    retries = 0
+    for _ in range(200):
+        s = d.state
+        flying = _in_flight(s)
+        if s.status is Status.FAILED and s.undo and retries < 2 and data.draw(st.booleans()):
+            retries += 1
+            d = co.decide(s, plan, co.Retry())
+        elif not flying:
+            break
+        elif (s.status in (Status.RUNNING, Status.AWAITING_RESPONSES)
+              and data.draw(st.integers(0, 59)) == 0):
+            d = co.decide(s, plan, co.Cancel(compensate=True))
+        else:
+            name, attempt, scheduled = data.draw(st.sampled_from(flying))
+            if scheduled:
+                d = co.decide(s, plan, co.RetryDue(name, attempt))
+            else:
+                odds = 3 if compensated_step(name) else 7  # failing 1 in odds + 1
+                good = data.draw(st.integers(0, odds)) > 0
+                d = co.decide(s, plan, _report(plan, name, attempt, good))
+                if good and d.changed:
+                    (undone if compensated_step(name) else completed).append(name)
+        spent += sum(c.amount for c in of(d, co.Debit))
+    s = d.state
+    assert s.status.finished or s.status is Status.PAUSED_FOR_HUMAN_INPUT, s.status
+    assert spent == s.fuel_spent  # every debit is a ledger row
+    compensable = [n for n in completed if plan.compensation(n) is not None]
+    event(f"{s.status.value} {bool(s.cause)} undone={min(len(undone), 3)}")
+    ran = [compensated_step(n) for n in undone]
+    assert len(ran) == len(set(ran)), "a compensation was taken twice"
+    assert set(ran) <= set(compensable), "a step that did not complete was undone"
+    if s.status is Status.COMPLETED:
+        assert ran == []
+    if s.status is Status.COMPENSATED or (s.status is Status.CANCELLED and s.cause):
+        assert sorted(ran) == sorted(compensable)  # every one, exactly once
+        assert _batches(plan, ran) == list(reversed(_batches(plan, compensable)))
+        assert s.error == s.cause
+    if s.status is Status.FAILED and s.undo:
+        # what ran so far is a prefix of the reverse order; the rest is still to do
+        left = [n for b in s.undo for n in b]
+        assert sorted(ran + left) == sorted(compensable)
