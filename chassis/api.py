@@ -249,15 +249,20 @@ class Client:
         answer = max(pauses, key=lambda r: r["id"])["output"].get("approved")
         return answer if isinstance(answer, bool) else None
 
-    def cancel(self, correlation_id: str, reason: str | None = None) -> dict[str, Any]:
+    def cancel(self, correlation_id: str, reason: str | None = None,
+               compensate: bool = False) -> dict[str, Any]:
         """Cancel a workflow that has not finished: in-flight attempts are revoked
         (terminated on the prefork pool), late results ignored, status CANCELLED, a
-        WORKFLOW_CANCELLED event in the outbox. Cancelling a finished workflow raises
-        InvalidTransition and changes nothing. Returns the status after the decision."""
+        WORKFLOW_CANCELLED event in the outbox. With ``compensate``, its completed steps
+        that have a ``compensate`` are undone first (COMPENSATING, then CANCELLED).
+        Cancelling a finished (or compensating) workflow raises InvalidTransition and
+        changes nothing. Returns the status after the decision."""
         cid = _correlation_id(correlation_id)
         if reason is not None:
             reason = check_text(reason, "reason")
-        self.engine.cancel(cid, reason or None, self.client_id)
+        if not isinstance(compensate, bool):
+            raise InputError(f"compensate must be true or false, got {compensate!r}"[:80])
+        self.engine.cancel(cid, reason or None, self.client_id, compensate)
         return self.status(cid)
 
     def retry(self, correlation_id: str) -> dict[str, Any]:
@@ -331,9 +336,10 @@ def resume_workflow(correlation_id: str, approved: bool, feedback: Any = None) -
     return _client().resume(correlation_id, approved, feedback)
 
 
-def cancel_workflow(correlation_id: str, reason: str | None = None) -> dict[str, Any]:
+def cancel_workflow(correlation_id: str, reason: str | None = None,
+                    compensate: bool = False) -> dict[str, Any]:
     """Cancel a workflow (see :meth:`Client.cancel`)."""
-    return _client().cancel(correlation_id, reason)
+    return _client().cancel(correlation_id, reason, compensate)
 
 
 def retry_workflow(correlation_id: str) -> dict[str, Any]:

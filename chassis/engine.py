@@ -137,7 +137,9 @@ class Engine:
               state: WorkflowState | None = None) -> co.Decision:
         """Apply one event durably, then send what it calls for."""
         decision = self._db(
-            lambda: self.store.transition(cid, lambda s, p: co.decide(s, p, event), state),
+            lambda: self.store.transition(
+                cid, lambda s, p, settled=None: co.decide(s, p, event, settled), state,
+                fan_out=_fan_out_for(event)),
             f"recording {type(event).__name__}", cid)
         if decision.changed:
             self.dispatch(decision)
@@ -149,7 +151,9 @@ class Engine:
         before is not failed after it)."""
         cid = row.correlation_id
         decision = self._db(lambda: self.store.transition_if(
-            cid, row.step, row.attempt, statuses, lambda s, p: co.decide(s, p, event)),
+            cid, row.step, row.attempt, statuses,
+            lambda s, p, settled=None: co.decide(s, p, event, settled),
+            fan_out=_fan_out_for(event)),
             f"recording {type(event).__name__}", cid)
         if decision.changed:
             self.dispatch(decision)
@@ -205,11 +209,11 @@ class Engine:
         having changed nothing."""
         return self.apply(cid, co.Resume(approved, feedback, client_id))
 
-    def cancel(self, cid: str, reason: str | None = None,
-               client_id: str | None = None) -> co.Decision:
+    def cancel(self, cid: str, reason: str | None = None, client_id: str | None = None,
+               compensate: bool = False) -> co.Decision:
         """``client_id`` cancels a workflow that has not finished (InvalidTransition
-        otherwise)."""
-        return self.apply(cid, co.Cancel(reason, client_id))
+        otherwise); with ``compensate``, its completed steps are undone first."""
+        return self.apply(cid, co.Cancel(reason, client_id, compensate))
 
     def retry(self, cid: str, client_id: str | None = None) -> co.Decision:
         """``client_id`` retries a FAILED workflow from its failed step (InvalidTransition
@@ -242,8 +246,7 @@ class Engine:
         makes a duplicate harmless)."""
         state = self.store.get(row.correlation_id)
         plan = self.store.get_plan(row.correlation_id)
-        owned = plan.subtask(row.step)
-        params = owned[1].params if owned else plan.steps[row.step].params
+        params = plan.work(row.step)[2]
         self._send(state, co.RunStep(row.step, row.action, dict(params), row.request_id or "",
                                      row.parent_step, row.attempt, plan.timeout(row.step)))
 
@@ -256,7 +259,8 @@ class Engine:
 
     def _group(self, s: WorkflowState, c: co.RunFanOut) -> None:
         sigs = [self.app.signature(
-            subtask_task_for(t.action), args=[message(s, t)],
+            subtask_task_for(t.action) if t.parent_step else step_task_for(t.action),
+            args=[message(s, t)],
             options={"task_id": t.request_id, "ignore_result": True,
                      "time_limit": self._hard_limit(t), "argsrepr": _repr(s, t),
                      "kwargsrepr": "{}"}) for t in c.subtasks]
@@ -315,6 +319,15 @@ class Engine:
                 service="database", recorded=False, correlation_id=cid) from None
 
 
+def _fan_out_for(event: co.Event) -> Callable[[WorkflowState, Plan], str | None] | None:
+    """Events that may end a fan-out under way read its sub-tasks' successes under lock
+    (so that each completed one is known, and undone should the workflow fail); a
+    fan-in has just read them."""
+    if isinstance(event, co.SubtasksSucceeded | co.Start):
+        return None
+    return co.open_fan_out
+
+
 def _repr(s: WorkflowState, c: co.RunStep) -> str:
     """What Flower and the logs show for a step task (Celery would repr the whole payload,
     collected data included, on every send)."""
@@ -324,5 +337,5 @@ def _repr(s: WorkflowState, c: co.RunStep) -> str:
 def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:
     """The task payload of one attempt: what it runs and the data it sees."""
     return {"cid": s.correlation_id, "step": c.step, "action": c.action, "params": c.params,
-            "data": s.step_data(), "parent": c.parent_step, "attempt": c.attempt,
+            "data": s.step_data(c.step), "parent": c.parent_step, "attempt": c.attempt,
             "timeout": c.timeout}

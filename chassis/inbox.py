@@ -53,11 +53,13 @@ def resume(engine: Engine, correlation_id: Any, approved: Any, feedback: Any = N
 
 
 def cancel(engine: Engine, correlation_id: Any, reason: Any = None,
-           client_id: Any = None) -> None:
+           client_id: Any = None, compensate: Any = False) -> None:
     cid, actor = _cid(correlation_id), _client(client_id)
     text = None if reason is None else check_text(reason, "reason") or None
+    if not isinstance(compensate, bool):
+        raise InputError("compensate must be true or false")
     try:
-        engine.cancel(cid, text, actor)
+        engine.cancel(cid, text, actor, compensate)
     except InvalidTransition as exc:
         _ignored("cancel", cid, exc)
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from chassis.plan import PAUSE, Plan
-from chassis.state import Status, WorkflowState
+from chassis.state import Status, WorkflowState, compensated_step
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -32,7 +32,8 @@ def _step_docs(rows: list[dict[str, Any]], plan: Plan | None) -> list[dict[str, 
         last = attempts[-1]
         errors = [r["error"] for r in attempts if r["error"] and r["status"] == "FAILED"]
         docs.append({
-            "name": name, "action": last["action"], "status": last["status"],
+            "name": name, "compensates": compensated_step(name),
+            "action": last["action"], "status": last["status"],
             "attempts": last["attempt"],
             "max_attempts": plan.policy(name).max_attempts if plan else None,
             "parent_step": last["parent_step"],
@@ -62,6 +63,9 @@ def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
         what = {"SCHEDULED": f"retry due at {d['due_at']}", "DISPATCHED": "queued",
                 "RUNNING": f"running since {d['started_at']}",
                 "AWAITING": "waiting for the agent's answer"}.get(d["status"], d["status"])
+        if d["compensates"]:
+            return (f"compensation of '{d['compensates']}', attempt {d['attempts']}{of}: "
+                    f"{what}")
         return f"step '{d['name']}', attempt {d['attempts']}{of}: {what}"
     if s.current_step:
         return f"dependencies of step '{s.current_step}'"
@@ -75,7 +79,9 @@ def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
     step or sub-task (its latest attempt, ``attempts`` the attempt number, ``error`` the
     last error) with its ``history`` of attempts; ``waiting_for`` says where it waits
     (None in lists, which read no attempts); ``undelivered`` lists its outgoing messages
-    Kafka refused for good."""
+    Kafka refused for good; ``compensation`` (when the workflow was undone, or is
+    being undone) the error that started it, the status it ends with and the
+    compensations still to run, in batches."""
     step_docs = _step_docs(steps or [], plan)
     return {
         "correlation_id": s.correlation_id, "client_id": s.client_id,
@@ -91,6 +97,9 @@ def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
         "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at),
         "version": s.version,
         "undelivered": [{**m, "failed_at": _iso(m["failed_at"])} for m in refused or []],
+        "compensation": None if s.cause is None else {
+            "cause": s.cause, "ends": s.then, "pending": s.undo,
+            "failed": s.undo_failed},
     }
 
 

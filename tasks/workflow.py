@@ -69,10 +69,12 @@ def ai_subtask(self: Task, payload: dict[str, Any]) -> None:
 
 
 @app.task(name=CANCEL_TASK, **_REFUSABLE)
-def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None) -> None:
-    """``client_id`` cancels a workflow (sent by other apps and the Kafka bridge).
+def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None,
+           compensate: bool = False) -> None:
+    """``client_id`` cancels a workflow (sent by other apps and the Kafka bridge); with
+    ``compensate``, its completed steps are undone first (COMPENSATING, then CANCELLED).
     Cancelling one that has already finished changes nothing and is not an error here."""
-    inbox.cancel(engine(app), correlation_id, reason, client_id)
+    inbox.cancel(engine(app), correlation_id, reason, client_id, compensate)
 
 
 @app.task(name=RETRY_TASK, **_REFUSABLE)

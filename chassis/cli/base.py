@@ -65,8 +65,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     With no CHASSIS_* variables set, everything runs embedded (SQLite and a file-system
     broker under ./.chassis). Try `chassis demo`.
 
-    Exit codes: 0 done; 1 refused for the workflow's state, or the workflow FAILED;
-    2 bad input, nothing written; 3 a service unreachable or not set up (the line
-    says whether the request was recorded); 4 --wait --timeout ran out.
+    Exit codes: 0 done; 1 refused for the workflow's state, or the workflow FAILED (or
+    COMPENSATED); 2 bad input, nothing written; 3 a service unreachable or not set up
+    (the line says whether the request was recorded); 4 --wait --timeout ran out.
     """
     ctx.meta["chassis.debug"] = debug

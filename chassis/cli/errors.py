@@ -5,7 +5,8 @@ Exit codes (the same for every command):
 = ======================================================================================
 0 done
 1 refused for the workflow's state (unknown workflow, not paused, already finished, not
-  failed), or the workflow is FAILED when the command ends; anything unexpected
+  failed), or the workflow is FAILED or COMPENSATED when the command ends; anything
+  unexpected
 2 bad input (a plan, an option, a variable of the environment): nothing written
 3 a service is unreachable or not set up (the database, the broker; a database that is
   not migrated); the line says whether the request was recorded

@@ -13,7 +13,8 @@ from rich.table import Table
 
 _STYLE = {"COMPLETED": "green", "FAILED": "red", "PAUSED_FOR_HUMAN_INPUT": "yellow",
           "RUNNING": "cyan", "AWAITING_RESPONSES": "cyan", "AWAITING": "cyan",
-          "DISPATCHED": "dim", "SCHEDULED": "yellow", "CANCELLED": "magenta"}
+          "DISPATCHED": "dim", "SCHEDULED": "yellow", "CANCELLED": "magenta",
+          "COMPENSATING": "yellow", "COMPENSATED": "magenta"}
 
 
 def console(err: bool = False) -> Console:
@@ -80,6 +81,8 @@ def print_status(doc: dict[str, Any]) -> None:
             t.add_column(col)
         for s in doc["steps"]:
             name = f"  {s['name']}" if s["parent_step"] else s["name"]
+            if s.get("compensates"):
+                name = f"undo {s['compensates']}"
             tries = str(s["attempts"]) + (f"/{s['max_attempts']}"
                                           if (s.get("max_attempts") or 1) > 1 else "")
             t.add_row(name, s["action"], _styled(s["status"]), tries,
@@ -131,9 +134,10 @@ class ProgressPrinter:
             if self.seen.get(s["name"]) != seen:
                 self.seen[s["name"]] = seen
                 indent = "    " if s["parent_step"] else "  "
+                label = f"undo {s['compensates']}" if s.get("compensates") else s["name"]
                 extra = f" ({escape(s['error'])})" if s["error"] else ""
                 attempt = f" attempt {s['attempts']}" if s["attempts"] > 1 else ""
-                self.out.print(f"{indent}{s['name']:<24} {s['action']:<32} "
+                self.out.print(f"{indent}{label:<24} {s['action']:<32} "
                                f"{_styled(s['status'])}{attempt}{extra}")
         if doc["status"] != self.status:
             self.status = doc["status"]

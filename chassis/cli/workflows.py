@@ -140,7 +140,7 @@ def _wait(client: Client, cid: str, timeout: float | None, as_json: bool,
 
 
 def _exit_code(doc: dict[str, Any]) -> int:
-    return 1 if doc["status"] == Status.FAILED else 0
+    return 1 if doc["status"] in (Status.FAILED, Status.COMPENSATED) else 0
 
 
 @main.command()
@@ -152,7 +152,8 @@ def _exit_code(doc: dict[str, Any]) -> int:
               help="Fuel budget: a positive integer.")
 @click.option("--correlation-id", help="Workflow id (UUID); starting an existing one is a no-op.")
 @click.option("--wait", is_flag=True,
-              help="Wait until COMPLETED, FAILED or PAUSED_FOR_HUMAN_INPUT; exit 1 if FAILED.")
+              help="Wait until COMPLETED, FAILED, COMPENSATED or PAUSED_FOR_HUMAN_INPUT; exit 1 "
+                   "if FAILED or COMPENSATED.")
 @click.option("--timeout", type=float, default=None, callback=_seconds,
               help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -256,16 +257,22 @@ def resume(correlation_id: str, client_id: str, decision: str | None, feedback: 
 @click.argument("correlation_id")
 @client_option
 @click.option("--reason", metavar="TEXT", help="Why (kept with the workflow and the event).")
+@click.option("--compensate", is_flag=True,
+              help="Undo the completed steps that have a compensate first (COMPENSATING, "
+                   "then CANCELLED).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cancel(correlation_id: str, client_id: str, reason: str | None, as_json: bool) -> None:
+def cancel(correlation_id: str, client_id: str, reason: str | None, compensate: bool,
+           as_json: bool) -> None:
     """Cancel a workflow that has not finished: in-flight steps are revoked (terminated
     on the prefork pool), late results ignored, status CANCELLED, and a
-    WORKFLOW_CANCELLED event is written to the outbox.
+    WORKFLOW_CANCELLED event is written to the outbox. With --compensate, the completed
+    steps that have a compensate are undone first, last completed first.
 
-    Cancelling an unknown or finished workflow is an error that changes nothing.
+    Cancelling an unknown, finished or compensating workflow is an error that changes
+    nothing.
     """
     def go() -> int:
-        doc = _client(client_id).cancel(correlation_id, reason)
+        doc = _client(client_id).cancel(correlation_id, reason, compensate)
         print_json(doc) if as_json else print_status(doc)
         return 0
 

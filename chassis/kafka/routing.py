@@ -10,7 +10,7 @@ topic                              task                 value / headers
 =================================  ===================  ===============================
 system.commands.workflow.resume    chassis.resume       {approved, feedback};
                                                         correlation_id, client_id
-system.commands.workflow.cancel    chassis.cancel       {reason} or empty;
+system.commands.workflow.cancel    chassis.cancel       {reason, compensate} or empty;
                                                         correlation_id, client_id
 system.agent.<plan>.process        chassis.start        initial request data; correlation_id
                                                         (or request_id), client_id,
@@ -277,7 +277,8 @@ def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
 
 
 def parse_cancel(msg: Incoming, d: Directory) -> TaskCall:
-    """Cancel a workflow: an empty value or {reason}; only the owning client may."""
+    """Cancel a workflow: an empty value or {reason, compensate}; only the owning client
+    may. With compensate true, its completed steps are undone first."""
     doc = _json(msg, "the cancel command")
     if doc is None:
         doc = {}
@@ -285,10 +286,14 @@ def parse_cancel(msg: Incoming, d: Directory) -> TaskCall:
         raise Rejected(BAD_PAYLOAD, "the cancel command must be empty or a JSON object "
                                     "{\"reason\": \"...\"}")
     reason = _text(doc, "reason", "reason")
+    compensate = doc.get("compensate", False)
+    if not isinstance(compensate, bool):
+        raise Rejected(BAD_PAYLOAD, "compensate must be true or false")
     cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
     _owned(d, cid, client_id)
-    return TaskCall(CANCEL_TASK, [cid, reason or None, client_id], correlation_id=cid)
+    return TaskCall(CANCEL_TASK, [cid, reason or None, client_id, compensate],
+                    correlation_id=cid)
 
 
 def parse_response(msg: Incoming, d: Directory) -> TaskCall:

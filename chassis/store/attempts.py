@@ -21,7 +21,7 @@ from chassis.store.tables import orchestrator_state, step_runs
 r = step_runs.c
 o = orchestrator_state.c
 
-ACTIVE = (Status.RUNNING.value, Status.AWAITING_RESPONSES.value)
+ACTIVE = (Status.RUNNING.value, Status.AWAITING_RESPONSES.value, Status.COMPENSATING.value)
 FINAL = (StepStatus.COMPLETED.value, StepStatus.FAILED.value, StepStatus.CANCELLED.value)
 
 

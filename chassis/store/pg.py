@@ -20,12 +20,12 @@ _STATE = """s AS (
   UPDATE orchestrator_state SET status = %(status)s, current_step = %(current_step)s,
     awaited_steps = %(awaited_steps)s, collected_data = %(collected_data)s,
     final_result = %(final_result)s, error = %(error)s, fuel_spent = %(fuel_spent)s,
-    attempts = %(attempts)s, version = %(version)s, updated_at = %(updated_at)s
+    attempts = %(attempts)s, saga = %(saga)s, version = %(version)s, updated_at = %(updated_at)s
   WHERE correlation_id = %(cid)s AND version = %(b_version)s
   RETURNING correlation_id)"""
 
 _JSON_COLUMNS = ("awaited_steps", "collected_data", "initial_request_data", "final_result",
-                 "plan", "attempts")
+                 "plan", "attempts", "saga")
 _NEW = """s AS (
   INSERT INTO orchestrator_state ({columns}) VALUES ({values})
   ON CONFLICT (correlation_id) DO NOTHING

@@ -27,6 +27,11 @@ from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_r
 log = logging.getLogger(__name__)
 
 _STATE_COLS = [c for c in orchestrator_state.c if c.name != "plan"]
+#: ``decide(state, plan[, settled])``: the coordinator's decision (settled: a fan-out's
+#: sub-tasks that recorded their success, read under lock; see ``transition``).
+Decide = Callable[..., cmd.Decision]
+#: The fan-out under way whose sub-tasks a transition must read under lock, if any.
+FanOut = Callable[[WorkflowState, Plan], str | None]
 _MAX_RETRIES = 20
 
 
@@ -76,7 +81,7 @@ class _PlanCache:
 
 def _row_to_state(row: Any) -> WorkflowState:
     m = row._mapping
-    return WorkflowState(
+    state = WorkflowState(
         correlation_id=str(m["correlation_id"]), client_id=m["client_id"],
         status=Status(m["status"]), current_step=m["current_step"],
         fuel_budget=m["fuel_budget"], awaited_steps=list(m["awaited_steps"] or []),
@@ -85,13 +90,15 @@ def _row_to_state(row: Any) -> WorkflowState:
         error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
         request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
         updated_at=m["updated_at"], attempts=dict(m["attempts"] or {}), nonce=m["nonce"])
+    state.load_saga(m["saga"])
+    return state
 
 
 def _state_values(s: WorkflowState) -> dict[str, Any]:
     return {"status": s.status.value, "current_step": s.current_step,
             "awaited_steps": s.awaited_steps, "collected_data": s.collected_data,
             "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent,
-            "attempts": s.attempts}
+            "attempts": s.attempts, "saga": s.saga()}
 
 
 
@@ -122,6 +129,13 @@ _FINISH = (
     .values(status=sa.bindparam("status"), output=sa.bindparam("output"),
             error=sa.bindparam("error"), error_type=sa.bindparam("error_type"),
             finished_at=sa.bindparam("finished_at")))
+
+_LOCK_SUBTASKS = (step_runs.update()
+                  .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
+                         step_runs.c.parent_step == sa.bindparam("b_parent"))
+                  .values(status=step_runs.c.status)
+                  .returning(step_runs.c.step_name, step_runs.c.attempt, step_runs.c.status,
+                             step_runs.c.output))
 
 _CLAIMED = at.CLAIM.cte("claimed")
 _CLAIM_AND_READ = (sa.select(_CLAIMED.c.id, _CLAIMED.c.deliveries, *_STATE_COLS)
@@ -230,23 +244,24 @@ class SqlStore:
             return conn.execute(at.RENEW, {"b_ids": list(row_ids),
                                            "b_until": now() + timedelta(seconds=lease)}).rowcount
 
-    def transition(self, cid: str, decide: Callable[[WorkflowState, Plan], cmd.Decision],
-                   state: WorkflowState | None = None) -> cmd.Decision:
+    def transition(self, cid: str, decide: Decide, state: WorkflowState | None = None,
+                   fan_out: FanOut | None = None) -> cmd.Decision:
         """Read the workflow, decide, and write the outcome in one transaction; retried
         when another transition got there first. ``state``: a recent read to start from
-        (PostgreSQL; its version guards the write)."""
+        (PostgreSQL; its version guards the write).
+
+        ``fan_out(state, plan)`` names the fan-out whose sub-tasks are under way, if any:
+        then its sub-tasks' rows are locked and read in the transaction, and the ones
+        that recorded their success are handed to ``decide`` as its third argument (a
+        sub-task recording its success meanwhile waits for the commit, and finds its
+        attempt abandoned if the decision ended the fan-out)."""
         known = [state]
 
         def once() -> cmd.Decision:
             if self._claims is not None:
                 first, known[0] = known[0], None  # a retry reads afresh
-                return self._transition_pg(cid, decide, first)
-            with self.engine.begin() as conn:
-                current, plan = self._load(conn, cid)
-                decision = decide(current, plan)
-                if decision.changed:
-                    self._save(conn, decision, current.version)
-                return decision
+                return self._transition_pg(cid, decide, first, fan_out)
+            return self._transition_locked(cid, decide, fan_out)
 
         try:
             return self._retrying(cid, once)
@@ -257,7 +272,7 @@ class SqlStore:
                 correlation_id=cid) from None
 
     def transition_if(self, cid: str, step: str, attempt: int, statuses: Sequence[str],
-                      decide: Callable[[WorkflowState, Plan], cmd.Decision]) -> cmd.Decision:
+                      decide: Decide, fan_out: FanOut | None = None) -> cmd.Decision:
         """:meth:`transition`, applied only while attempt ``attempt`` of ``step`` is in
         one of ``statuses``; its row stays locked until the commit, so a worker's own
         record of that attempt (a sub-task's success) comes either before (and the
@@ -273,7 +288,11 @@ class SqlStore:
                 state, plan = self._load(conn, cid)
                 if not locked:
                     return cmd.Decision(state, changed=False)
-                decision = decide(state, plan)
+                fan = fan_out(state, plan) if fan_out is not None else None
+                if fan is None:
+                    decision = decide(state, plan)
+                else:
+                    decision = decide(state, plan, self._settled(conn, cid, fan))
                 if decision.changed:
                     self._save(conn, decision, state.version)
                 return decision
@@ -292,10 +311,35 @@ class SqlStore:
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
                          f"{_MAX_RETRIES} tries", correlation_id=cid)
 
-    def _transition_pg(self, cid: str, decide: Callable[[WorkflowState, Plan], cmd.Decision],
-                       known: WorkflowState | None) -> cmd.Decision:
+    def _transition_locked(self, cid: str, decide: Decide,
+                           fan_out: FanOut | None) -> cmd.Decision:
+        """A transition in one transaction (any database), reading a fan-out's sub-tasks
+        under lock when ``fan_out`` names one."""
+        with self.engine.begin() as conn:
+            current, plan = self._load(conn, cid)
+            fan = fan_out(current, plan) if fan_out is not None else None
+            if fan is None:
+                decision = decide(current, plan)
+            else:
+                decision = decide(current, plan, self._settled(conn, cid, fan))
+            if decision.changed:
+                self._save(conn, decision, current.version)
+            return decision
+
+    @staticmethod
+    def _settled(conn: sa.Connection, cid: str, fan: str) -> dict[str, tuple[int, Any]]:
+        """Lock fan-out ``fan``'s sub-task rows until the commit; those that recorded
+        their success: name → (attempt, output) of the latest such attempt."""
+        out: dict[str, tuple[int, Any]] = {}
+        for row in conn.execute(_LOCK_SUBTASKS, {"b_cid": cid, "b_parent": fan}):
+            if row.status == "COMPLETED" and row.attempt >= out.get(row.step_name, (0,))[0]:
+                out[row.step_name] = (row.attempt, row.output)
+        return out
+
+    def _transition_pg(self, cid: str, decide: Decide, known: WorkflowState | None,
+                       fan_out: FanOut | None) -> cmd.Decision:
         """Read (autocommit; skipped when the claim already read it), then every write
-        in one statement."""
+        in one statement (during a fan-out that ``fan_out`` names: the locking way)."""
         with self.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             plan = self._plans.get(cid) if known is not None else None
@@ -303,6 +347,8 @@ class SqlStore:
                 state = known
             else:
                 state, plan = self._load(conn, cid)
+            if fan_out is not None and fan_out(state, plan) is not None:
+                return self._transition_locked(cid, decide, fan_out)
             decision = decide(state, plan)
             if decision.changed:
                 s, ts = decision.state, now()

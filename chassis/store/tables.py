@@ -81,6 +81,8 @@ orchestrator_state = sa.Table(
     # and the secret mixed into request ids
     sa.Column("attempts", JSONType),
     sa.Column("nonce", sa.String(64)),
+    # 0004: the saga's progress (see WorkflowState.saga)
+    sa.Column("saga", JSONType),
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),

@@ -52,3 +52,24 @@ def flaky(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 def big(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """An output of params.size characters."""
     return {"blob": "x" * int(params["size"])}
+
+
+@action("record")
+def record(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Append params.name (and what it saw: output, error) to the list log:params.key,
+    sleep params.seconds, then fail if params.fail says so (true: always; a number:
+    the first that many runs of this name). A booking's steps and their undoing."""
+    import json
+
+    r = counter()
+    name = params["name"]
+    n = int(r.incr(f"runs:{params['key']}:{name}"))
+    r.rpush(f"log:{params['key']}", json.dumps(
+        {"name": name, "output": data.get("output"), "error": data.get("error"),
+         "at": time.time(), "saw": sorted(data)}))
+    if params.get("seconds"):
+        time.sleep(float(params["seconds"]))
+    fail = params.get("fail")
+    if fail is True or (isinstance(fail, int) and n <= fail):
+        raise RuntimeError(f"{name} failed (run {n})")
+    return {"did": name, "run": n}

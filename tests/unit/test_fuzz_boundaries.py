@@ -135,6 +135,11 @@ def forwarded_is_valid(call: TaskCall) -> None:
                 if payload[key] is not None:
                     check_name(payload[key], key)
             assert payload["fuel_budget"] is None or 1 <= payload["fuel_budget"] <= 2**31 - 1
+        elif call.task == "chassis.cancel":
+            _cid, reason, client_id, compensate = call.args
+            check_name(client_id, "client_id")
+            check_json(reason, "reason")
+            assert isinstance(compensate, bool)
         else:
             check_name(call.args[-1], "client_id")
             for value in call.args[1:-1]:

@@ -109,8 +109,11 @@ def test_cancel_is_only_for_the_owner_of_an_existing_workflow(router: Router) ->
     topic = "system.commands.workflow.cancel"
     owner = {"correlation_id": CID, "client_id": "acme"}
     call = router.call(topic, b'{"reason": "budget cut"}', owner)
-    assert (call.task, call.args) == ("chassis.cancel", [CID, "budget cut", "acme"])
-    assert router.call(topic, None, owner).args == [CID, None, "acme"]  # empty is fine
+    assert (call.task, call.args) == ("chassis.cancel", [CID, "budget cut", "acme", False])
+    assert router.call(topic, None, owner).args == [CID, None, "acme", False]  # empty is fine
+    undo = router.call(topic, b'{"compensate": true}', owner)
+    assert undo.args == [CID, None, "acme", True]
+    assert reason(router, topic, {"compensate": "yes"}, owner) == "bad_payload"
     assert reason(router, topic, {}, {**owner, "client_id": "eve"}) == "unknown_workflow"
     assert reason(router, topic, {}, {**owner, "correlation_id": str(uuid.uuid4())}) == \
         "unknown_workflow"
