@@ -140,7 +140,9 @@ def _wait(client: Client, cid: str, timeout: float | None, as_json: bool,
 
 
 def _exit_code(doc: dict[str, Any]) -> int:
-    return 1 if doc["status"] in (Status.FAILED, Status.COMPENSATED) else 0
+    """1 when the workflow failed (and is, or was, undone)."""
+    failed = (Status.FAILED, Status.COMPENSATING, Status.COMPENSATED)
+    return 1 if doc["status"] in failed else 0
 
 
 @main.command()

@@ -46,7 +46,8 @@ def problems(steps: dict[str, Any], start: str = "a") -> list[str]:
     return validate(plan_of(steps, start), BUILTINS)
 
 
-@pytest.mark.parametrize("name", ["blog_post.yaml", "research_assistant.yaml"])
+@pytest.mark.parametrize("name", ["blog_post.yaml", "research_assistant.yaml",
+                                  "booking_saga.yaml"])
 def test_examples_are_valid_with_the_builtins(name: str) -> None:
     assert validate(load_plan(EXAMPLES / name)) == []
     assert validate(load_plan(EXAMPLES / name), BUILTINS | AI_ACTIONS) == []
