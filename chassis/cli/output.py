@@ -70,6 +70,10 @@ def print_status(doc: dict[str, Any]) -> None:
                          f"({fuel['remaining']} remaining)")
     if doc["error"]:
         head.add_row("error", f"[red]{escape(doc['error'])}[/]")
+    undo = doc.get("compensation") or {}
+    if undo.get("pending"):
+        left = ", then ".join(" and ".join(batch) for batch in undo["pending"])
+        head.add_row("to undo", escape(left))
     for m in doc.get("undelivered") or []:
         head.add_row("undelivered", escape(f"{m['event_type'] or 'message'} to {m['topic']}: "
                                            f"{m['error']}"))

@@ -374,3 +374,44 @@ def test_bridge_killed_during_1000_starts_makes_exactly_1000(running: KafkaServi
     wait_until(lambda: committed(running, topic) - before >= n, timeout=60,
                message="offsets not committed")
     assert count_workflows(running, client_id) == n
+
+
+def test_an_agents_compensation_over_kafka_after_a_cancel_with_compensation(
+        running: KafkaServices) -> None:
+    """A step undone by an external agent: the cancel command asks for compensation,
+    the relay sends the agent its TaskRequest (with the step's output), its answer
+    completes the undo, and the workflow ends CANCELLED."""
+    c = client(running)
+    cid = str(uuid.uuid4())
+    undo, answers = "system.agent.release.requests", "system.responses.release"
+    create_topics(running.bootstrap, undo, answers)
+    plan = {"start_step": "reserve", "steps": {
+        "reserve": {"action": "echo", "params": {"seat": "12A"}, "next_step": "wait",
+                    "compensate": {"action": "release", "topic": undo,
+                                   "params": {"why": "cancelled"}}},
+        "wait": {"action": "pause_for_human_input", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    c.start(plan, {"q": 1}, client_id="acme", correlation_id=cid)
+    wait_until(lambda: c.status(cid)["status"] == "PAUSED_FOR_HUMAN_INPUT", timeout=60,
+               message="the workflow did not pause")
+    running.send(CANCEL_TOPIC, {"reason": "no longer wanted", "compensate": True},
+                 {"correlation_id": cid, "client_id": "acme"}, key=cid)
+    got = running.read(undo, lambda ms: any(
+        headers_of(m).get("correlation_id") == cid for m in ms))
+    request = next(m for m in got if headers_of(m).get("correlation_id") == cid)
+    body = json_of(request)
+    assert body["action"] == "release" and body["params"] == {"why": "cancelled"}
+    assert body["data"]["output"] == {"seat": "12A"}
+    assert body["data"]["error"]["message"] == "Workflow cancelled: no longer wanted"
+    assert c.status(cid)["status"] == "COMPENSATING"
+    running.send(answers, {"success": True, "data": {"released": "12A"}},
+                 {"correlation_id": cid, "causation_id": headers_of(request)["request_id"],
+                  "client_id": "acme"}, key=cid)
+    done = wait_until(lambda: (d := c.status(cid))["status"] == "CANCELLED" and d,
+                      timeout=60, message="the agent's answer did not end the undo")
+    undone = next(s for s in done["steps"] if s["name"] == "reserve/compensate")
+    assert (undone["status"], undone["compensates"]) == ("COMPLETED", "reserve")
+    notes = running.read(NOTIFICATION_TOPIC, events_for(cid, "WORKFLOW_CANCELLED"))
+    mine = [json_of(m)["event_type"] for m in notes if json_of(m).get("correlation_id") == cid]
+    assert mine == ["WORKFLOW_PAUSED_FOR_APPROVAL", "WORKFLOW_COMPENSATING",
+                    "WORKFLOW_CANCELLED"]
