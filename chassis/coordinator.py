@@ -658,8 +658,9 @@ def _compensated(d: Decision) -> None:
     s.error = s.cause
     if s.then == Status.CANCELLED.value:
         s.status = Status.CANCELLED
+        reason = (s.cause or "").removeprefix("Workflow cancelled").removeprefix(": ")
         d.commands.append(_event(s, "WORKFLOW_CANCELLED",
-                                 {"reason": s.cause, "compensated": True},
+                                 {"reason": reason or None, "compensated": True},
                                  f"{s.correlation_id}:WORKFLOW_CANCELLED"))
         return
     s.status = Status.COMPENSATED

@@ -288,14 +288,7 @@ class SqlStore:
                 state, plan = self._load(conn, cid)
                 if not locked:
                     return cmd.Decision(state, changed=False)
-                fan = fan_out(state, plan) if fan_out is not None else None
-                if fan is None:
-                    decision = decide(state, plan)
-                else:
-                    decision = decide(state, plan, self._settled(conn, cid, fan))
-                if decision.changed:
-                    self._save(conn, decision, state.version)
-                return decision
+                return self._decide_and_save(conn, state, plan, decide, fan_out)
 
         return self._retrying(cid, once)
 
@@ -317,14 +310,20 @@ class SqlStore:
         under lock when ``fan_out`` names one."""
         with self.engine.begin() as conn:
             current, plan = self._load(conn, cid)
-            fan = fan_out(current, plan) if fan_out is not None else None
-            if fan is None:
-                decision = decide(current, plan)
-            else:
-                decision = decide(current, plan, self._settled(conn, cid, fan))
-            if decision.changed:
-                self._save(conn, decision, current.version)
-            return decision
+            return self._decide_and_save(conn, current, plan, decide, fan_out)
+
+    def _decide_and_save(self, conn: sa.Connection, state: WorkflowState, plan: Plan,
+                         decide: Decide, fan_out: FanOut | None) -> cmd.Decision:
+        """Decide (with the fan-out's settled sub-tasks, read under lock, when
+        ``fan_out`` names one) and write the outcome in ``conn``'s transaction."""
+        fan = fan_out(state, plan) if fan_out is not None else None
+        if fan is None:
+            decision = decide(state, plan)
+        else:
+            decision = decide(state, plan, self._settled(conn, state.correlation_id, fan))
+        if decision.changed:
+            self._save(conn, decision, state.version)
+        return decision
 
     @staticmethod
     def _settled(conn: sa.Connection, cid: str, fan: str) -> dict[str, tuple[int, Any]]:

@@ -4,6 +4,8 @@ with beat's sweep finding the attempt whose lease expired (default settings)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,22 @@ from tests.integration.test_execution import ledger_sum, runs
 pytestmark = pytest.mark.timeout(180)
 
 
+def killed_and_restarted(services: Services, client: Client, plan: dict[str, Any],
+                         started: Callable[[], bool], status: str) -> dict[str, Any]:
+    """Start ``plan`` on a worker of one process (and beat), SIGKILL the worker once
+    ``started`` (the workflow is then in ``status``), start a new one, and wait until
+    the workflow has finished."""
+    services.start_beat()
+    first = services.start_worker(concurrency=1)
+    cid = client.start(plan, None, client_id="acme")
+    wait_until(started, timeout=60, message="the work never started")
+    first.kill()
+    assert client.status(cid)["status"] == status
+    services.start_worker(concurrency=1)
+    return client.wait(cid, timeout=90, until={"COMPLETED", "FAILED", "COMPENSATED",
+                                               "CANCELLED"})
+
+
 def test_worker_killed_mid_step_then_a_new_worker_completes_it(services: Services,
                                                                client: Client) -> None:
     key = uuid.uuid4().hex
@@ -22,14 +40,9 @@ def test_worker_killed_mid_step_then_a_new_worker_completes_it(services: Service
         "slow": {"action": "count", "params": {"key": key, "seconds": 2}, "next_step": "after"},
         "after": {"action": "echo", "params": {"ok": 1}, "next_step": "done"},
         "done": {"action": "complete_workflow"}}}
-    services.start_beat()
-    first = services.start_worker(concurrency=1)
-    cid = client.start(plan, None, client_id="acme")
-    wait_until(lambda: runs(services, key) == 1, timeout=60, message="slow step never started")
-    first.kill()
-    assert client.status(cid)["status"] == "RUNNING"
-    services.start_worker(concurrency=1)
-    doc = client.wait(cid, timeout=60, until={"COMPLETED", "FAILED"})
+    doc = killed_and_restarted(services, client, plan, lambda: runs(services, key) == 1,
+                               "RUNNING")
+    cid = doc["correlation_id"]
     assert doc["status"] == "COMPLETED", doc
     slow = next(s for s in doc["steps"] if s["name"] == "slow")
     # the same attempt, delivered again: not a new attempt, not charged again
@@ -45,15 +58,9 @@ def test_worker_killed_during_a_compensation_still_ends_compensated(services: Se
     key = uuid.uuid4().hex
     plan = booking(key)
     plan["steps"]["charge"]["compensate"]["params"]["seconds"] = 3
-    services.start_beat()
-    first = services.start_worker(concurrency=1)
-    cid = client.start(plan, None, client_id="acme")
-    wait_until(lambda: "undo charge" in names(services, key), timeout=60,
-               message="the compensation never started")
-    first.kill()
-    assert client.status(cid)["status"] == "COMPENSATING"
-    services.start_worker(concurrency=1)
-    doc = client.wait(cid, timeout=90, until={"COMPENSATED", "FAILED"})
+    doc = killed_and_restarted(services, client, plan,
+                               lambda: "undo charge" in names(services, key), "COMPENSATING")
+    cid = doc["correlation_id"]
     assert doc["status"] == "COMPENSATED", doc
     undo = next(s for s in doc["steps"] if s["name"] == "charge/compensate")
     # the same attempt delivered again: recorded once, charged once

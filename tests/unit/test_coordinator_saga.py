@@ -12,8 +12,7 @@ from chassis import coordinator as co
 from chassis.errors import InvalidTransition
 from chassis.plan import Plan, parse_plan
 from chassis.state import Status, StepStatus, WorkflowState
-
-CID = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d"
+from tests.unit.test_coordinator_failures import CID, of, start
 
 
 def undo(name: str, **extra: Any) -> dict[str, Any]:
@@ -27,16 +26,6 @@ def booking(**ship: Any) -> Plan:
         "charge": {"action": "work", "compensate": undo("charge"), "next_step": "ship"},
         "ship": {"action": "work", "compensate": undo("ship"), "next_step": "done", **ship},
         "done": {"action": "complete_workflow"}}})
-
-
-def start(plan: Plan, fuel: int = 100) -> co.Decision:
-    s = WorkflowState(correlation_id=CID, client_id="acme", status=Status.RUNNING,
-                      current_step=plan.start_step, fuel_budget=fuel)
-    return co.decide(s, plan, co.Start())
-
-
-def of(d: co.Decision, kind: type) -> list[Any]:
-    return [c for c in d.commands if isinstance(c, kind)]
 
 
 def sent(d: co.Decision) -> list[str]:
@@ -231,6 +220,7 @@ def test_cancel_with_compensation_undoes_then_ends_cancelled() -> None:
     assert c.state.status is Status.CANCELLED
     assert c.state.error == "Workflow cancelled: changed my mind"
     assert events(c) == ["WORKFLOW_CANCELLED"]
+    assert of(c, co.Emit)[0].payload["reason"] == "changed my mind"
     plain = co.decide(d.state, plan, co.Cancel())
     assert plain.state.status is Status.CANCELLED and sent(plain) == []
 
