@@ -219,8 +219,7 @@ class Client:
     def status(self, correlation_id: str) -> dict[str, Any]:
         """The workflow's status document (raises WorkflowNotFound)."""
         cid = self._own(correlation_id)
-        return status_dict(self.store.get(cid), self.store.steps(cid),
-                           self.store.get_plan(cid), self.store.refused_messages(cid))
+        return status_dict(*self.store.snapshot(cid))
 
     def resume(self, correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
         """Approve or reject a paused workflow; returns its status after the decision.

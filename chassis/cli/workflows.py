@@ -222,7 +222,9 @@ def status(correlation_id: str, client_id: str, as_json: bool) -> None:
 @click.argument("correlation_id")
 @client_option
 @click.option("--approve", "decision", flag_value="approve", help="Approve and continue.")
-@click.option("--reject", "decision", flag_value="reject", help="Reject: the workflow fails.")
+@click.option("--reject", "decision", flag_value="reject",
+              help="Reject: the workflow fails (its completed steps that have a compensate "
+                   "are undone: COMPENSATED).")
 @click.option("--feedback", metavar="JSON|@FILE", help="Feedback, kept as human_feedback.")
 @click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
 @click.option("--timeout", type=float, default=None, callback=_seconds,
@@ -291,7 +293,9 @@ def cancel(correlation_id: str, client_id: str, reason: str | None, compensate: 
 def retry(correlation_id: str, client_id: str, wait: bool, timeout: float | None,
           as_json: bool) -> None:
     """Retry a FAILED workflow from its failed step (or failed sub-tasks) with fresh
-    attempts, keeping every completed output and the ledger.
+    attempts, keeping every completed output and the ledger. A workflow that failed
+    while undoing its steps (a compensation out of attempts) goes on undoing: the
+    compensations left run again, and it ends COMPENSATED (or CANCELLED).
 
     Retrying a workflow that is not FAILED is an error that changes nothing.
     """

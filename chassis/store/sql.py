@@ -414,10 +414,26 @@ class SqlStore:
         with self.engine.connect() as conn:
             return self._load(conn, cid)[1]
 
+    def snapshot(self, cid: str) -> tuple[WorkflowState, list[dict[str, Any]], Plan,
+                                          list[dict[str, Any]]]:
+        """(state, step rows, plan, refused messages) read together: on PostgreSQL in
+        one REPEATABLE READ transaction, so the rows and the state agree (a status
+        document never shows a step done that the state still has to do)."""
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                state, plan = self._load(conn, cid)
+                return state, self._steps(conn, cid), plan, self._refused(conn, cid)
+
     def steps(self, cid: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(step_runs).where(step_runs.c.correlation_id == cid)
-                                .order_by(step_runs.c.id)).all()
+            return self._steps(conn, cid)
+
+    @staticmethod
+    def _steps(conn: sa.Connection, cid: str) -> list[dict[str, Any]]:
+        rows = conn.execute(sa.select(step_runs).where(step_runs.c.correlation_id == cid)
+                            .order_by(step_runs.c.id)).all()
         return [dict(r._mapping) for r in rows]
 
     def ledger(self, cid: str) -> list[dict[str, Any]]:
@@ -429,11 +445,15 @@ class SqlStore:
     def refused_messages(self, cid: str) -> list[dict[str, Any]]:
         """The workflow's outgoing messages Kafka refused for good (set aside)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(outbox.c.topic, outbox.c.payload, outbox.c.last_error,
-                                          outbox.c.failed_at)
-                                .where(outbox.c.correlation_id == cid,
-                                       outbox.c.failed_at.is_not(None))
-                                .order_by(outbox.c.id)).all()
+            return self._refused(conn, cid)
+
+    @staticmethod
+    def _refused(conn: sa.Connection, cid: str) -> list[dict[str, Any]]:
+        rows = conn.execute(sa.select(outbox.c.topic, outbox.c.payload, outbox.c.last_error,
+                                      outbox.c.failed_at)
+                            .where(outbox.c.correlation_id == cid,
+                                   outbox.c.failed_at.is_not(None))
+                            .order_by(outbox.c.id)).all()
         return [{"topic": r.topic, "event_type": (r.payload or {}).get("event_type")
                  if isinstance(r.payload, dict) else None, "error": r.last_error,
                  "failed_at": r.failed_at} for r in rows]
