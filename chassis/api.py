@@ -162,6 +162,7 @@ class Client:
         if not check_actions:
             known |= {s.action for s in p.steps.values()}
             known |= {t.resolved_action for s in p.steps.values() for t in s.sub_tasks}
+            known |= {c.action for c in p.compensations()}
         validation.check(p, known)
         state = WorkflowState(correlation_id=cid, client_id=actor,
                               status=Status.RUNNING, current_step=p.start_step,

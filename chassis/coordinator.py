@@ -107,6 +107,7 @@ def decide(state: WorkflowState, plan: Plan, event: Event,
     first = _decide(state, plan, SubtasksSucceeded(
         fan, {n: out for n, (_, out) in settled.items()},  # type: ignore[union-attr]
         {n: a for n, (a, _) in settled.items()}))  # type: ignore[union-attr]
+    _check_allowed(first.state, event)  # (the fan-in may have moved the workflow on)
     then = _decide(first.state, plan, event)
     if not first.changed:
         return then
@@ -328,7 +329,8 @@ def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
         for st in step.sub_tasks:
             name = st.step_name
             if name in event.outputs and name not in s.collected_data:
-                s.collected_data[name] = event.outputs[name]
+                _record_output(d, plan, name, event.attempts.get(name, 1),
+                               event.outputs[name])
     _advance(d, plan)
     return None
 
@@ -748,10 +750,7 @@ def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None
         d.commands.append(ScheduleStep(name, action, rid, attempt, delay, parent))
     elif topic:
         request = _request(s, name, action, topic, attempt, params, parent, timeout)
-        size = len(json.dumps(request.payload))
-        if size > MESSAGE_MAX:
-            _fail(d, plan, f"step '{name}': its request to the agent would be {size} bytes, "
-                           f"more than a Kafka message takes ({MESSAGE_MAX})", step=name)
+        if not _fits(d, plan, request):
             return
         d.commands.append(request)
     else:
@@ -760,6 +759,17 @@ def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None
     s.awaited_steps.append(rid)
     if (topic or parent is not None) and s.status is not Status.COMPENSATING:
         s.status = Status.AWAITING_RESPONSES
+
+
+def _fits(d: Decision, plan: Plan, request: SendRequest) -> bool:
+    """False (and the workflow failed) when an agent's request is larger than Kafka
+    takes."""
+    size = len(json.dumps(request.payload))
+    if size <= MESSAGE_MAX:
+        return True
+    _fail(d, plan, f"step '{request.step}': its request to the agent would be {size} bytes, "
+                   f"more than a Kafka message takes ({MESSAGE_MAX})", step=request.step)
+    return False
 
 
 def _complete(d: Decision) -> None:
@@ -795,6 +805,12 @@ def _fan_out(d: Decision, plan: Plan, name: str, step: Step) -> None:
     s = d.state
     again = name in s.attempts  # an operator's retry: only the sub-tasks without output
     todo = [st for st in step.sub_tasks if not (again and st.step_name in s.collected_data)]
+    for st in todo:  # an agent's request too large for Kafka fails the fan-out at once
+        if st.topic:
+            n = _attempt_of(s, st.step_name) + 1 if st.step_name in s.attempts else 1
+            if not _fits(d, plan, _request(s, st.step_name, st.resolved_action, st.topic, n,
+                                           st.params)):
+                return
     need = sum(fuel.cost(st.resolved_action) for st in todo) + (0 if again
                                                                  else fuel.cost(FAN_OUT))
     if not _charge(d, plan, name, FAN_OUT, need):

@@ -153,7 +153,7 @@ class Engine:
         decision = self._db(lambda: self.store.transition_if(
             cid, row.step, row.attempt, statuses,
             lambda s, p, settled=None: co.decide(s, p, event, settled),
-            fan_out=_fan_out_for(event)),
+            fan_out=_fan_out_for(event), parent=row.parent_step),
             f"recording {type(event).__name__}", cid)
         if decision.changed:
             self.dispatch(decision)
@@ -320,12 +320,13 @@ class Engine:
 
 
 def _fan_out_for(event: co.Event) -> Callable[[WorkflowState, Plan], str | None] | None:
-    """Events that may end a fan-out under way read its sub-tasks' successes under lock
-    (so that each completed one is known, and undone should the workflow fail); a
-    fan-in has just read them."""
-    if isinstance(event, co.SubtasksSucceeded | co.Start):
-        return None
-    return co.open_fan_out
+    """Events that may end a fan-out under way (a failure, a cancel, a retry whose
+    request cannot be sent) read its sub-tasks' successes under lock, so that each
+    completed one is known, and undone should the workflow fail."""
+    if isinstance(event, co.StepFailed | co.Cancel | co.RetryDue) or (
+            isinstance(event, co.ResponseReceived) and not event.success):
+        return co.open_fan_out
+    return None
 
 
 def _repr(s: WorkflowState, c: co.RunStep) -> str:

@@ -165,6 +165,13 @@ class Plan:
         step = self.steps.get(name)
         return step.compensate if step is not None else None
 
+    def compensations(self) -> list[Compensate]:
+        """Every ``compensate`` of the plan's steps and sub-tasks."""
+        out = [s.compensate for s in self.steps.values() if s.compensate is not None]
+        out += [t.compensate for s in self.steps.values() for t in s.sub_tasks
+                if t.compensate is not None]
+        return out
+
     def work(self, name: str) -> tuple[str, str | None, dict[str, Any]]:
         """(action, topic, params) of a step, a sub-task or a compensation."""
         undone = compensated_step(name)

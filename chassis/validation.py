@@ -19,9 +19,10 @@ from collections.abc import Collection
 
 from chassis import actions
 from chassis.errors import PlanError
+from chassis.limits import NAME_MAX
 from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Compensate, Plan, Step
 from chassis.policy import merged_problems
-from chassis.state import compensation_of
+from chassis.state import COMPENSATE_SUFFIX, compensation_of
 
 #: What Kafka accepts as a topic name.
 KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -61,7 +62,7 @@ def validate(plan: Plan, known_actions: Collection[str] | None = None) -> list[s
             problems.append(f"{place}: sub_tasks are only used by fan_out, "
                             f"not by action {step.action!r}")
         problems += _failure_problems(place, name, step, plan)
-        problems += _compensate_problems(place, step, step.compensate, known)
+        problems += _compensate_problems(place, step, step.compensate, known, name)
         problems += _on_failure_problems(place, name, step, plan)
     cycles = _cycles(plan, owner)
     problems += [f"cycle: {' -> '.join([*cycle, cycle[0]])}" for cycle in cycles]
@@ -211,7 +212,7 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
         elif action not in known and not st.topic:
             problems.append(_unknown(sp, action, known))
         problems += _topic_problems(sp, st.topic)
-        problems += _compensate_problems(sp, None, st.compensate, known)
+        problems += _compensate_problems(sp, None, st.compensate, known, st.step_name)
         if st.compensate is not None and plan.subtask(st.step_name) == (name, st):
             problems += merged_problems(f"{sp}.compensate", plan.policy(
                 compensation_of(st.step_name)))
@@ -219,13 +220,17 @@ def _sub_task_problems(name: str, step: Step, plan: Plan, seen: dict[str, str],
 
 
 def _compensate_problems(place: str, step: Step | None, comp: Compensate | None,
-                         known: Collection[str]) -> list[str]:
+                         known: Collection[str], name: str) -> list[str]:
     """A compensation needs an action that can run; a reserved step has none (a
-    fan_out's compensation is its sub-tasks')."""
+    fan_out's compensation is its sub-tasks'). It runs under the step's name and
+    COMPENSATE_SUFFIX, which must fit a name's length."""
     if comp is None:
         return []
     cp = f"{place}.compensate"
     problems = []
+    if len(compensation_of(name)) > NAME_MAX:
+        problems.append(f"{cp}: the step's name is too long to have a compensate (at most "
+                        f"{NAME_MAX - len(COMPENSATE_SUFFIX)} characters)")
     if step is not None and step.action in RESERVED_ACTIONS:
         why = " (give its sub-tasks a compensate)" if step.action == FAN_OUT else ""
         problems.append(f"{cp}: a {step.action} step has nothing to undo{why}")

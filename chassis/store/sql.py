@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from chassis import commands as cmd
 from chassis.errors import ChassisError, WorkflowNotFound
 from chassis.plan import Plan, parse_plan, plan_to_dict
-from chassis.state import Status, WorkflowState
+from chassis.state import Status, StepStatus, WorkflowState
 from chassis.store import attempts as at
 from chassis.store import pg
 from chassis.store.rows import rows_for
@@ -130,12 +130,17 @@ _FINISH = (
             error=sa.bindparam("error"), error_type=sa.bindparam("error_type"),
             finished_at=sa.bindparam("finished_at")))
 
+#: Lock a fan-out's sub-task rows that are under way or completed (a claim or a
+#: record of success then waits for the commit); the outputs of the completed ones.
 _LOCK_SUBTASKS = (step_runs.update()
                   .where(step_runs.c.correlation_id == sa.bindparam("b_cid"),
-                         step_runs.c.parent_step == sa.bindparam("b_parent"))
+                         step_runs.c.parent_step == sa.bindparam("b_parent"),
+                         step_runs.c.status != StepStatus.FAILED.value,
+                         step_runs.c.status != StepStatus.CANCELLED.value)
                   .values(status=step_runs.c.status)
                   .returning(step_runs.c.step_name, step_runs.c.attempt, step_runs.c.status,
-                             step_runs.c.output))
+                             sa.case((step_runs.c.status == StepStatus.COMPLETED.value,
+                                      step_runs.c.output)).label("output")))
 
 _CLAIMED = at.CLAIM.cte("claimed")
 _CLAIM_AND_READ = (sa.select(_CLAIMED.c.id, _CLAIMED.c.deliveries, *_STATE_COLS)
@@ -272,7 +277,8 @@ class SqlStore:
                 correlation_id=cid) from None
 
     def transition_if(self, cid: str, step: str, attempt: int, statuses: Sequence[str],
-                      decide: Decide, fan_out: FanOut | None = None) -> cmd.Decision:
+                      decide: Decide, fan_out: FanOut | None = None,
+                      parent: str | None = None) -> cmd.Decision:
         """:meth:`transition`, applied only while attempt ``attempt`` of ``step`` is in
         one of ``statuses``; its row stays locked until the commit, so a worker's own
         record of that attempt (a sub-task's success) comes either before (and the
@@ -284,6 +290,9 @@ class SqlStore:
 
         def once() -> cmd.Decision:
             with self.engine.begin() as conn:
+                if parent is not None and fan_out is not None:
+                    # the siblings first, as every locking transition takes them
+                    conn.execute(_LOCK_SUBTASKS, {"b_cid": cid, "b_parent": parent}).all()
                 locked = conn.execute(lock).first() is not None
                 state, plan = self._load(conn, cid)
                 if not locked:
@@ -339,15 +348,17 @@ class SqlStore:
                        fan_out: FanOut | None) -> cmd.Decision:
         """Read (autocommit; skipped when the claim already read it), then every write
         in one statement (during a fan-out that ``fan_out`` names: the locking way)."""
+        plan = self._plans.get(cid) if known is not None else None
+        if known is not None and plan is not None:
+            state = known
+        else:
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                state, plan = self._load(conn, cid)
+        if fan_out is not None and fan_out(state, plan) is not None:
+            return self._transition_locked(cid, decide, fan_out)
         with self.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            plan = self._plans.get(cid) if known is not None else None
-            if known is not None and plan is not None:
-                state = known
-            else:
-                state, plan = self._load(conn, cid)
-            if fan_out is not None and fan_out(state, plan) is not None:
-                return self._transition_locked(cid, decide, fan_out)
             decision = decide(state, plan)
             if decision.changed:
                 s, ts = decision.state, now()

@@ -352,28 +352,56 @@ def test_every_completed_step_is_undone_once_in_reverse_order(plan: Plan,
     spent = sum(c.amount for c in of(d, co.Debit))
     completed: list[str] = []  # steps and sub-tasks whose success was taken, in order
     undone: list[str] = []  # compensations whose success was taken, in order
+    # Celery sub-tasks record their success in their own rows (the store); the
+    # coordinator takes them in at the fan-in, or read under lock with an event that
+    # may end the fan-out (a failure, a cancel, a due retry)
+    recorded: dict[str, tuple[int, Any]] = {}
     retries = 0
-    for _ in range(200):
+    for _ in range(300):
         s = d.state
-        flying = _in_flight(s)
+        flying = [f for f in _in_flight(s) if f[0] not in recorded]
+        before = set(s.awaited_steps)
+        settled = dict(recorded) or None
         if s.status is Status.FAILED and s.undo and retries < 2 and data.draw(st.booleans()):
             retries += 1
             d = co.decide(s, plan, co.Retry())
+        elif recorded and (not flying or data.draw(st.integers(0, 3)) == 0):
+            owner = _batch(plan, next(iter(recorded)))
+            d = co.decide(s, plan, co.SubtasksSucceeded(
+                owner, {n: o for n, (_, o) in recorded.items()},
+                {n: a for n, (a, _) in recorded.items()}))
         elif not flying:
             break
         elif (s.status in (Status.RUNNING, Status.AWAITING_RESPONSES)
               and data.draw(st.integers(0, 59)) == 0):
-            d = co.decide(s, plan, co.Cancel(compensate=True))
+            try:
+                d = co.decide(s, plan, co.Cancel(compensate=True), settled)
+            except InvalidTransition:  # the fan-in it took in went on to compensate
+                continue
         else:
             name, attempt, scheduled = data.draw(st.sampled_from(flying))
+            odds = 3 if compensated_step(name) else 7  # failing 1 in odds + 1
+            good = not scheduled and data.draw(st.integers(0, odds)) > 0
             if scheduled:
-                d = co.decide(s, plan, co.RetryDue(name, attempt))
+                d = co.decide(s, plan, co.RetryDue(name, attempt), settled)
+            elif good and plan.subtask(name) and not plan.work(name)[1]:
+                recorded[name] = (attempt, {"n": attempt})  # its own row, for now
+                continue
             else:
-                odds = 3 if compensated_step(name) else 7  # failing 1 in odds + 1
-                good = data.draw(st.integers(0, odds)) > 0
-                d = co.decide(s, plan, _report(plan, name, attempt, good))
+                d = co.decide(s, plan, _report(plan, name, attempt, good),
+                              None if good else settled)
                 if good and d.changed:
                     (undone if compensated_step(name) else completed).append(name)
+        # recorded sub-tasks the decision took in (none is ever abandoned: it is read
+        # with every event that could abandon it)
+        left = set(d.state.awaited_steps)
+        for name, (attempt, _) in list(recorded.items()):
+            rid = request_id_for(CID, name, attempt)
+            if rid in before and rid not in left:
+                assert not any(isinstance(c, co.FinishStep) and c.step == name
+                               and c.status is StepStatus.CANCELLED for c in d.commands)
+                completed.append(name)
+                del recorded[name]
         spent += sum(c.amount for c in of(d, co.Debit))
     s = d.state
     assert s.status.finished or s.status is Status.PAUSED_FOR_HUMAN_INPUT, s.status
@@ -393,3 +421,41 @@ def test_every_completed_step_is_undone_once_in_reverse_order(plan: Plan,
         # what ran so far is a prefix of the reverse order; the rest is still to do
         left = [n for b in s.undo for n in b]
         assert sorted(ran + left) == sorted(compensable)
+
+
+def test_a_cancel_that_finds_the_fan_in_already_compensating_is_refused() -> None:
+    """The fan-out's sub-tasks all recorded success; taken in with the cancel, the
+    fan-in moves on to a step without fuel: the workflow compensates, and the cancel
+    (of a COMPENSATING workflow) is refused rather than dropping the compensation."""
+    plan = parse_plan({"start_step": "reserve", "steps": {
+        "reserve": {"action": "work", "compensate": undo("reserve"), "next_step": "fan"},
+        "fan": {"action": "fan_out", "next_step": "ship", "sub_tasks": [
+            {"step_name": "b0", "action": "work"}, {"step_name": "b1", "action": "work"}]},
+        "ship": {"action": "work", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    d = ok(start(plan, fuel=8), plan, "reserve")  # 1 + 5 + 1 + 1: nothing left for ship
+    with pytest.raises(InvalidTransition, match="COMPENSATING"):
+        co.decide(d.state, plan, co.Cancel("stop", compensate=True),
+                  settled={"b0": (1, "x"), "b1": (1, "y")})
+    fan_in = co.decide(d.state, plan, co.SubtasksSucceeded("fan", {"b0": "x", "b1": "y"},
+                                                            {"b0": 1, "b1": 1}))
+    assert fan_in.state.status is Status.COMPENSATING
+    assert sent(fan_in) == ["reserve/compensate"]
+
+
+def test_an_agents_request_too_large_fails_the_fan_out_before_anything_is_sent() -> None:
+    plan = parse_plan({"start_step": "reserve", "steps": {
+        "reserve": {"action": "work", "compensate": undo("reserve"), "next_step": "fan"},
+        "fan": {"action": "fan_out", "next_step": "done", "sub_tasks": [
+            {"step_name": "a1", "action": "work"},
+            {"step_name": "a0", "action": "agent_work", "topic": "agents.big"}]},
+        "done": {"action": "complete_workflow"}}})
+    s = WorkflowState(correlation_id=CID, client_id="acme", status=Status.RUNNING,
+                      current_step="reserve", fuel_budget=100,
+                      initial_request_data="x" * 1_100_000)
+    d = ok(co.decide(s, plan, co.Start()), plan, "reserve")
+    assert d.state.status is Status.COMPENSATING
+    assert sent(d) == ["reserve/compensate"]  # a1 was not sent, nor charged
+    assert "more than a Kafka message takes" in d.state.error
+    assert d.state.fuel_spent == 1 + 1  # reserve and its compensation
+    assert ok(d, plan, "reserve/compensate").state.status is Status.COMPENSATED

@@ -343,3 +343,12 @@ def test_an_on_failure_path_may_not_wait_for_the_step_that_failed() -> None:
 def test_the_names_a_compensation_and_on_failure_see_are_reserved(name: str) -> None:
     assert f"steps.{name}: the name {name!r} is reserved for workflow data" in problems(
         {"a": {"action": "echo", "next_step": name}, name: {"action": "complete_workflow"}})
+
+
+def test_a_step_with_a_compensate_leaves_room_for_its_suffix_in_names() -> None:
+    name = "s" * 250
+    found = problems({name: {"action": "echo", "compensate": {"action": "echo"},
+                             "next_step": "z"}, "z": {"action": "complete_workflow"}},
+                     start=name)
+    assert found == [f"steps.{name}.compensate: the step's name is too long to have a "
+                     "compensate (at most 244 characters)"]
