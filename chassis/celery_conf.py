@@ -17,6 +17,7 @@ AI_PREFIX = "ai_"
 #: How often beat sends ``chassis.relay`` (when CHASSIS_KAFKA_BOOTSTRAP is set).
 RELAY_BEAT_SECONDS = 10.0
 SWEEP_TASK = "chassis.sweep"
+PRUNE_TASK = "chassis.prune"
 #: Celery's own task deleting expired results (Redis expires them itself).
 CLEANUP_TASK = "celery.backend_cleanup"
 STEP_TASK = "chassis.step"
@@ -60,6 +61,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     RESPOND_TASK: {"queue": COORDINATION_QUEUE},
     RELAY_TASK: {"queue": COORDINATION_QUEUE},
     SWEEP_TASK: {"queue": COORDINATION_QUEUE},
+    PRUNE_TASK: {"queue": COORDINATION_QUEUE},
     CLEANUP_TASK: {"queue": COORDINATION_QUEUE},
 }
 
@@ -73,6 +75,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "chassis-sweep": {"task": SWEEP_TASK, "schedule": settings.sweep_interval,
                           "options": {"expires": settings.sweep_interval}},
     }
+    if settings.prune_after_days is not None:
+        schedule["chassis-prune"] = {"task": PRUNE_TASK, "schedule": crontab(minute=30, hour=3),
+                                     "options": {"expires": 12 * 3600}}
     if not settings.result_backend.startswith(("redis://", "rediss://")):
         # Celery adds this one itself for such backends; declared here to be seen
         schedule[CLEANUP_TASK] = {"task": CLEANUP_TASK, "schedule": crontab(minute=0, hour=4),

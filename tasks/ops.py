@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from chassis import config, runtime
-from chassis.celery_conf import SWEEP_TASK
+from chassis.celery_conf import PRUNE_TASK, SWEEP_TASK
+from chassis.store.db import make_engine
+from chassis.store.prune import prune as prune_workflows
 from chassis.sweep import Sweeper
 from tasks.celery_app import app
 
@@ -12,3 +16,15 @@ from tasks.celery_app import app
 def sweep() -> dict[str, int]:
     """Re-dispatch or fail steps and workflows stuck past CHASSIS_STEP_TIMEOUT."""
     return Sweeper(runtime.engine(app), config.load()).sweep().counts()
+
+
+@app.task(name=PRUNE_TASK)
+def prune() -> dict[str, object]:
+    """Remove finished workflows unchanged for CHASSIS_PRUNE_AFTER_DAYS (beat, daily, when
+    set): what ``chassis prune --older-than`` does."""
+    settings = config.load()
+    if settings.prune_after_days is None:
+        return {"skipped": "CHASSIS_PRUNE_AFTER_DAYS is not set"}
+    return prune_workflows(make_engine(settings.database_url),
+                           timedelta(days=settings.prune_after_days),
+                           kafka=bool(settings.kafka_bootstrap)).counts()

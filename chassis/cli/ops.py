@@ -105,3 +105,49 @@ def sweep_command(as_json: bool) -> None:
                          ("fanned in", report.fanned_in), ("failed", report.failed)):
         for name in names:
             click.echo(f"  {label}: {name}")
+
+
+@main.command("prune")
+@click.option("--older-than", "days", type=click.FloatRange(0, 36500), required=True,
+              metavar="DAYS", help="Remove finished workflows unchanged for this many days "
+                                   "(0: every finished one).")
+@click.option("--dry-run", is_flag=True, help="Count what would go; remove nothing.")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True,
+              help="Workflows removed per transaction.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def prune_command(days: float, dry_run: bool, batch: int, as_json: bool) -> None:
+    """Remove finished workflows (COMPLETED, FAILED, CANCELLED, COMPENSATED) unchanged
+    for DAYS, with their step runs, ledger rows and outbox rows, in batches of short
+    transactions; running and paused workflows are never touched. Outbox rows published
+    before then go too. With Kafka configured, a workflow whose events are not all
+    published yet is kept; without Kafka, its events go with it (nothing would publish
+    them). Beat does this daily when CHASSIS_PRUNE_AFTER_DAYS is set."""
+    from datetime import timedelta
+
+    from chassis.cli.workflows import _run_guarded
+    from chassis.store.db import make_engine
+    from chassis.store.prune import PruneReport, prune
+
+    def progress(r: PruneReport) -> None:
+        if not as_json:
+            click.echo(f"  {'would remove' if dry_run else 'removed'} {r.workflows} "
+                       f"workflow(s) so far", err=True)
+
+    def go() -> int:
+        settings = config.load()
+        report = prune(make_engine(settings.database_url), timedelta(days=days),
+                       kafka=bool(settings.kafka_bootstrap), dry_run=dry_run, batch=batch,
+                       progress=progress)
+        if as_json:
+            print_json(report.counts())
+            return 0
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {report.workflows} finished workflow(s) unchanged since "
+                   f"{report.cutoff:%Y-%m-%d %H:%M:%S} UTC: {report.step_runs} step run(s), "
+                   f"{report.ledger_rows} ledger row(s), {report.outbox_rows} outbox row(s)")
+        if report.kept_unpublished:
+            click.echo(f"kept {report.kept_unpublished} whose events Kafka has not got yet "
+                       "(is `chassis relay` running?)")
+        return 0
+
+    _run_guarded(go)
