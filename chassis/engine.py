@@ -56,14 +56,16 @@ def error_types(exc: BaseException) -> tuple[str, ...]:
     return tuple(c.__name__ for c in type(exc).__mro__ if c not in (BaseException, object))
 
 
-def run_action(payload: dict[str, Any], timeout: float | None) -> co.StepSucceeded | co.StepFailed:
-    """Run the payload's action within ``timeout`` (where the pool allows interrupting
-    it); any exception becomes a failed attempt carrying its message and type."""
+def run_action(payload: dict[str, Any], data: dict[str, Any],
+               timeout: float | None) -> co.StepSucceeded | co.StepFailed:
+    """Run the payload's action on ``data`` within ``timeout`` (where the pool allows
+    interrupting it); any exception becomes a failed attempt carrying its message and
+    type."""
     step, attempt = payload["step"], int(payload.get("attempt") or 1)
     try:
         fn = actions.get(payload["action"])
         with time_limit(timeout):
-            result = fn(payload["data"], payload["params"])
+            result = fn(data, payload["params"])
         return co.StepSucceeded(step, co.json_roundtrip(result), attempt)
     except AttemptDeadline:
         return co.StepFailed(step, f"timed out after {timeout:g} s", attempt, (TIMEOUT_ERROR,))
@@ -175,8 +177,12 @@ class Engine:
                      "duplicate delivery ignored", step, attempt)
             return Outcome(cid, step, attempt, ran=False)
         log.debug("step %s attempt %d, delivery %d", step, attempt, claim.deliveries)
+        # the message carries ids and params only: the data is the workflow's, read with
+        # the claim (PostgreSQL: the same round trip) or just after it
+        state = claim.state or self._db(lambda: self.store.get(cid), "reading the workflow",
+                                        cid)
         with self.heartbeat.hold(claim.row_id):
-            event = run_action(payload, timeout)
+            event = run_action(payload, state.step_data(step), timeout)
         parent = payload.get("parent")
         if parent and isinstance(event, co.StepSucceeded):
             recorded, pending = infra.persist(
@@ -336,7 +342,8 @@ def _repr(s: WorkflowState, c: co.RunStep) -> str:
 
 
 def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:
-    """The task payload of one attempt: what it runs and the data it sees."""
+    """The task payload of one attempt: what it runs, not the data it sees (the worker
+    reads that with its claim), so a message stays the same size however much the
+    workflow has collected."""
     return {"cid": s.correlation_id, "step": c.step, "action": c.action, "params": c.params,
-            "data": s.step_data(c.step), "parent": c.parent_step, "attempt": c.attempt,
-            "timeout": c.timeout}
+            "parent": c.parent_step, "attempt": c.attempt, "timeout": c.timeout}
