@@ -18,7 +18,8 @@ import yaml
 from tests.helpers import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
-APP_SERVICES = {"migrate", "worker", "beat", "flower", "bridge", "relay", "metrics"}
+APP_SERVICES = {"migrate", "worker", "coordinator", "beat", "flower", "bridge", "relay",
+                "metrics"}
 
 
 def procfile() -> dict[str, str]:
@@ -34,10 +35,15 @@ def compose() -> dict[str, Any]:
 
 def test_procfile_runs_every_process_with_the_real_commands() -> None:
     procs = {name: cmd.strip() for name, cmd in procfile().items()}
-    assert set(procs) == {"worker", "beat", "flower", "bridge", "relay", "metrics"}
-    assert procs["worker"].startswith("celery -A tasks worker")
-    assert "--events" in procs["worker"]  # Flower sees tasks only from workers' events
-    assert "chassis.coordination,chassis.steps,chassis.ai" in procs["worker"]
+    assert set(procs) == {"worker", "coordinator", "beat", "flower", "bridge", "relay",
+                          "metrics"}
+    for name in ("worker", "coordinator"):
+        assert procs[name].startswith("celery -A tasks worker")
+        assert "--events" in procs[name]  # Flower sees tasks only from workers' events
+        assert "--pool=threads" in procs[name]  # steps mostly wait (model calls)
+    assert procs["worker"].endswith("--queues=${CHASSIS_WORKER_QUEUES:-chassis.steps,chassis.ai}")
+    assert "--prefetch-multiplier=1" in procs["worker"]
+    assert procs["coordinator"].endswith("--queues=chassis.coordination")
     assert procs["beat"].startswith("celery -A tasks beat")
     assert procs["flower"] == "celery -A tasks flower"
     assert (procs["bridge"], procs["relay"]) == ("chassis bridge", "chassis relay")
