@@ -2,25 +2,39 @@
 
 A custom collector queries the tables on every scrape, so the figures are the
 database's own: they match ``chassis status``/``chassis list``, whichever process did
-the work, and need no state in the metrics process. Every name starts with
-``agentchassis_``. Celery's own figures (tasks, workers) stay with Flower's /metrics.
+the work, and need no state in the metrics process. Every query is bounded by what is
+under way or by the last hour, over indexed columns: a scrape costs about the same with
+100 or 100,000 finished workflows kept. Every name starts with ``agentchassis_``.
+Celery's own figures (tasks, workers) stay with Flower's /metrics.
 
-=======================================  =========  ==================================
-name                                     type       labels / meaning
-=======================================  =========  ==================================
-agentchassis_workflows                   gauge      status: workflows in that status
-agentchassis_step_runs                   gauge      status: attempts in that status
-agentchassis_step_duration_seconds       histogram  action: started → finished, of
-                                                    finished step runs
-agentchassis_fuel_spent_total            counter    action, client_id: ledger sum
-agentchassis_outbox_backlog              gauge      outbox rows not yet published
-agentchassis_outbox_refused              gauge      outbox rows Kafka refused for good
-agentchassis_dead_letters_total          counter    messages on the dead-letter topic
-agentchassis_bridge_lag                  gauge      topic: messages the bridge's group
-                                                    has not committed yet
-agentchassis_database_up                 gauge      1 when the queries succeeded
-agentchassis_kafka_up                    gauge      1 when Kafka answered (with Kafka)
-=======================================  =========  ==================================
+==============================================  =========  ===========================
+name                                            type       labels / meaning
+==============================================  =========  ===========================
+agentchassis_workflows                          gauge      status: workflows under way
+                                                           (RUNNING, AWAITING_RESPONSES,
+                                                           PAUSED_FOR_HUMAN_INPUT,
+                                                           COMPENSATING)
+agentchassis_workflows_finished_last_hour       gauge      status: workflows that ended
+                                                           in the last hour
+agentchassis_step_runs                          gauge      status: attempts under way
+agentchassis_step_runs_finished_last_hour       gauge      status: attempts that ended
+                                                           in the last hour
+agentchassis_step_duration_seconds              histogram  action: started → finished,
+                                                           of the last hour's attempts
+agentchassis_fuel_spent_last_hour               gauge      action: fuel debited
+agentchassis_fuel_spent_last_hour_by_client     gauge      client_id: the 10 clients
+                                                           that spent most (the rest:
+                                                           "other")
+agentchassis_outbox_backlog                     gauge      outbox rows not yet published
+agentchassis_outbox_refused                     gauge      outbox rows Kafka refused for
+                                                           good
+agentchassis_dead_letters_total                 counter    messages on the dead-letter
+                                                           topic
+agentchassis_bridge_lag                         gauge      topic: messages the bridge's
+                                                           group has not committed yet
+agentchassis_database_up                        gauge      1 when the queries succeeded
+agentchassis_kafka_up                           gauge      1 when Kafka answered
+==============================================  =========  ===========================
 
 The Kafka figures are present only when CHASSIS_KAFKA_BOOTSTRAP is set (see
 :mod:`chassis.kafka.lag`).
@@ -30,6 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,6 +65,10 @@ from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_r
 log = logging.getLogger(__name__)
 
 PREFIX = "agentchassis_"
+#: What "recent" means: the figures of ended work cover this much time.
+WINDOW = timedelta(hours=1)
+#: Clients with their own series of fuel spent (the others are summed as "other").
+TOP_CLIENTS = 10
 #: Upper bounds (seconds) of the step-duration buckets: milliseconds to an hour.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                     900.0, 3600.0)
@@ -85,26 +104,50 @@ class DatabaseCollector(Collector):
         yield from families
 
     def _families(self, conn: sa.Connection) -> Iterator[Metric]:
-        ws = dict.fromkeys([s.value for s in Status], 0)
-        ws.update((status, n) for status, n in conn.execute(
-            sa.select(orchestrator_state.c.status, sa.func.count())
-            .group_by(orchestrator_state.c.status)))
-        yield _gauges("workflows", "Workflows by status.", "status", ws)
+        since = datetime.now(UTC) - WINDOW
+        o, r, led = orchestrator_state.c, step_runs.c, fuel_ledger.c
+        active = [st.value for st in Status if not st.finished]
+        ws = dict.fromkeys(active, 0)
+        ws.update(conn.execute(sa.select(o.status, sa.func.count())
+                               .where(o.status.in_(active)).group_by(o.status)).all())
+        yield _gauges("workflows", "Workflows under way, by status.", "status", ws)
+        finished = [st.value for st in Status if st.finished]
+        wf = dict.fromkeys(finished, 0)
+        wf.update(conn.execute(sa.select(o.status, sa.func.count())
+                               .where(o.updated_at >= since, o.status.in_(finished))
+                               .group_by(o.status)).all())
+        yield _gauges("workflows_finished_last_hour", "Workflows that ended in the last "
+                      "hour, by status.", "status", wf)
 
-        rs = dict.fromkeys([s.value for s in StepStatus], 0)
-        rs.update((status, n) for status, n in conn.execute(
-            sa.select(step_runs.c.status, sa.func.count()).group_by(step_runs.c.status)))
-        yield _gauges("step_runs", "Step runs by status.", "status", rs)
-        yield self._durations(conn)
+        live = [st.value for st in StepStatus if not st.finished]
+        rs = dict.fromkeys(live, 0)
+        rs.update(conn.execute(sa.select(r.status, sa.func.count())
+                               .where(r.status.in_(live)).group_by(r.status)).all())
+        yield _gauges("step_runs", "Attempts under way, by status.", "status", rs)
+        ended = [st.value for st in StepStatus if st.finished]
+        rf = dict.fromkeys(ended, 0)
+        rf.update(conn.execute(sa.select(r.status, sa.func.count())
+                               .where(r.finished_at >= since).group_by(r.status)).all())
+        yield _gauges("step_runs_finished_last_hour", "Attempts that ended in the last "
+                      "hour, by status.", "status", rf)
+        yield self._durations(conn, since)
 
-        fuel = CounterMetricFamily(PREFIX + "fuel_spent", "Fuel debited, by action and "
-                                   "client (the ledger's sum).", labels=["action", "client_id"])
-        for action, client, amount in conn.execute(
-                sa.select(fuel_ledger.c.action, fuel_ledger.c.client_id,
-                          sa.func.sum(fuel_ledger.c.amount))
-                .group_by(fuel_ledger.c.action, fuel_ledger.c.client_id)).all():
-            fuel.add_metric([action, client], float(amount))
-        yield fuel
+        by_action = conn.execute(sa.select(led.action, sa.func.sum(led.amount))
+                                 .where(led.created_at >= since).group_by(led.action)).all()
+        yield _gauges("fuel_spent_last_hour", "Fuel debited in the last hour, by action.",
+                      "action", dict(by_action))
+        spent = sa.func.sum(led.amount).label("spent")
+        by_client = conn.execute(sa.select(led.client_id, spent)
+                                 .where(led.created_at >= since).group_by(led.client_id)
+                                 .order_by(spent.desc()).limit(TOP_CLIENTS + 1)).all()
+        clients = {c: float(n) for c, n in by_client[:TOP_CLIENTS]}
+        if len(by_client) > TOP_CLIENTS:
+            total = conn.execute(sa.select(sa.func.sum(led.amount))
+                                 .where(led.created_at >= since)).scalar_one()
+            clients["other"] = float(total or 0) - sum(clients.values())
+        yield _gauges("fuel_spent_last_hour_by_client", f"Fuel debited in the last hour by "
+                      f"the {TOP_CLIENTS} clients that spent most (the rest: other).",
+                      "client_id", clients)
 
         backlog = conn.execute(sa.select(sa.func.count()).select_from(outbox)
                                .where(outbox.c.published_at.is_(None),
@@ -116,17 +159,18 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "outbox_refused", "Outbox messages Kafka refused "
                                 "for good, set aside by the relay.", value=refused)
 
-    def _durations(self, conn: sa.Connection) -> Metric:
+    def _durations(self, conn: sa.Connection, since: datetime) -> Metric:
         r = step_runs.c
         dur = _duration(conn.dialect.name)
         cols = [sa.func.count(), sa.func.sum(dur),
                 *(sa.func.sum(sa.case((dur <= b, 1), else_=0)) for b in DURATION_BUCKETS)]
         hist = HistogramMetricFamily(PREFIX + "step_duration_seconds",
-                                     "Seconds from a step run's start to its finish, by "
-                                     "action (finished step runs).", labels=["action"])
+                                     "Seconds from an attempt's start to its end, by action "
+                                     "(attempts that ended in the last hour).",
+                                     labels=["action"])
         for action, count, total, *cumulative in conn.execute(
                 sa.select(r.action, *cols)
-                .where(r.started_at.is_not(None), r.finished_at.is_not(None))
+                .where(r.finished_at >= since, r.started_at.is_not(None))
                 .group_by(r.action)).all():
             buckets = [(floatToGoString(b), float(n or 0))
                        for b, n in zip(DURATION_BUCKETS, cumulative, strict=True)]

@@ -121,6 +121,7 @@ step_runs = sa.Table(
                         name="uq_step_runs_workflow_step_attempt"),
     sa.Index("idx_step_runs_status", "status"),
     sa.Index("idx_step_runs_request_id", "request_id"),
+    sa.Index("idx_step_runs_finished_at", "finished_at"),  # 0005: recent runs (metrics)
 )
 
 fuel_ledger = sa.Table(
@@ -136,6 +137,7 @@ fuel_ledger = sa.Table(
     sa.Column("usage", JSONType),
     sa.Column("created_at", TS, nullable=False),
     sa.Index("idx_fuel_ledger_correlation_id", "correlation_id"),
+    sa.Index("idx_fuel_ledger_created_at", "created_at"),  # 0005: recent debits (metrics)
 )
 
 outbox = sa.Table(
@@ -155,6 +157,7 @@ outbox = sa.Table(
     # 0003: a row Kafka refused for good (too large, an invalid topic) is set aside
     sa.Column("failed_at", TS),
     sa.Index("idx_outbox_unpublished", "published_at", "id"),
+    sa.Index("idx_outbox_failed_at", "failed_at"),  # 0005: refused rows (metrics)
 )
 
 plans = sa.Table(

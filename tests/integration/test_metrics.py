@@ -81,21 +81,30 @@ def filled(settings: Settings) -> Settings:
 
 
 def database_figures(url: str) -> Samples:
-    """The same figures, straight from the tables."""
+    """The same figures, straight from the tables (everything here is recent)."""
+    from chassis.state import Status, StepStatus
+
     out: Samples = {}
+    finished = {s.value for s in Status if s.finished}
+    ended = {s.value for s in StepStatus if s.finished}
     with make_engine(url).connect() as conn:
         for status, n in conn.execute(sa.select(orchestrator_state.c.status, sa.func.count())
                                       .group_by(orchestrator_state.c.status)):
-            out[("agentchassis_workflows", (("status", status),))] = n
+            name = "workflows_finished_last_hour" if status in finished else "workflows"
+            out[(f"agentchassis_{name}", (("status", status),))] = n
         for status, n in conn.execute(sa.select(step_runs.c.status, sa.func.count())
                                       .group_by(step_runs.c.status)):
-            out[("agentchassis_step_runs", (("status", status),))] = n
-        for action, client, amount in conn.execute(
-                sa.select(fuel_ledger.c.action, fuel_ledger.c.client_id,
-                          sa.func.sum(fuel_ledger.c.amount))
-                .group_by(fuel_ledger.c.action, fuel_ledger.c.client_id)):
-            out[("agentchassis_fuel_spent_total",
-                 (("action", action), ("client_id", client)))] = amount
+            name = "step_runs_finished_last_hour" if status in ended else "step_runs"
+            out[(f"agentchassis_{name}", (("status", status),))] = n
+        for action, amount in conn.execute(
+                sa.select(fuel_ledger.c.action, sa.func.sum(fuel_ledger.c.amount))
+                .group_by(fuel_ledger.c.action)):
+            out[("agentchassis_fuel_spent_last_hour", (("action", action),))] = amount
+        for client, amount in conn.execute(
+                sa.select(fuel_ledger.c.client_id, sa.func.sum(fuel_ledger.c.amount))
+                .group_by(fuel_ledger.c.client_id)):
+            out[("agentchassis_fuel_spent_last_hour_by_client",
+                 (("client_id", client),))] = amount
         for action, n in conn.execute(
                 sa.select(step_runs.c.action, sa.func.count())
                 .where(step_runs.c.started_at.is_not(None), step_runs.c.finished_at.is_not(None))
@@ -115,9 +124,10 @@ def test_every_figure_equals_the_database(filled: Settings) -> None:
         assert got.get(key) == value, key
     # statuses with no workflow are there, at zero
     assert got[("agentchassis_workflows", (("status", "PAUSED_FOR_HUMAN_INPUT"),))] == 0
-    assert got[("agentchassis_workflows", (("status", "COMPLETED"),))] == 2
-    assert got[("agentchassis_fuel_spent_total",
-                (("action", "sleep"), ("client_id", "globex")))] == 1
+    assert got[("agentchassis_workflows_finished_last_hour", (("status", "COMPLETED"),))] == 2
+    assert ("agentchassis_workflows", (("status", "COMPLETED"),)) not in got  # not under way
+    assert got[("agentchassis_fuel_spent_last_hour_by_client",
+                (("client_id", "globex"),))] >= 1
     # the sleep steps took at least their 50 ms: not in the 10 ms bucket, in the 2.5 s one
     bucket = "agentchassis_step_duration_seconds_bucket"
     assert got[(bucket, (("action", "sleep"), ("le", "0.01")))] == 0
@@ -125,6 +135,38 @@ def test_every_figure_equals_the_database(filled: Settings) -> None:
     assert got[("agentchassis_step_duration_seconds_sum", (("action", "sleep"),))] >= 0.1
     assert not any(name.startswith("agentchassis_kafka") for name, _ in got)  # Kafka off
     assert all(name.startswith("agentchassis_") for name, _ in got)
+
+
+def test_what_ended_over_an_hour_ago_is_not_counted_and_clients_are_bounded(
+        filled: Settings) -> None:
+    """History does not weigh on a scrape: work that ended more than an hour ago is out
+    of every figure, and only the 10 biggest spenders have their own series."""
+    from datetime import timedelta
+
+    from chassis.store.sql import now
+
+    engine = make_engine(filled.database_url)
+    old = now() - timedelta(hours=2)
+    with engine.begin() as conn:
+        conn.execute(orchestrator_state.update().values(updated_at=old)
+                     .where(orchestrator_state.c.status == "COMPLETED"))
+        conn.execute(step_runs.update().values(finished_at=old, started_at=old)
+                     .where(step_runs.c.finished_at.is_not(None)))
+        conn.execute(fuel_ledger.update().values(created_at=old))
+    got = scrape(metrics.registry(filled))
+    assert got[("agentchassis_workflows_finished_last_hour", (("status", "COMPLETED"),))] == 0
+    assert got[("agentchassis_step_runs_finished_last_hour", (("status", "COMPLETED"),))] == 0
+    assert not any(n == "agentchassis_fuel_spent_last_hour" for n, _ in got)
+    assert got[("agentchassis_workflows", (("status", "RUNNING"),))] == 1  # still under way
+    client = Client(filled)
+    for i in range(12):
+        client.start(LINEAR, client_id=f"client-{i:02d}")  # each debits its first step
+    got = scrape(metrics.registry(filled))
+    series = {labels for n, labels in got if n == "agentchassis_fuel_spent_last_hour_by_client"}
+    assert len(series) == 11 and (("client_id", "other"),) in series
+    spent = sum(v for (n, _), v in got.items()
+                if n == "agentchassis_fuel_spent_last_hour_by_client")
+    assert spent == 12  # the top 10 and the rest: every debit of the hour, once
 
 
 def test_an_unreachable_database_is_reported_not_raised(tmp_path: Path) -> None:

@@ -261,7 +261,7 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
                 ":step_name, :action, :status, :attempts, :parent_step, :request_id, "
                 ":dispatched_at, :started_at)"), row)
 
-    assert upgrade(empty_db_url) == ["0003", "0004"]
+    assert upgrade(empty_db_url) == ["0003", "0004", "0005"]
     store = SqlStore(make_engine(empty_db_url))
     assert store.get(paused).attempts == {"draft": [1, 0, 0], "review": [1, 0, 0]}
     # rejected, then retried by an operator: it asks again (attempt 2 of the pause)
