@@ -78,10 +78,21 @@ MISMATCHED = Metric("mismatched_workflows", "workflows",
 """Workflows whose ledger sum, fuel_spent and the plan's price disagree."""
 
 
+AGENT_WALL = Metric("wall", "s", lambda s: s.wall_s, targets={"dbos": 1.0})
+"""The agent case's wall time: to be ahead of DBOS (at most 1.0 of its time)."""
+VS_IDEAL = Metric("vs_ideal", "x", lambda s: s.detail.get("vs_ideal"))
+"""Wall time over the ideal (steps x latency: every workflow's steps back to back)."""
+
+
 def cases(linear_steps: int = 100, fanout_width: int = 500, concurrent: int = 200,
           concurrent_steps: int = 3, fuel_workflows: int = 8,
-          fuel_steps: int = 25) -> dict[str, Case]:
+          fuel_steps: int = 25, agent_workflows: int = 1000,
+          agent_latency: float = 1.0) -> dict[str, Case]:
     return {
+        "agent": Case("agent", f"agent: {agent_workflows} workflows x 3 steps of "
+                      f"{agent_latency:g} s model latency", "agent", agent_workflows,
+                      (AGENT_WALL, VS_IDEAL, WORKER_CPU, PG_CPU),
+                      {"steps": 3, "latency": agent_latency}),
         "linear": Case("linear", f"linear, {linear_steps} no-op steps", "linear",
                        linear_steps, (PER_STEP, WALL, WORKER_CPU, PG_CPU)),
         "concurrent": Case("concurrent", f"{concurrent} workflows of {concurrent_steps} "

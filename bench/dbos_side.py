@@ -69,6 +69,20 @@ def steps_wf(n: int) -> int:
     return n
 
 
+@DBOS.step()
+def wait_step(seconds: float) -> float:
+    """A step that waits (the agent case's simulated model call)."""
+    time.sleep(seconds)
+    return time.time()
+
+
+@DBOS.workflow()
+def agent_wf(steps: int, seconds: float) -> int:
+    for _ in range(steps):
+        wait_step(seconds)
+    return steps
+
+
 @DBOS.workflow()
 def fanout_wf(n: int) -> dict[str, Any]:
     assert fanout_queue is not None
@@ -127,6 +141,14 @@ class Side:
         first, end, _ = self._times([h.workflow_id for h in handles])
         return {"t0": t0, "first_created": first, "end": end}
 
+    def agent(self, n: int, steps: int, latency: float) -> dict[str, Any]:
+        t0 = time.time()
+        handles = [DBOS.start_workflow(agent_wf, steps, latency) for _ in range(n)]
+        for h in handles:
+            h.get_result()
+        first, end, _ = self._times([h.workflow_id for h in handles])
+        return {"t0": t0, "first_created": first, "end": end}
+
     def fanout(self, n: int) -> dict[str, Any]:
         t0 = time.time()
         handle = DBOS.start_workflow(fanout_wf, n)
@@ -146,6 +168,8 @@ class Side:
             return self.concurrent(int(msg["n"]), int(msg["steps"]))
         if op == "fanout":
             return self.fanout(int(msg["n"]))
+        if op == "agent":
+            return self.agent(int(msg["n"]), int(msg["steps"]), float(msg["latency"]))
         raise ValueError(f"unknown op {op!r}")
 
 

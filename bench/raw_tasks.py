@@ -12,6 +12,7 @@ from its own environment); it sends these tasks by name.
   to the next link), so the bench can compute per-hop latency exactly as it does for our
   steps (from ``started_at``). With ``key`` set (the last link) it pushes the list to that
   Redis key, which the bench waits on with BLPOP: the raw chain needs no result backend.
+- ``bench.wait``: a chain link that waits (the agent case's simulated model call).
 - ``bench.part``: a chord header task; returns {} through the result backend, as our
   ``chassis.subtask`` does.
 - ``bench.join``: the chord callback; pushes its timestamp and the number of results.
@@ -45,6 +46,14 @@ def noop(stamps: list[float] | None = None, key: str | None = None) -> list[floa
     if key is not None:
         _r().rpush(key, json.dumps({"stamps": stamps, "end": stamps[-1]}))
     return stamps
+
+
+@app.task(name="bench.wait", ignore_result=True)
+def wait(stamps: list[float] | None = None, seconds: float = 1.0,
+         key: str | None = None) -> list[float]:
+    """A chain link that waits ``seconds`` (a model call), as our ``sleep`` action."""
+    time.sleep(seconds)
+    return noop(stamps, key)
 
 
 @app.task(name="bench.part", ignore_result=False)

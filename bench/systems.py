@@ -178,6 +178,22 @@ class Chassis(System):
         return Sample(wall, detail={"wf_per_s": n / wall, "start_calls_s": started - t0,
                                     "t0_to_first_created_s": first - t0})
 
+    def agent(self, n: int, steps: int = 3, latency: float = 1.0) -> Sample:
+        """``n`` workflows of ``steps`` steps that each wait ``latency`` s (a model call),
+        started at once; from the first start call to the last workflow's end."""
+        plan = {"start_step": "s0", "steps": {
+            **{f"s{i}": {"action": "sleep", "params": {"seconds": latency},
+                         "next_step": f"s{i + 1}" if i + 1 < steps else "done"}
+               for i in range(steps)},
+            "done": {"action": "complete_workflow"}}}
+        t0 = time.time()
+        cids = self._start_many(plan, n, CLIENT_ID)
+        started = time.time()
+        _first, last = self._wait_all(cids)
+        wall = last - t0
+        return Sample(wall, detail={"vs_ideal": wall / (steps * latency),
+                                    "start_calls_s": started - t0})
+
     def fuel(self, n: int, workflows: int = 8) -> Sample:
         """``workflows`` workflows of one client, ``n`` no-op steps each, started
         together; every step debits fuel. Then the ledger is checked against each
@@ -295,6 +311,24 @@ class RawCelery(System):
         wall = max(ends) - t0
         return Sample(wall, detail={"wf_per_s": n / wall, "start_calls_s": sent - t0})
 
+    def agent(self, n: int, steps: int = 3, latency: float = 1.0) -> Sample:
+        """``n`` chains of ``steps`` links that each wait ``latency`` s, sent at once;
+        from the first ``apply_async`` to the last chain's end (nothing durable)."""
+        key = f"bench:done:{uuid.uuid4().hex}"
+        chains = [chain(*[self.app.signature("bench.wait", kwargs={"seconds": latency},
+                                             queue=STEPS_QUEUE) for _ in range(steps - 1)],
+                        self.app.signature("bench.wait", kwargs={"seconds": latency,
+                                                                 "key": key},
+                                           queue=STEPS_QUEUE)) for _ in range(n)]
+        t0 = time.time()
+        for c in chains:
+            c.apply_async()
+        sent = time.time()
+        ends = [self._wait(key)["end"] for _ in range(n)]
+        wall = max(ends) - t0
+        return Sample(wall, detail={"vs_ideal": wall / (steps * latency),
+                                    "start_calls_s": sent - t0})
+
     def fanout(self, n: int) -> Sample:
         key = f"bench:done:{uuid.uuid4().hex}"
         header = [self.app.signature("bench.part", args=(i,), queue=STEPS_QUEUE)
@@ -409,6 +443,12 @@ class Dbos(System):
         r = self.ask(op="concurrent", n=n, steps=steps)
         wall = r["end"] - r["first_created"]
         return Sample(wall, detail={"wf_per_s": n / wall,
+                                    "t0_to_first_created_s": r["first_created"] - r["t0"]})
+
+    def agent(self, n: int, steps: int = 3, latency: float = 1.0) -> Sample:
+        r = self.ask(op="agent", n=n, steps=steps, latency=latency)
+        wall = r["end"] - r["t0"]
+        return Sample(wall, detail={"vs_ideal": wall / (steps * latency),
                                     "t0_to_first_created_s": r["first_created"] - r["t0"]})
 
     def fanout(self, n: int) -> Sample:
