@@ -77,6 +77,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
     if settings.prune_after_days is not None:
         schedule["chassis-prune"] = {"task": PRUNE_TASK, "schedule": crontab(minute=30, hour=3),
+                                     "args": [settings.prune_after_days],
                                      "options": {"expires": 12 * 3600}}
     if not settings.result_backend.startswith(("redis://", "rediss://")):
         # Celery adds this one itself for such backends; declared here to be seen

@@ -283,7 +283,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         redispatch_after=_number(env, "CHASSIS_REDISPATCH_AFTER", 20.0, least=0.001),
         max_deliveries=int(_number(env, "CHASSIS_MAX_DELIVERIES", 3, least=1, integer=True)),
         sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 5.0, least=0.001),
-        prune_after_days=(_number(env, "CHASSIS_PRUNE_AFTER_DAYS", 0.0, most=36500)
+        prune_after_days=(_number(env, "CHASSIS_PRUNE_AFTER_DAYS", 0.0, least=1, most=36500)
                           if (env.get("CHASSIS_PRUNE_AFTER_DAYS") or "").strip() else None),
         result_expires=int(_number(env, "CHASSIS_RESULT_EXPIRES", 86400, integer=True)),
         metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, most=65535,

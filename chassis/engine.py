@@ -182,7 +182,9 @@ class Engine:
         state = claim.state or self._db(lambda: self.store.get(cid), "reading the workflow",
                                         cid)
         with self.heartbeat.hold(claim.row_id):
-            event = run_action(payload, state.step_data(step), timeout)
+            # a copy: an action changing its input must not change the workflow's data
+            # (the claim's state is written back by the transition that follows)
+            event = run_action(payload, copy.deepcopy(state.step_data(step)), timeout)
         parent = payload.get("parent")
         if parent and isinstance(event, co.StepSucceeded):
             recorded, pending = infra.persist(

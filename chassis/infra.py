@@ -25,7 +25,10 @@ MAX_WAIT = 5.0
 
 
 def is_database_error(exc: BaseException) -> bool:
-    """The database is unreachable, restarting, or locked (SQLite): try again later."""
+    """The database is unreachable, restarting, or locked (SQLite), or every pooled
+    connection is busy (many threads): try again later."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return True
     if isinstance(exc, sa_exc.DBAPIError):
         return exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError)

@@ -19,12 +19,10 @@ def sweep() -> dict[str, int]:
 
 
 @app.task(name=PRUNE_TASK)
-def prune() -> dict[str, object]:
-    """Remove finished workflows unchanged for CHASSIS_PRUNE_AFTER_DAYS (beat, daily, when
-    set): what ``chassis prune --older-than`` does."""
+def prune(days: float) -> dict[str, object]:
+    """Remove finished workflows unchanged for ``days`` (beat sends it daily with
+    CHASSIS_PRUNE_AFTER_DAYS from its own environment): what ``chassis prune
+    --older-than`` does."""
     settings = config.load()
-    if settings.prune_after_days is None:
-        return {"skipped": "CHASSIS_PRUNE_AFTER_DAYS is not set"}
-    return prune_workflows(make_engine(settings.database_url),
-                           timedelta(days=settings.prune_after_days),
+    return prune_workflows(make_engine(settings.database_url), timedelta(days=float(days)),
                            kafka=bool(settings.kafka_bootstrap)).counts()

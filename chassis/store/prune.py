@@ -12,7 +12,8 @@ older than the cutoff, so they are not all sent the day Kafka is turned on.
 
 Work goes in batches, one short transaction each: no long lock, and a workflow that an
 operator retries meanwhile (it is no longer finished) is left alone, the check being
-made by the delete itself.
+made by the delete itself. A FAILED workflow whose compensation ran out of attempts
+(steps still to undo) is kept: it is the only trace of what an operator must finish.
 """
 
 from __future__ import annotations
@@ -58,9 +59,20 @@ def _unpublished(cids: sa.ColumnElement[str]) -> sa.Exists:
                              outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None))
 
 
-def _old_finished(cutoff: datetime, kafka: bool) -> sa.ColumnElement[bool]:
+def _undo_left(dialect: str) -> sa.ColumnElement[bool]:
+    """A FAILED workflow whose compensation ran out of attempts still has steps to undo
+    (an operator's retry finishes it): its record is the only trace of them."""
+    if dialect == "postgresql":
+        left = sa.text("jsonb_array_length(COALESCE(orchestrator_state.saga -> 'undo', "
+                       "'[]'::jsonb)) > 0")
+    else:
+        left = sa.text("COALESCE(json_array_length(orchestrator_state.saga, '$.undo'), 0) > 0")
+    return sa.and_(orchestrator_state.c.status == Status.FAILED.value, left)
+
+
+def _old_finished(cutoff: datetime, kafka: bool, dialect: str) -> sa.ColumnElement[bool]:
     o = orchestrator_state.c
-    cond = sa.and_(o.status.in_(FINISHED), o.updated_at < cutoff)
+    cond = sa.and_(o.status.in_(FINISHED), o.updated_at < cutoff, ~_undo_left(dialect))
     if kafka:
         cond = sa.and_(cond, ~_unpublished(o.correlation_id))
     return cond
@@ -76,6 +88,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
           progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
     """Remove finished workflows unchanged for ``older_than`` (see the module)."""
     cutoff = now() - older_than
+    dialect = engine.dialect.name
     report = PruneReport(cutoff, dry_run)
     o = orchestrator_state.c
     with engine.connect() as conn:
@@ -88,7 +101,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
     while True:
         with engine.begin() as conn:
             q = (sa.select(o.correlation_id, o.updated_at)
-                 .where(_old_finished(cutoff, kafka))
+                 .where(_old_finished(cutoff, kafka, dialect))
                  .order_by(o.updated_at, o.correlation_id).limit(batch))
             if last is not None:  # (a dry run deletes nothing: page on)
                 q = q.where(sa.tuple_(o.updated_at, o.correlation_id) > sa.tuple_(
@@ -105,7 +118,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
             else:
                 gone = [str(c) for c in conn.execute(
                     orchestrator_state.delete()
-                    .where(o.correlation_id.in_(cids), _old_finished(cutoff, kafka))
+                    .where(o.correlation_id.in_(cids), _old_finished(cutoff, kafka, dialect))
                     .returning(o.correlation_id)).scalars()]
                 if len(gone) < len(cids):  # retried meanwhile: count what went
                     runs, ledger = runs - _count(conn, step_runs, cids), \

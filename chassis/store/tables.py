@@ -158,6 +158,7 @@ outbox = sa.Table(
     sa.Column("failed_at", TS),
     sa.Index("idx_outbox_unpublished", "published_at", "id"),
     sa.Index("idx_outbox_failed_at", "failed_at"),  # 0005: refused rows (metrics)
+    sa.Index("idx_outbox_correlation_id", "correlation_id"),  # 0005: prune
 )
 
 plans = sa.Table(

@@ -179,9 +179,11 @@ def test_flower_sees_the_worker_and_wants_a_password(stack: Stack) -> None:
     assert refused.value.code == 401
     workers = wait_until(lambda: stack.get("/api/workers?refresh=1"), timeout=60,
                          message="flower lists no worker")
-    queues = {q["name"] for w in workers.values() for q in w["active_queues"]}
-    assert all(name.startswith("celery@") for name in workers)
-    assert queues == {"chassis.coordination", "chassis.steps", "chassis.ai"}
+    queues = {name.split("@")[0]: {q["name"] for q in w["active_queues"]}
+              for name, w in workers.items()}
+    # the steps' worker (threads) and the coordinator, each on its own queues
+    assert queues == {"steps": {"chassis.steps", "chassis.ai"},
+                      "coordinator": {"chassis.coordination"}}
 
 
 def test_a_workflow_completes_and_its_tasks_show_in_flower(stack: Stack,
@@ -227,10 +229,11 @@ def test_metrics_equal_the_database(stack: Stack, completed: str) -> None:
 
     got = wait_until(settled, timeout=90, interval=0.5,
                      message="metrics never matched the database")
-    assert got[("agentchassis_workflows", (("status", "COMPLETED"),))] == 1
-    assert got[("agentchassis_workflows", (("status", "FAILED"),))] == 1
-    assert got[("agentchassis_fuel_spent_total",
-                (("action", "ai_text_generate_claude_haiku"), ("client_id", "acme")))] == 10
+    finished = "agentchassis_workflows_finished_last_hour"
+    assert got[(finished, (("status", "COMPLETED"),))] == 1
+    assert got[(finished, (("status", "FAILED"),))] == 1
+    assert got[("agentchassis_fuel_spent_last_hour",
+                (("action", "ai_text_generate_claude_haiku"),))] == 10
     assert got[("agentchassis_step_duration_seconds_count", (("action", "echo"),))] == 1
     assert got[("agentchassis_kafka_up", ())] == 1 and got[("agentchassis_database_up", ())] == 1
 

@@ -22,6 +22,8 @@ def killed_and_restarted(services: Services, client: Client, plan: dict[str, Any
     """Start ``plan`` on a worker of one process (and beat), SIGKILL the worker once
     ``started`` (the workflow is then in ``status``), start a new one, and wait until
     the workflow has finished."""
+    for w in services.workers:  # (another test's worker would take the work)
+        w.stop()
     services.start_beat()
     first = services.start_worker(concurrency=1)
     cid = client.start(plan, None, client_id="acme")

@@ -211,3 +211,18 @@ def test_same_task_delivered_twice_runs_once_and_debits_once(
     assert b["attempts"] == 1 and b["history"][0]["deliveries"] == 1
     assert count_rows(client, step_runs, cid) == 3
     assert count_rows(client, outbox, cid) == 1  # one completion event
+
+
+def test_an_action_changing_its_input_does_not_change_the_workflows_data(
+        client: Client, worker: Worker) -> None:
+    """The data a step sees is read with its claim; an action that changes it in place
+    changes nothing recorded (an earlier step's output stays as that step returned it)."""
+    plan = {"start_step": "a", "steps": {
+        "a": {"action": "echo", "params": {"items": [3, 1, 2]}, "next_step": "b"},
+        "b": {"action": "mutate", "params": {"of": "a"}, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    doc = client.wait(client.start(plan, client_id="acme"), timeout=60)
+    assert doc["status"] == "COMPLETED", doc
+    assert doc["final_result"]["a"] == {"items": [3, 1, 2]}
+    assert next(s for s in client.store.steps(doc["correlation_id"])
+                if s["step_name"] == "a")["output"] == {"items": [3, 1, 2]}

@@ -114,11 +114,11 @@ def test_the_command_line_and_beat(db_url: str, store: SqlStore) -> None:
     assert "chassis-prune" not in beat_schedule(load({}))
     entry = beat_schedule(load({"CHASSIS_PRUNE_AFTER_DAYS": "30"}))["chassis-prune"]
     assert entry["task"] == PRUNE_TASK
-    bad_env = chassis("prune", "--older-than", "1")
-    assert bad_env.returncode == 0
-    env["CHASSIS_PRUNE_AFTER_DAYS"] = "soon"
-    refused = chassis("prune", "--older-than", "1")
-    assert refused.returncode == 2 and "CHASSIS_PRUNE_AFTER_DAYS" in refused.stderr
+    assert entry["args"] == [30.0]  # beat's own setting travels with the task
+    for bad in ("soon", "0"):  # the daily job removes nothing younger than a day
+        env["CHASSIS_PRUNE_AFTER_DAYS"] = bad
+        refused = chassis("prune", "--older-than", "1")
+        assert refused.returncode == 2 and "CHASSIS_PRUNE_AFTER_DAYS" in refused.stderr
 
 
 def test_beats_task_prunes_when_configured(db_url: str, store: SqlStore,
@@ -128,9 +128,22 @@ def test_beats_task_prunes_when_configured(db_url: str, store: SqlStore,
     done = started(store, DONE)
     monkeypatch.setenv("CHASSIS_DATABASE_URL", db_url)
     monkeypatch.delenv("CHASSIS_KAFKA_BOOTSTRAP", raising=False)
-    monkeypatch.delenv("CHASSIS_PRUNE_AFTER_DAYS", raising=False)
-    assert prune_task.run() == {"skipped": "CHASSIS_PRUNE_AFTER_DAYS is not set"}
+    assert prune_task.run(1)["workflows"] == 0  # a day: too young
     assert rows(store, done)["orchestrator_state"] == 1
-    monkeypatch.setenv("CHASSIS_PRUNE_AFTER_DAYS", "0")
-    assert prune_task.run()["workflows"] == 1
+    assert prune_task.run(0)["workflows"] == 1
     assert rows(store, done)["orchestrator_state"] == 0
+
+
+def test_a_compensation_left_to_finish_keeps_its_workflow(store: SqlStore) -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "echo", "next_step": "b",
+              "compensate": {"action": "echo", "retry": {"max_attempts": 1}}},
+        "b": {"action": "echo", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    cid = started(store, plan)
+    for event in (co.StepSucceeded("a", {}, 1), co.StepFailed("b", "boom", 1),
+                  co.StepFailed("a/compensate", "undo broke", 1)):
+        store.transition(cid, lambda s, p, e=event: co.decide(s, p, e))
+    assert store.get(cid).status is Status.FAILED and store.get(cid).undo == [["a"]]
+    assert prune(store.engine, timedelta(0), kafka=False).workflows == 0
+    assert rows(store, cid)["orchestrator_state"] == 1

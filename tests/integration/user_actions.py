@@ -73,3 +73,12 @@ def record(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     if fail is True or (isinstance(fail, int) and n <= fail):
         raise RuntimeError(f"{name} failed (run {n})")
     return {"did": name, "run": n}
+
+
+@action("mutate")
+def mutate(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Change the output of step params.of in place (a careless action)."""
+    seen = data[params["of"]]
+    seen["items"].sort()
+    seen["note"] = "scratch"
+    return {"ok": True}

@@ -26,9 +26,11 @@ def upgrade() -> None:
     op.create_index("idx_step_runs_finished_at", "step_runs", ["finished_at"])
     op.create_index("idx_fuel_ledger_created_at", "fuel_ledger", ["created_at"])
     op.create_index("idx_outbox_failed_at", "outbox", ["failed_at"])
+    op.create_index("idx_outbox_correlation_id", "outbox", ["correlation_id"])  # prune
 
 
 def downgrade() -> None:
+    op.drop_index("idx_outbox_correlation_id", "outbox")
     op.drop_index("idx_outbox_failed_at", "outbox")
     op.drop_index("idx_fuel_ledger_created_at", "fuel_ledger")
     op.drop_index("idx_step_runs_finished_at", "step_runs")
