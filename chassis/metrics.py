@@ -106,30 +106,21 @@ class DatabaseCollector(Collector):
     def _families(self, conn: sa.Connection) -> Iterator[Metric]:
         since = datetime.now(UTC) - WINDOW
         o, r, led = orchestrator_state.c, step_runs.c, fuel_ledger.c
-        active = [st.value for st in Status if not st.finished]
-        ws = dict.fromkeys(active, 0)
-        ws.update(conn.execute(sa.select(o.status, sa.func.count())
-                               .where(o.status.in_(active)).group_by(o.status)).all())
-        yield _gauges("workflows", "Workflows under way, by status.", "status", ws)
+        under_way = [st.value for st in Status if not st.finished]
+        yield _gauges("workflows", "Workflows under way, by status.", "status",
+                      _by_status(conn, o.status, under_way, o.status.in_(under_way)))
         finished = [st.value for st in Status if st.finished]
-        wf = dict.fromkeys(finished, 0)
-        wf.update(conn.execute(sa.select(o.status, sa.func.count())
-                               .where(o.updated_at >= since, o.status.in_(finished))
-                               .group_by(o.status)).all())
         yield _gauges("workflows_finished_last_hour", "Workflows that ended in the last "
-                      "hour, by status.", "status", wf)
-
+                      "hour, by status.", "status",
+                      _by_status(conn, o.status, finished, o.updated_at >= since,
+                                 o.status.in_(finished)))
         live = [st.value for st in StepStatus if not st.finished]
-        rs = dict.fromkeys(live, 0)
-        rs.update(conn.execute(sa.select(r.status, sa.func.count())
-                               .where(r.status.in_(live)).group_by(r.status)).all())
-        yield _gauges("step_runs", "Attempts under way, by status.", "status", rs)
+        yield _gauges("step_runs", "Attempts under way, by status.", "status",
+                      _by_status(conn, r.status, live, r.status.in_(live)))
         ended = [st.value for st in StepStatus if st.finished]
-        rf = dict.fromkeys(ended, 0)
-        rf.update(conn.execute(sa.select(r.status, sa.func.count())
-                               .where(r.finished_at >= since).group_by(r.status)).all())
         yield _gauges("step_runs_finished_last_hour", "Attempts that ended in the last "
-                      "hour, by status.", "status", rf)
+                      "hour, by status.", "status",
+                      _by_status(conn, r.status, ended, r.finished_at >= since))
         yield self._durations(conn, since)
 
         by_action = conn.execute(sa.select(led.action, sa.func.sum(led.amount))
@@ -201,6 +192,15 @@ class KafkaCollector(Collector):
                                   "the dead-letter topic.", value=figures.dead_letters)
         yield _gauges("bridge_lag", "Messages on the bridge's topics its consumer group "
                       "has not committed yet.", "topic", figures.lag)
+
+
+def _by_status(conn: sa.Connection, status: sa.ColumnElement[str], listed: list[str],
+               *where: sa.ColumnElement[bool]) -> dict[str, Any]:
+    """Rows by status, every listed status present (0 when none)."""
+    counts: dict[str, Any] = dict.fromkeys(listed, 0)
+    counts.update(conn.execute(sa.select(status, sa.func.count()).where(*where)
+                               .group_by(status)).all())
+    return counts
 
 
 def _gauges(name: str, doc: str, label: str, values: dict[str, Any]) -> Metric:
