@@ -177,8 +177,11 @@ def test_flower_sees_the_worker_and_wants_a_password(stack: Stack) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         stack.get("/api/workers", auth=False)
     assert refused.value.code == 401
-    workers = wait_until(lambda: stack.get("/api/workers?refresh=1"), timeout=60,
-                         message="flower lists no worker")
+    def both() -> dict[str, Any] | None:
+        workers = stack.get("/api/workers?refresh=1")
+        return workers if len(workers) == 2 else None
+
+    workers = wait_until(both, timeout=60, message="flower does not list both workers")
     queues = {name.split("@")[0]: {q["name"] for q in w["active_queues"]}
               for name, w in workers.items()}
     # the steps' worker (threads) and the coordinator, each on its own queues
