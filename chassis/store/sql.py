@@ -290,14 +290,15 @@ class SqlStore:
 
         def once() -> cmd.Decision:
             with self.engine.begin() as conn:
+                pre = None
                 if parent is not None and fan_out is not None:
                     # the siblings first, as every locking transition takes them
-                    conn.execute(_LOCK_SUBTASKS, {"b_cid": cid, "b_parent": parent}).all()
+                    pre = (parent, self._settled(conn, cid, parent))
                 locked = conn.execute(lock).first() is not None
                 state, plan = self._load(conn, cid)
                 if not locked:
                     return cmd.Decision(state, changed=False)
-                return self._decide_and_save(conn, state, plan, decide, fan_out)
+                return self._decide_and_save(conn, state, plan, decide, fan_out, pre)
 
         return self._retrying(cid, once)
 
@@ -322,14 +323,19 @@ class SqlStore:
             return self._decide_and_save(conn, current, plan, decide, fan_out)
 
     def _decide_and_save(self, conn: sa.Connection, state: WorkflowState, plan: Plan,
-                         decide: Decide, fan_out: FanOut | None) -> cmd.Decision:
+                         decide: Decide, fan_out: FanOut | None,
+                         read: tuple[str, dict[str, tuple[int, Any]]] | None = None
+                         ) -> cmd.Decision:
         """Decide (with the fan-out's settled sub-tasks, read under lock, when
-        ``fan_out`` names one) and write the outcome in ``conn``'s transaction."""
+        ``fan_out`` names one; ``read``: a fan-out's already read in this transaction)
+        and write the outcome in ``conn``'s transaction."""
         fan = fan_out(state, plan) if fan_out is not None else None
         if fan is None:
             decision = decide(state, plan)
         else:
-            decision = decide(state, plan, self._settled(conn, state.correlation_id, fan))
+            settled = (read[1] if read is not None and read[0] == fan
+                       else self._settled(conn, state.correlation_id, fan))
+            decision = decide(state, plan, settled)
         if decision.changed:
             self._save(conn, decision, state.version)
         return decision
