@@ -178,8 +178,9 @@ def test_flower_sees_the_worker_and_wants_a_password(stack: Stack) -> None:
         stack.get("/api/workers", auth=False)
     assert refused.value.code == 401
     def both() -> dict[str, Any] | None:
-        workers = stack.get("/api/workers?refresh=1")
-        return workers if len(workers) == 2 else None
+        workers = stack.get("/api/workers?refresh=1")  # (each once it told its queues)
+        told = [w for w in workers.values() if w.get("active_queues")]
+        return workers if len(told) == 2 else None
 
     workers = wait_until(both, timeout=60, message="flower does not list both workers")
     queues = {name.split("@")[0]: {q["name"] for q in w["active_queues"]}
