@@ -84,11 +84,23 @@ VS_IDEAL = Metric("vs_ideal", "x", lambda s: s.detail.get("vs_ideal"))
 """Wall time over the ideal (steps x latency: every workflow's steps back to back)."""
 
 
+GROWTH = Metric("end_over_start", "x", lambda s: s.detail.get("end_over_start"))
+"""The growth case: the gap between steps at the end over the gap at the start (issue
+13: at most 1.3)."""
+GAP_START = Metric("gap_start", "ms", lambda s: s.detail.get("gap_start_ms"))
+GAP_END = Metric("gap_end", "ms", lambda s: s.detail.get("gap_end_ms"))
+
+
 def cases(linear_steps: int = 100, fanout_width: int = 500, concurrent: int = 200,
           concurrent_steps: int = 3, fuel_workflows: int = 8,
           fuel_steps: int = 25, agent_workflows: int = 1000,
-          agent_latency: float = 1.0) -> dict[str, Case]:
+          agent_latency: float = 1.0, growth_steps: int = 1000,
+          growth_bytes: int = 10_240) -> dict[str, Case]:
     return {
+        "growth": Case("growth", f"growth: one workflow of {growth_steps} steps, each "
+                       f"adding a {growth_bytes / 1024:g} KB output", "growth", growth_steps,
+                       (GROWTH, GAP_START, GAP_END, WALL, WORKER_CPU, PG_CPU),
+                       {"size": growth_bytes}),
         "agent": Case("agent", f"agent: {agent_workflows} workflows x 3 steps of "
                       f"{agent_latency:g} s model latency", "agent", agent_workflows,
                       (AGENT_WALL, VS_IDEAL, WORKER_CPU, PG_CPU),

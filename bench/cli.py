@@ -38,8 +38,10 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379"
 CASES = ("linear", "concurrent", "fanout", "fuel")
 #: Cases run only when named (--cases agent): on the default prefork -c 2 worker its
 #: 1,000 workflows of 3 s each would take 25 minutes; run it on the shipped deployment.
-EXTRA_CASES = ("agent",)
+EXTRA_CASES = ("agent", "growth")
 SYSTEMS = ("ours", "raw_celery", "dbos")
+#: What the worker imports: the raw-Celery tasks and the bench's own actions.
+ACTION_MODULES = "bench.raw_tasks,bench.actions"
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,6 +75,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="agent: workflows of 3 waiting steps (default 1000)")
     p.add_argument("--agent-latency", type=float, default=1.0,
                    help="agent: seconds each step waits, a model call (default 1)")
+    p.add_argument("--growth-steps", type=int, default=1000,
+                   help="growth: steps of the one workflow (default 1000)")
+    p.add_argument("--growth-bytes", type=int, default=10_240,
+                   help="growth: bytes of each step's output (default 10240)")
     p.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
     p.add_argument("--pool", default="prefork", help="worker -P (default prefork)")
     p.add_argument("--prefetch", type=int, help="CHASSIS_PREFETCH_MULTIPLIER (default: 4)")
@@ -238,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
     all_cases = casemod.cases(a.steps, a.width, a.workflows, a.workflow_steps,
                               a.fuel_workflows, a.fuel_steps, a.agent_workflows,
-                              a.agent_latency)
+                              a.agent_latency, a.growth_steps, a.growth_bytes)
     wanted = [c.strip() for c in a.cases.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in all_cases]
     if unknown:
@@ -295,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         broker = rd.claim()
         log(f"Redis database {rd.db} (flushed)")
         env = {"CHASSIS_DATABASE_URL": db_url, "CHASSIS_BROKER_URL": broker,
-               "CHASSIS_RESULT_BACKEND": broker, "CHASSIS_ACTION_MODULES": "bench.raw_tasks",
+               "CHASSIS_RESULT_BACKEND": broker, "CHASSIS_ACTION_MODULES": ACTION_MODULES,
                "CHASSIS_HOME": home}
         if a.prefetch is not None:
             env["CHASSIS_PREFETCH_MULTIPLIER"] = str(a.prefetch)

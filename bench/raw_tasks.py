@@ -70,3 +70,4 @@ def join(results: list[Any], key: str) -> None:
 @app.task(name="bench.ping", ignore_result=True)
 def ping(key: str) -> None:
     _r().rpush(key, json.dumps({"end": time.time()}))
+

@@ -27,6 +27,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery, chain, chord
 
+import bench.actions  # noqa: F401  (the growth case's action, known to the client)
 from bench.env import ROOT, PostgresDatabase, log, tree_pids
 from chassis import config, fuel
 from chassis.api import Client
@@ -126,6 +127,25 @@ class Chassis(System):
         return Sample(end - t0, _diffs(starts),
                       {"start_to_first_step_s": starts[0] - t0,
                        "last_step_to_end_s": end - starts[-1]})
+
+    def growth(self, n: int, size: int = 10_240, window: int = 100) -> Sample:
+        """One workflow of ``n`` steps, each adding an output of ``size`` bytes: does a
+        step cost the same at the end (all earlier outputs collected) as at the start?
+        The gap between two steps' starts, median over the first and the last
+        ``window`` steps."""
+        steps: dict[str, Any] = {
+            f"s{i}": {"action": "bench_blob", "params": {"bytes": size},
+                      "next_step": f"s{i + 1}" if i + 1 < n else "done"} for i in range(n)}
+        steps["done"] = {"action": "complete_workflow"}
+        t0, cid, end = self._run({"start_step": "s0", "steps": steps})
+        runs = {r["step_name"]: r for r in self.client.store.steps(cid)}
+        gaps = _diffs([runs[f"s{i}"]["started_at"].timestamp() for i in range(n)])
+        w = max(1, min(window, len(gaps) // 2))
+        first, last = statistics.median(gaps[:w]), statistics.median(gaps[-w:])
+        return Sample(end - t0, gaps, {"gap_start_ms": first * 1000,
+                                       "gap_end_ms": last * 1000,
+                                       "end_over_start": last / first,
+                                       "collected_mb": n * size / 1e6})
 
     def fanout(self, n: int) -> Sample:
         t0, cid, end = self._run(fanout_plan(n))

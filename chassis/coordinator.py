@@ -130,7 +130,7 @@ def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
         return Decision(state, changed=False)
     new = copy.copy(state)
     new.awaited_steps = list(state.awaited_steps)
-    new.collected_data = dict(state.collected_data)
+    new.collected_data = state.collected_data.copy()
     new.attempts = {k: list(v) for k, v in state.attempts.items()}
     new.completed = list(state.completed)
     new.undo = [list(b) for b in state.undo]
@@ -775,7 +775,7 @@ def _fits(d: Decision, plan: Plan, request: SendRequest) -> bool:
 def _complete(d: Decision) -> None:
     s = d.state
     s.status = Status.COMPLETED
-    s.final_result = dict(s.collected_data)
+    s.final_result = s.collected_data.to_dict()
     d.commands.append(_event(s, "WORKFLOW_COMPLETED", {"final_result": s.final_result},
                              f"{s.correlation_id}:WORKFLOW_COMPLETED"))
 
@@ -792,7 +792,7 @@ def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
         "project_id": s.project_id,
         "client_id": s.client_id,
         "message": f"Step '{step.description or name}' requires your approval",
-        "data_for_review": _small(s, dict(s.collected_data)),
+        "data_for_review": _small(s, s.collected_data.to_dict()),
     }
     dedup = f"{s.correlation_id}:paused:{name}" + (f"#{attempt}" if attempt > 1 else "")
     d.commands.append(Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload,

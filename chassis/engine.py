@@ -56,6 +56,17 @@ def error_types(exc: BaseException) -> tuple[str, ...]:
     return tuple(c.__name__ for c in type(exc).__mro__ if c not in (BaseException, object))
 
 
+def json_copy(value: Any) -> Any:
+    """A deep copy of a JSON document (dicts, lists and immutable leaves): several
+    times faster than :func:`copy.deepcopy`, which matters when a step late in a long
+    workflow sees a thousand earlier outputs."""
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
+
+
 def run_action(payload: dict[str, Any], data: dict[str, Any],
                timeout: float | None) -> co.StepSucceeded | co.StepFailed:
     """Run the payload's action on ``data`` within ``timeout`` (where the pool allows
@@ -184,7 +195,7 @@ class Engine:
         with self.heartbeat.hold(claim.row_id):
             # a copy: an action changing its input must not change the workflow's data
             # (the claim's state is written back by the transition that follows)
-            event = run_action(payload, copy.deepcopy(state.step_data(step)), timeout)
+            event = run_action(payload, json_copy(state.step_data(step)), timeout)
         parent = payload.get("parent")
         if parent and isinstance(event, co.StepSucceeded):
             recorded, pending = infra.persist(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -68,6 +69,126 @@ def compensated_step(name: str) -> str | None:
     """The step a compensation's name undoes; None for a step's own name."""
     return name[:-len(COMPENSATE_SUFFIX)] if name.endswith(COMPENSATE_SUFFIX) else None
 
+#: Reads stored values: ``{name: rev}`` → ``{name: value}`` (see :class:`Outputs`).
+Loader = Callable[[Mapping[str, int]], dict[str, Any]]
+
+
+class Outputs(MutableMapping[str, Any]):
+    """A workflow's collected data (step outputs by step name, ``human_feedback``,
+    ``error``): a mapping whose values are stored one row each, apart from the
+    workflow's row.
+
+    The state carries only ``revs`` (name → the workflow version that wrote the value),
+    so a transition reads and writes a few bytes per name however large the outputs
+    are: a linear step costs the same at step 1,000 as at step 1. Values are read on
+    first need, all missing ones at once (``loader``), and a decision saves only the
+    ones it set (``written``)."""
+
+    __slots__ = ("revs", "_values", "written", "removed", "_loader")
+
+    def __init__(self, values: Mapping[str, Any] | None = None, *,
+                 revs: Mapping[str, int] | None = None, loader: Loader | None = None) -> None:
+        self.revs: dict[str, int] = dict(revs or {})
+        self._values: dict[str, Any] = {}
+        self.written: dict[str, Any] = {}
+        """Values set since the state was read (saved by the next transition)."""
+        self.removed: set[str] = set()
+        self._loader = loader
+        for name, value in (values or {}).items():
+            self[name] = value
+
+    def copy(self) -> Outputs:
+        """A new mapping with the same values (shared, not copied) and loader."""
+        new = Outputs(revs=self.revs, loader=self._loader)
+        new._values = dict(self._values)
+        new.written = dict(self.written)
+        new.removed = set(self.removed)
+        return new
+
+    def _load(self) -> None:
+        missing = self.missing()
+        if not missing:
+            return
+        if self._loader is None:
+            raise KeyError(f"values of {sorted(missing)[:5]} were not read")
+        self.fill(self._loader(missing))
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._values:
+            return self._values[name]
+        if name not in self.revs:
+            raise KeyError(name)
+        self._load()
+        return self._values[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._values[name] = value
+        self.written[name] = value
+        self.revs[name] = self.revs.get(name, 0)
+        self.removed.discard(name)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self.revs:
+            raise KeyError(name)
+        del self.revs[name]
+        self._values.pop(name, None)
+        self.written.pop(name, None)
+        self.removed.add(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.revs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.revs))
+
+    def __len__(self) -> int:
+        return len(self.revs)
+
+    def missing(self) -> dict[str, int]:
+        """Names (with their revs) whose values have not been read."""
+        return {n: r for n, r in self.revs.items() if n not in self._values}
+
+    def fill(self, values: Mapping[str, Any]) -> None:
+        """Values read by the caller (not set: nothing to save)."""
+        for name in self.revs:
+            if name not in self._values:
+                self._values[name] = values.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every value, read at once if need be."""
+        self._load()
+        return {n: self._values[n] for n in self.revs}
+
+    def items(self):  # type: ignore[override]
+        return self.to_dict().items()
+
+    def values(self):  # type: ignore[override]
+        return self.to_dict().values()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.to_dict() == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = {n: self._values[n] if n in self._values else "<not read>" for n in self.revs}
+        return f"Outputs({shown!r})"
+
+    def stamp(self, version: int) -> list[dict[str, Any]]:
+        """Give the values set since the read the version about to be saved; the rows
+        to write (name, rev, value)."""
+        for name in self.written:
+            self.revs[name] = version
+        return [{"name": n, "rev": version, "value": v} for n, v in self.written.items()]
+
+    def saved(self) -> None:
+        """The values set are stored now."""
+        self.written.clear()
+        self.removed.clear()
+
+
 _REQUEST_NS = uuid.UUID("6f1c8a4e-2b1d-4c55-9a57-0e4a3c2d9b10")
 
 
@@ -96,7 +217,7 @@ class WorkflowState:
     fuel_budget: int
     awaited_steps: list[str] = field(default_factory=list)
     """Request ids of the attempts awaited now (Celery tasks, agents, a human)."""
-    collected_data: dict[str, Any] = field(default_factory=dict)
+    collected_data: Outputs = field(default_factory=Outputs)
     initial_request_data: Any = None
     final_result: Any = None
     error: str | None = None
@@ -129,6 +250,10 @@ class WorkflowState:
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.collected_data, Outputs):
+            self.collected_data = Outputs(self.collected_data)
+
     @property
     def fuel_remaining(self) -> int:
         return self.fuel_budget - self.fuel_spent
@@ -142,7 +267,7 @@ class WorkflowState:
         (and ``error`` on an ``on_failure`` path). A compensation sees that, the output
         of the step it undoes under ``output``, and the error that started the
         compensation under ``error``."""
-        data = {"input": self.initial_request_data, **self.collected_data}
+        data = {"input": self.initial_request_data, **self.collected_data.to_dict()}
         undone = compensated_step(step) if step else None
         if undone is not None:
             data["output"] = self.collected_data.get(undone)

@@ -18,13 +18,13 @@ from chassis.store.rows import Row, Rows
 
 _STATE = """s AS (
   UPDATE orchestrator_state SET status = %(status)s, current_step = %(current_step)s,
-    awaited_steps = %(awaited_steps)s, collected_data = %(collected_data)s,
+    awaited_steps = %(awaited_steps)s, outputs = %(outputs)s,
     final_result = %(final_result)s, error = %(error)s, fuel_spent = %(fuel_spent)s,
     attempts = %(attempts)s, saga = %(saga)s, version = %(version)s, updated_at = %(updated_at)s
   WHERE correlation_id = %(cid)s AND version = %(b_version)s
   RETURNING correlation_id)"""
 
-_JSON_COLUMNS = ("awaited_steps", "collected_data", "initial_request_data", "final_result",
+_JSON_COLUMNS = ("awaited_steps", "outputs", "initial_request_data", "final_result",
                  "plan", "attempts", "saga")
 _NEW = """s AS (
   INSERT INTO orchestrator_state ({columns}) VALUES ({values})
@@ -64,6 +64,14 @@ _PARTS: dict[str, str] = {
     output jsonb, error text, error_type text, finished_at timestamptz)
   WHERE r.correlation_id = s.correlation_id AND r.step_name = x.b_step
     AND r.attempt = x.b_attempt AND r.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')""",
+    "dropped": """DELETE FROM step_outputs o
+  USING s, jsonb_to_recordset(%(dropped)s) AS x(name text)
+  WHERE o.correlation_id = s.correlation_id AND o.name = x.name""",
+    "collected": """INSERT INTO step_outputs (correlation_id, name, rev, value)
+  SELECT s.correlation_id, x.name, x.rev, x.value
+  FROM s, jsonb_to_recordset(%(collected)s) AS x(name text, rev int, value jsonb)
+  ON CONFLICT (correlation_id, name) DO UPDATE SET rev = EXCLUDED.rev,
+    value = EXCLUDED.value""",
     "messages": """INSERT INTO outbox (correlation_id, topic, key, headers, payload, dedup_key,
     created_at)
   SELECT s.correlation_id, x.topic, x.key, x.headers, x.payload, x.dedup_key, x.created_at

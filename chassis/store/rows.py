@@ -32,6 +32,11 @@ class Rows:
     output, error, error_type, finished_at."""
     usage: list[Row] = field(default_factory=list)
     messages: list[Row] = field(default_factory=list)
+    collected: list[Row] = field(default_factory=list)
+    """Values of collected data set by the decision: correlation_id, name, rev, value
+    (replacing the row of that name)."""
+    dropped: list[Row] = field(default_factory=list)
+    """Names of collected data the decision removed: correlation_id, name."""
 
 
 def _later(ts: datetime, seconds: float | None) -> datetime | None:
@@ -41,6 +46,10 @@ def _later(ts: datetime, seconds: float | None) -> datetime | None:
 def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) -> Rows:
     cid = s.correlation_id
     out = Rows()
+    collected = s.collected_data
+    out.collected = [{"correlation_id": cid, "name": n, "rev": collected.revs[n], "value": v}
+                   for n, v in collected.written.items()]
+    out.dropped = [{"correlation_id": cid, "name": n} for n in sorted(collected.removed)]
     new: dict[tuple[str, int], Row] = {}
 
     def run(step: str, attempt: int, action: str, status: StepStatus, rid: str | None,

@@ -5,9 +5,11 @@ unique (workflow, step) step runs, unique ledger keys, a version column."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,11 +20,11 @@ from sqlalchemy.exc import IntegrityError
 from chassis import commands as cmd
 from chassis.errors import ChassisError, WorkflowNotFound
 from chassis.plan import Plan, parse_plan, plan_to_dict
-from chassis.state import Status, StepStatus, WorkflowState
+from chassis.state import Loader, Outputs, Status, StepStatus, WorkflowState
 from chassis.store import attempts as at
 from chassis.store import pg
 from chassis.store.rows import rows_for
-from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
+from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_outputs, step_runs
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +81,47 @@ class _PlanCache:
             self._d.popitem(last=False)
 
 
-def _row_to_state(row: Any) -> WorkflowState:
+class _OutputCache:
+    """Values of collected data by (workflow, name, rev), most recently used kept, at
+    most ``max_bytes`` of JSON: a worker running a workflow's next step (or deciding
+    what follows it) reads only the values it has not seen. A value of a given rev
+    never changes (a new value gets the new version), so nothing is invalidated."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._d: OrderedDict[tuple[str, str, int], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, int]) -> tuple[bool, Any]:
+        with self._lock:
+            hit = self._d.get(key)
+            if hit is None:
+                return False, None
+            self._d.move_to_end(key)
+            return True, hit[0]
+
+    def put(self, key: tuple[str, str, int], value: Any, size: int) -> None:
+        if size > self._max // 8:
+            return
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._d[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self._max and self._d:
+                _, (_, gone) = self._d.popitem(last=False)
+                self._bytes -= gone
+
+
+def _row_to_state(row: Any, loader: Loader | None = None) -> WorkflowState:
     m = row._mapping
     state = WorkflowState(
         correlation_id=str(m["correlation_id"]), client_id=m["client_id"],
         status=Status(m["status"]), current_step=m["current_step"],
         fuel_budget=m["fuel_budget"], awaited_steps=list(m["awaited_steps"] or []),
-        collected_data=dict(m["collected_data"] or {}),
+        collected_data=Outputs(revs=m["outputs"] or {}, loader=loader),
         initial_request_data=m["initial_request_data"], final_result=m["final_result"],
         error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
         request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
@@ -94,11 +130,13 @@ def _row_to_state(row: Any) -> WorkflowState:
     return state
 
 
-def _state_values(s: WorkflowState) -> dict[str, Any]:
+def _state_values(s: WorkflowState, version: int) -> dict[str, Any]:
+    """The state's columns as saved at ``version`` (the values it set get that rev)."""
+    s.collected_data.stamp(version)
     return {"status": s.status.value, "current_step": s.current_step,
-            "awaited_steps": s.awaited_steps, "collected_data": s.collected_data,
+            "awaited_steps": s.awaited_steps, "outputs": s.collected_data.revs,
             "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent,
-            "attempts": s.attempts, "saga": s.saga()}
+            "attempts": s.attempts, "saga": s.saga(), "version": version}
 
 
 
@@ -113,6 +151,15 @@ _SAVE = orchestrator_state.update().where(
 _INSERT_LEDGER = fuel_ledger.insert()
 _INSERT_RUNS = step_runs.insert()
 _INSERT_OUTBOX = outbox.insert()
+_INSERT_OUTPUTS = step_outputs.insert()
+_DELETE_OUTPUT = step_outputs.delete().where(
+    step_outputs.c.correlation_id == sa.bindparam("b_cid"),
+    step_outputs.c.name == sa.bindparam("b_name"))
+_READ_OUTPUTS = sa.select(
+    step_outputs.c.name, step_outputs.c.rev,
+    sa.cast(step_outputs.c.value, sa.Text).label("text")).where(
+    step_outputs.c.correlation_id == sa.bindparam("b_cid"),
+    step_outputs.c.name.in_(sa.bindparam("b_names", expanding=True)))
 _LEDGER_USAGE = (fuel_ledger.update()
                  .where(fuel_ledger.c.idempotency_key == sa.bindparam("b_key"))
                  .values(usage=sa.bindparam("usage")))
@@ -154,6 +201,7 @@ class SqlStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._plans = _PlanCache()
+        self._outputs = _OutputCache()
         self._claims: sa.Engine | None = None
         if engine.dialect.name == "postgresql":
             self._claims = sa.create_engine(
@@ -168,11 +216,11 @@ class SqlStore:
         nothing written) when a workflow with this correlation_id already exists."""
         s = decision.state
         ts = now()
-        values = {**_state_values(s), "correlation_id": s.correlation_id,
+        values = {**_state_values(s, 1), "correlation_id": s.correlation_id,
                   "client_id": s.client_id, "initial_request_data": s.initial_request_data,
                   "project_id": s.project_id, "request_id": s.request_id,
                   "plan": plan_to_dict(plan), "plan_name": plan_name,
-                  "plan_version": plan_version, "fuel_budget": s.fuel_budget, "version": 1,
+                  "plan_version": plan_version, "fuel_budget": s.fuel_budget,
                   "nonce": s.nonce,
                   "created_at": ts, "updated_at": ts}
         if self._claims is not None:  # PostgreSQL: one statement, one round trip
@@ -190,6 +238,7 @@ class SqlStore:
                     return False
                 raise
         s.version = 1
+        self._saved(s)
         self._plans.put(s.correlation_id, plan)
         return True
 
@@ -212,7 +261,8 @@ class SqlStore:
         if self._claims is not None:  # one round trip: autocommit, no flush wait
             with self._claims.connect() as conn:
                 row = conn.execute(_CLAIM_AND_READ, params).first()
-            return None if row is None else Claim(row.id, row.deliveries, _row_to_state(row))
+            return None if row is None else Claim(row.id, row.deliveries,
+                                                  _row_to_state(row, self._reader(cid)))
         with self.engine.begin() as conn:
             row = conn.execute(at.CLAIM, params).first()
         return None if row is None else Claim(row.id, row.deliveries)
@@ -368,11 +418,12 @@ class SqlStore:
             decision = decide(state, plan)
             if decision.changed:
                 s, ts = decision.state, now()
-                values = {**_state_values(s), "version": state.version + 1, "updated_at": ts}
+                values = {**_state_values(s, state.version + 1), "updated_at": ts}
                 if not pg.write(conn, values, cid, state.version,
                                 rows_for(s, decision.commands, ts)):
                     raise StaleState(f"workflow {cid} moved past version {state.version}")
                 s.version = state.version + 1
+                self._saved(s)
             return decision
 
     def _load(self, conn: sa.Connection, cid: str) -> tuple[WorkflowState, Plan]:
@@ -384,25 +435,71 @@ class SqlStore:
         if plan is None:
             plan = parse_plan(row._mapping["plan"])
             self._plans.put(cid, plan)
-        return _row_to_state(row), plan
+        return _row_to_state(row, self._reader(cid)), plan
+
+    # ------------------------------------------------------------ collected data
+
+    def _reader(self, cid: str) -> Loader:
+        """Reads workflow ``cid``'s values of collected data (see :class:`Outputs`)."""
+        return lambda wanted: self.read_outputs(cid, wanted)
+
+    def read_outputs(self, cid: str, wanted: Mapping[str, int],
+                     conn: sa.Connection | None = None) -> dict[str, Any]:
+        """Values of collected data by name (``wanted``: name → rev), from this process's
+        cache when it has them, else in one query. A value newer than the rev asked for
+        (an operator's retry wrote it meanwhile) is returned as it is now: a transition
+        that read it fails its version check and decides again. ``conn``: read in that
+        connection's transaction (a consistent snapshot) rather than a new one."""
+        out: dict[str, Any] = {}
+        missing: list[str] = []
+        for name, rev in wanted.items():
+            hit, value = self._outputs.get((cid, name, rev))
+            if hit:
+                out[name] = value
+            else:
+                missing.append(name)
+        if missing:
+            if conn is None:
+                with (self._claims or self.engine).connect() as own:
+                    rows = own.execute(_READ_OUTPUTS, {"b_cid": cid, "b_names": missing}).all()
+            else:
+                rows = conn.execute(_READ_OUTPUTS, {"b_cid": cid, "b_names": missing}).all()
+            for r in rows:
+                text = r.text
+                value = None if text is None else json.loads(text)
+                out[r.name] = value
+                self._outputs.put((cid, r.name, r.rev), value, len(text or ""))
+        return out
+
+    def _saved(self, s: WorkflowState) -> None:
+        """The values the transition set are stored: keep them for the steps that
+        follow (likely run by this process), and start afresh."""
+        outputs = s.collected_data
+        for name, value in outputs.written.items():
+            self._outputs.put((s.correlation_id, name, outputs.revs[name]), value,
+                              len(json.dumps(value, separators=(",", ":"))))
+        outputs.saved()
 
     def _save(self, conn: sa.Connection, decision: cmd.Decision, version: int) -> None:
         s = decision.state
         ts = now()
-        res = conn.execute(_SAVE, {**_state_values(s), "b_cid": s.correlation_id,
-                                   "b_version": version, "version": version + 1,
+        res = conn.execute(_SAVE, {**_state_values(s, version + 1),
+                                   "b_cid": s.correlation_id, "b_version": version,
                                    "updated_at": ts})
         if res.rowcount != 1:
             raise StaleState(f"workflow {s.correlation_id} moved past version {version}")
         s.version = version + 1
         self._apply(conn, s, decision.commands, ts)
+        self._saved(s)
 
     def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[cmd.Command],
                ts: datetime) -> None:
         """Write the rows the commands call for (sending happens after commit)."""
         rows = rows_for(s, commands, ts)
         cid = {"b_cid": s.correlation_id}
-        for stmt, params in ((_INSERT_LEDGER, rows.ledger), (_INSERT_RUNS, rows.runs),
+        gone = [{**cid, "b_name": r["name"]} for r in rows.collected + rows.dropped]
+        for stmt, params in ((_DELETE_OUTPUT, gone), (_INSERT_OUTPUTS, rows.collected),
+                             (_INSERT_LEDGER, rows.ledger), (_INSERT_RUNS, rows.runs),
                              (_LEDGER_USAGE, rows.usage),
                              (_SENT, [{**cid, **p} for p in rows.sent]),
                              (_FINISH, [{**cid, **p} for p in rows.finished]),
@@ -441,6 +538,8 @@ class SqlStore:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 state, plan = self._load(conn, cid)
+                outputs = state.collected_data
+                outputs.fill(self.read_outputs(cid, outputs.missing(), conn))
                 return state, self._steps(conn, cid), plan, self._refused(conn, cid)
 
     def steps(self, cid: str) -> list[dict[str, Any]]:
@@ -532,4 +631,5 @@ class SqlStore:
         if client_id is not None:
             q = q.where(orchestrator_state.c.client_id == client_id)
         with self.engine.connect() as conn:
-            return [_row_to_state(r) for r in conn.execute(q).all()]
+            return [_row_to_state(r, self._reader(str(r.correlation_id)))
+                    for r in conn.execute(q).all()]

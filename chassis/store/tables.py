@@ -62,7 +62,6 @@ orchestrator_state = sa.Table(
     sa.Column("status", sa.String(50), nullable=False),
     sa.Column("current_step", sa.String(255), nullable=False),
     sa.Column("awaited_steps", JSONType, nullable=False),
-    sa.Column("collected_data", JSONType, nullable=False),
     sa.Column("initial_request_data", JSONType),
     sa.Column("final_result", JSONType),
     sa.Column("error", sa.Text),
@@ -83,6 +82,9 @@ orchestrator_state = sa.Table(
     sa.Column("nonce", sa.String(64)),
     # 0004: the saga's progress (see WorkflowState.saga)
     sa.Column("saga", JSONType),
+    # 0006: the collected data's names, each with the version that wrote its value
+    # (the values are rows of step_outputs; this replaces the seed's collected_data)
+    sa.Column("outputs", JSONType, nullable=False),
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),
@@ -122,6 +124,19 @@ step_runs = sa.Table(
     sa.Index("idx_step_runs_status", "status"),
     sa.Index("idx_step_runs_request_id", "request_id"),
     sa.Index("idx_step_runs_finished_at", "finished_at"),  # 0005: recent runs (metrics)
+)
+
+#: 0006: the collected data, one row per name (a step's output, ``human_feedback``,
+#: ``error``): a transition writes the values it sets, never the whole collection.
+step_outputs = sa.Table(
+    "step_outputs",
+    metadata,
+    sa.Column("correlation_id", UUIDType,
+              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("rev", sa.Integer, nullable=False),
+    sa.Column("value", JSONType),
 )
 
 fuel_ledger = sa.Table(

@@ -261,8 +261,9 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
                 ":step_name, :action, :status, :attempts, :parent_step, :request_id, "
                 ":dispatched_at, :started_at)"), row)
 
-    assert upgrade(empty_db_url) == ["0003", "0004", "0005"]
+    assert upgrade(empty_db_url) == ["0003", "0004", "0005", "0006"]
     store = SqlStore(make_engine(empty_db_url))
+    assert store.get(paused).collected_data == {"draft": {}}
     assert store.get(paused).attempts == {"draft": [1, 0, 0], "review": [1, 0, 0]}
     # rejected, then retried by an operator: it asks again (attempt 2 of the pause)
     store.transition(rejected, lambda s, p: co.decide(s, p, co.Resume(False)))
@@ -282,3 +283,62 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
         "fan", {n: o for n, (_, o) in done.items()}, {n: a for n, (a, _) in done.items()})))
     assert d.state.status is Status.COMPLETED
     assert d.state.final_result["fan"] == {"x": {"x": 1}, "y": {"y": 1}}
+
+
+def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
+    """Values of every JSON kind move from the old column to one row each (with the
+    row's version as their rev), read back equal, and the downgrade restores them."""
+    import json
+    import uuid
+    from datetime import UTC, datetime
+
+    from alembic import command
+
+    from chassis.plan import parse_plan, plan_to_dict
+    from chassis.store import SqlStore
+    from chassis.store.db import _alembic_config, _create_engine, _resolve
+
+    upgrade_to(empty_db_url, "0005")
+    data = {"text": "hello", "n": 3, "x": 1.5, "yes": True, "no": False, "nothing": None,
+            "list": [1, "two", None], "map": {"a": {"b": [True]}}, "human_feedback": "ok",
+            "quote\"d": "\u00e9\u4e2d"}
+    cid, empty = str(uuid.uuid4()), str(uuid.uuid4())
+    plan = parse_plan({"start_step": "a", "steps": {"a": {"action": "complete_workflow"}}})
+    pg = make_url(empty_db_url).get_backend_name() == "postgresql"
+    cast = "CAST(:{} AS JSONB)" if pg else ":{}"
+    now = datetime.now(UTC)
+    with make_engine(empty_db_url).begin() as conn:
+        for wf, values in ((cid, data), (empty, {})):
+            row = {"correlation_id": wf, "client_id": "c1", "status": "COMPLETED",
+                   "current_step": "a", "awaited_steps": "[]",
+                   "collected_data": json.dumps(values), "plan": json.dumps(plan_to_dict(plan)),
+                   "fuel_budget": 10, "fuel_spent": 0, "version": 7, "created_at": now,
+                   "updated_at": now}
+            cols = list(row)
+            vals = ", ".join(cast.format(c) if c in ("awaited_steps", "collected_data", "plan")
+                             else f":{c}" for c in cols)
+            conn.execute(sa.text(f"INSERT INTO orchestrator_state ({', '.join(cols)}) "
+                                 f"VALUES ({vals})"), row)
+    assert upgrade(empty_db_url) == ["0006"]
+    store = SqlStore(make_engine(empty_db_url))
+    got = store.get(cid).collected_data
+    assert got.revs == dict.fromkeys(data, 7)
+    assert got.to_dict() == data
+    assert store.get(empty).collected_data.to_dict() == {}
+    store.engine.dispose()
+
+    target = _resolve(empty_db_url)
+    config = _alembic_config(target)
+    engine = _create_engine(target, for_migrations=True)
+    try:
+        with engine.connect() as connection, connection.begin():
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0005")
+    finally:
+        engine.dispose()
+    with make_engine(empty_db_url).connect() as conn:
+        back = dict(conn.execute(sa.text(
+            "SELECT correlation_id, collected_data FROM orchestrator_state")).all())
+        assert "step_outputs" not in sa.inspect(conn).get_table_names()
+    back = {str(k): v if isinstance(v, dict) else json.loads(v) for k, v in back.items()}
+    assert back == {cid: data, empty: {}}

@@ -1,0 +1,113 @@
+"""Collected data one row per name (migration 0006), on SQLite and on PostgreSQL: a
+transition writes the values it sets and the names' revs, never the whole collection;
+values are read only when needed, and a value written again is never served stale from
+a process's cache."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from chassis import coordinator as co
+from chassis.plan import parse_plan
+from chassis.state import Status, WorkflowState
+from chassis.store import SqlStore
+from chassis.store.db import make_engine
+from chassis.store.tables import orchestrator_state, step_outputs
+
+pytestmark = pytest.mark.timeout(60)
+
+STEPS = 40
+PLAN = parse_plan({"start_step": "s0", "steps": {
+    **{f"s{i}": {"action": "echo", "next_step": f"s{i + 1}" if i + 1 < STEPS else "fix",
+                 "on_failure": "fix"} for i in range(STEPS)},
+    "fix": {"action": "echo", "next_step": "done"},
+    "done": {"action": "complete_workflow"}}})
+
+
+@pytest.fixture
+def store(db_url: str) -> SqlStore:
+    return SqlStore(make_engine(db_url))
+
+
+def start(store: SqlStore) -> str:
+    cid = str(uuid.uuid4())
+    state = WorkflowState(correlation_id=cid, client_id="c1", status=Status.RUNNING,
+                          current_step="s0", fuel_budget=10_000, initial_request_data={})
+    assert store.create(co.decide(state, PLAN, co.Start()), PLAN)
+    return cid
+
+
+def rows(store: SqlStore, cid: str) -> dict[str, tuple[int, object]]:
+    with store.engine.connect() as conn:
+        return {r.name: (r.rev, r.value) for r in conn.execute(
+            sa.select(step_outputs).where(step_outputs.c.correlation_id == cid))}
+
+
+def state_row_bytes(store: SqlStore, cid: str) -> int:
+    with store.engine.connect() as conn:
+        o = orchestrator_state.c
+        row = conn.execute(sa.select(o.outputs, o.saga, o.attempts, o.awaited_steps)
+                           .where(o.correlation_id == cid)).one()
+    return len(json.dumps(list(row)))
+
+
+def test_each_step_writes_its_own_value_and_the_row_stays_small(store: SqlStore) -> None:
+    cid = start(store)
+    blob = "z" * 5_000
+    sizes = []
+    for i in range(STEPS):
+        d = store.transition(cid, lambda s, p, i=i: co.decide(
+            s, p, co.StepSucceeded(f"s{i}", {"blob": blob, "i": i})))
+        assert d.state.version == i + 2
+        got = rows(store, cid)
+        assert len(got) == i + 1
+        assert got[f"s{i}"] == (i + 2, {"blob": blob, "i": i})  # rev: the version that wrote it
+        assert all(got[f"s{k}"][0] == k + 2 for k in range(i))  # older rows untouched
+        sizes.append(state_row_bytes(store, cid))
+    # the workflow's row holds names and revs: ~20 bytes a step, not the 5 KB values
+    assert sizes[-1] - sizes[0] < STEPS * 40
+    fresh = SqlStore(store.engine)  # another process: nothing cached
+    state = fresh.get(cid)
+    assert state.collected_data.missing() == {f"s{i}": i + 2 for i in range(STEPS)}
+    assert state.step_data("fix")[f"s{STEPS - 1}"] == {"blob": blob, "i": STEPS - 1}
+    assert state.collected_data.missing() == {}  # all read in one go
+
+
+RECOVER = parse_plan({"start_step": "a", "steps": {
+    "a": {"action": "echo", "on_failure": "b", "next_step": "c"},
+    "b": {"action": "echo", "on_failure": "c", "next_step": "c"},
+    "c": {"action": "echo", "next_step": "done"},
+    "done": {"action": "complete_workflow"}}})
+
+
+def test_a_value_written_again_is_read_anew_in_every_process(store: SqlStore) -> None:
+    """``error`` is written by a's failure, then again by b's (its on_failure path): a
+    process that had read (and cached) the first value reads the second."""
+    cid = str(uuid.uuid4())
+    state = WorkflowState(correlation_id=cid, client_id="c1", status=Status.RUNNING,
+                          current_step="a", fuel_budget=100, initial_request_data={})
+    assert store.create(co.decide(state, RECOVER, co.Start()), RECOVER)
+    other = SqlStore(store.engine)
+    store.transition(cid, lambda s, p: co.decide(s, p, co.StepFailed("a", "first", 1)))
+    assert other.get(cid).step_data("b")["error"]["message"].endswith("first")
+    store.transition(cid, lambda s, p: co.decide(s, p, co.StepFailed("b", "second", 1)))
+    assert other.get(cid).step_data("c")["error"]["message"].endswith("second")
+    d = store.transition(cid, lambda s, p: co.decide(s, p, co.StepSucceeded("c", {"ok": 1})))
+    assert d.state.status is Status.COMPLETED
+    state = other.get(cid)
+    assert state.final_result == state.collected_data.to_dict()
+    assert state.final_result["error"]["message"].endswith("second")
+    assert rows(store, cid)["error"][0] == state.collected_data.revs["error"] == 3
+
+
+def test_status_snapshot_reads_values_with_the_state(store: SqlStore) -> None:
+    cid = start(store)
+    store.transition(cid, lambda s, p: co.decide(s, p, co.StepSucceeded("s0", [1, None])))
+    state, runs, _plan, _refused = SqlStore(store.engine).snapshot(cid)
+    assert state.collected_data.missing() == {}
+    assert state.collected_data.to_dict() == {"s0": [1, None]}
+    assert [r["step_name"] for r in runs] == ["s0", "s1"]
