@@ -131,7 +131,7 @@ def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     new = copy.copy(state)
     new.awaited_steps = list(state.awaited_steps)
     new.collected_data = state.collected_data.copy()
-    new.attempts = {k: list(v) for k, v in state.attempts.items()}
+    new.attempts = state.attempts.copy()
     new.completed = list(state.completed)
     new.undo = [list(b) for b in state.undo]
     d = Decision(new)
@@ -370,6 +370,13 @@ def _awaited_attempt(s: WorkflowState, plan: Plan, request_id: str) -> tuple[str
     if request_id not in s.awaited_steps:
         return None
     cid = s.correlation_id
+    # where it is likely to be first (without reading every step's attempts)
+    step = plan.steps.get(s.current_step)
+    likely = [s.current_step, *(st.step_name for st in (step.sub_tasks if step else ()))]
+    for name in likely + [n for batch in s.undo[:1] for n in batch]:
+        progress = s.attempts.get(name)
+        if progress is not None and s.rid(name, progress[0]) == request_id:
+            return name, progress[0]
     for name, progress in s.attempts.items():
         if s.rid(name, progress[0]) == request_id:
             return name, progress[0]

@@ -146,13 +146,14 @@ class Engine:
             self.dispatch(decision)
         return created
 
-    def apply(self, cid: str, event: co.Event,
-              state: WorkflowState | None = None) -> co.Decision:
-        """Apply one event durably, then send what it calls for."""
+    def apply(self, cid: str, event: co.Event, state: WorkflowState | None = None,
+              names: Sequence[str] | None = None) -> co.Decision:
+        """Apply one event durably, then send what it calls for (``state``: a recent
+        read of the workflow; ``names``: the steps whose attempts to read with it)."""
         decision = self._db(
             lambda: self.store.transition(
                 cid, lambda s, p, settled=None: co.decide(s, p, event, settled), state,
-                fan_out=_fan_out_for(event)),
+                fan_out=_fan_out_for(event), names=names),
             f"recording {type(event).__name__}", cid)
         if decision.changed:
             self.dispatch(decision)
@@ -180,9 +181,11 @@ class Engine:
         attempt = int(payload.get("attempt") or 1)
         timeout = float(payload.get("timeout") or self.settings.step_timeout)
         # the worker's log context (tasks/log_context.py) already carries cid/step/task
+        plan = self.store.cached_plan(cid)
+        names = plan.neighbours(step) if plan is not None else [step]
         claim = infra.persist(lambda: self.store.claim(
-            cid, step, attempt, task_id, lease=self.settings.lease_seconds, timeout=timeout),
-            f"claiming step {step}", correlation_id=cid)
+            cid, step, attempt, task_id, lease=self.settings.lease_seconds, timeout=timeout,
+            names=names), f"claiming step {step}", correlation_id=cid)
         if claim is None:
             log.info("step %s attempt %d finished, cancelled or running elsewhere: "
                      "duplicate delivery ignored", step, attempt)
@@ -190,8 +193,8 @@ class Engine:
         log.debug("step %s attempt %d, delivery %d", step, attempt, claim.deliveries)
         # the message carries ids and params only: the data is the workflow's, read with
         # the claim (PostgreSQL: the same round trip) or just after it
-        state = claim.state or self._db(lambda: self.store.get(cid), "reading the workflow",
-                                        cid)
+        state = claim.state or self._db(lambda: self.store.get(cid, names),
+                                        "reading the workflow", cid)
         with self.heartbeat.hold(claim.row_id):
             # a copy: an action changing its input must not change the workflow's data
             # (the claim's state is written back by the transition that follows)
@@ -207,7 +210,7 @@ class Engine:
             elif pending is not None and pending <= 0:
                 self.fan_in(cid, parent)
             return Outcome(cid, step, attempt)
-        decision = self.apply(cid, event, claim.state)
+        decision = self.apply(cid, event, claim.state, names)
         if isinstance(event, co.StepFailed):
             return Outcome(cid, step, attempt, error=event.error,
                            retrying=decision.retries(step))

@@ -157,6 +157,24 @@ class Plan:
         """(fan_out step, sub-task) of a sub-task's step_name; None for a step."""
         return self._owners.get(name)
 
+    def neighbours(self, name: str) -> list[str]:
+        """The steps (and sub-tasks) a decision about step or sub-task ``name`` is
+        likely to touch: itself, its compensation, where it goes on (next, on failure)
+        and those steps' sub-tasks. A worker reads their attempts with its claim."""
+        from chassis.state import compensation_of  # (state imports nothing of plans)
+
+        names = {name, compensation_of(name)}
+        owned = self.subtask(name)
+        step = self.steps.get(owned[0] if owned else name)
+        if step is not None:
+            for target in (step.next_step, step.on_failure):
+                if target:
+                    names.add(target)
+                    after = self.steps.get(target)
+                    if after is not None:
+                        names.update(st.step_name for st in after.sub_tasks)
+        return sorted(names)
+
     def compensation(self, name: str) -> Compensate | None:
         """The ``compensate`` of a step or sub-task (None when it has none)."""
         owned = self.subtask(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -69,95 +69,90 @@ def compensated_step(name: str) -> str | None:
     """The step a compensation's name undoes; None for a step's own name."""
     return name[:-len(COMPENSATE_SUFFIX)] if name.endswith(COMPENSATE_SUFFIX) else None
 
-#: Reads stored values: ``{name: rev}`` → ``{name: value}`` (see :class:`Outputs`).
-Loader = Callable[[Mapping[str, int]], dict[str, Any]]
+#: Reads a workflow's collected data whole: ``(revs, values)`` (see :class:`Outputs`).
+OutputsSource = Callable[[], tuple[dict[str, int], dict[str, Any]]]
+#: Reads attempts by step name (None: all of them): ``{name: [attempt, base, scheduled]}``
+#: for those that have any (see :class:`Progress`).
+ProgressLoader = Callable[[Sequence[str] | None], dict[str, list[int]]]
 
 
 class Outputs(MutableMapping[str, Any]):
     """A workflow's collected data (step outputs by step name, ``human_feedback``,
-    ``error``): a mapping whose values are stored one row each, apart from the
-    workflow's row.
+    ``error``): a mapping stored one row per name, apart from the workflow's row, so a
+    transition writes only the values it sets (``written``), each with the version that
+    wrote it (``revs``), however large the collection has grown.
 
-    The state carries only ``revs`` (name → the workflow version that wrote the value),
-    so a transition reads and writes a few bytes per name however large the outputs
-    are: a linear step costs the same at step 1,000 as at step 1. Values are read on
-    first need, all missing ones at once (``loader``), and a decision saves only the
-    ones it set (``written``)."""
+    Read from the store, it is filled on first use from ``source`` (a process keeps
+    each recent workflow's data and reads only what was written since: a step late in a
+    long workflow reads one new output, not all of them). Values are never removed."""
 
-    __slots__ = ("revs", "_values", "written", "removed", "_loader")
+    __slots__ = ("revs", "_values", "written", "_source")
 
     def __init__(self, values: Mapping[str, Any] | None = None, *,
-                 revs: Mapping[str, int] | None = None, loader: Loader | None = None) -> None:
-        self.revs: dict[str, int] = dict(revs or {})
+                 source: OutputsSource | None = None) -> None:
+        self.revs: dict[str, int] = {}
         self._values: dict[str, Any] = {}
         self.written: dict[str, Any] = {}
         """Values set since the state was read (saved by the next transition)."""
-        self.removed: set[str] = set()
-        self._loader = loader
+        self._source = source
         for name, value in (values or {}).items():
             self[name] = value
 
-    def copy(self) -> Outputs:
-        """A new mapping with the same values (shared, not copied) and loader."""
-        new = Outputs(revs=self.revs, loader=self._loader)
-        new._values = dict(self._values)
-        new.written = dict(self.written)
-        new.removed = set(self.removed)
+    @classmethod
+    def read(cls, revs: dict[str, int], values: dict[str, Any]) -> Outputs:
+        """The collected data as read from the store (nothing to save)."""
+        new = cls()
+        new.revs, new._values = revs, values
         return new
 
-    def _load(self) -> None:
-        missing = self.missing()
-        if not missing:
+    def _ensure(self) -> None:
+        source = self._source
+        if source is None:
             return
-        if self._loader is None:
-            raise KeyError(f"values of {sorted(missing)[:5]} were not read")
-        self.fill(self._loader(missing))
+        self._source = None
+        revs, values = source()
+        revs.update(self.revs)  # what was set meanwhile wins
+        values.update(self._values)
+        self.revs, self._values = revs, values
+
+    def copy(self) -> Outputs:
+        """A new mapping with the same values (shared, not copied)."""
+        self._ensure()
+        new = Outputs()
+        new.revs = dict(self.revs)
+        new._values = dict(self._values)
+        new.written = dict(self.written)
+        return new
 
     def __getitem__(self, name: str) -> Any:
-        if name in self._values:
-            return self._values[name]
-        if name not in self.revs:
-            raise KeyError(name)
-        self._load()
+        self._ensure()
         return self._values[name]
 
     def __setitem__(self, name: str, value: Any) -> None:
+        self._ensure()
         self._values[name] = value
         self.written[name] = value
         self.revs[name] = self.revs.get(name, 0)
-        self.removed.discard(name)
 
     def __delitem__(self, name: str) -> None:
-        if name not in self.revs:
-            raise KeyError(name)
-        del self.revs[name]
-        self._values.pop(name, None)
-        self.written.pop(name, None)
-        self.removed.add(name)
+        raise TypeError("collected data is never removed")
 
     def __contains__(self, name: object) -> bool:
+        self._ensure()
         return name in self.revs
 
     def __iter__(self) -> Iterator[str]:
+        self._ensure()
         return iter(list(self.revs))
 
     def __len__(self) -> int:
+        self._ensure()
         return len(self.revs)
 
-    def missing(self) -> dict[str, int]:
-        """Names (with their revs) whose values have not been read."""
-        return {n: r for n, r in self.revs.items() if n not in self._values}
-
-    def fill(self, values: Mapping[str, Any]) -> None:
-        """Values read by the caller (not set: nothing to save)."""
-        for name in self.revs:
-            if name not in self._values:
-                self._values[name] = values.get(name)
-
     def to_dict(self) -> dict[str, Any]:
-        """Every value, read at once if need be."""
-        self._load()
-        return {n: self._values[n] for n in self.revs}
+        """Every value, in a new dict (the values themselves are shared)."""
+        self._ensure()
+        return dict(self._values)
 
     def items(self):  # type: ignore[override]
         return self.to_dict().items()
@@ -173,20 +168,123 @@ class Outputs(MutableMapping[str, Any]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        shown = {n: self._values[n] if n in self._values else "<not read>" for n in self.revs}
-        return f"Outputs({shown!r})"
+        return f"Outputs({self.to_dict()!r})"
 
-    def stamp(self, version: int) -> list[dict[str, Any]]:
-        """Give the values set since the read the version about to be saved; the rows
-        to write (name, rev, value)."""
+    def stamp(self, version: int) -> None:
+        """Give the values set since the read the version about to be saved."""
         for name in self.written:
             self.revs[name] = version
-        return [{"name": n, "rev": version, "value": v} for n, v in self.written.items()]
 
     def saved(self) -> None:
         """The values set are stored now."""
         self.written.clear()
-        self.removed.clear()
+
+
+class Progress(MutableMapping[str, list[int]]):
+    """Attempts by step or sub-task name, ``[attempt, base, scheduled]`` each (see
+    :attr:`WorkflowState.attempts`), stored one row per name: a transition writes the
+    entries it changed (in place or new), never the whole map.
+
+    Read from the store, it holds the entries read with the state (those of the step
+    at hand and where it may go next) and reads any other on first use (``loader``);
+    iterating reads them all."""
+
+    __slots__ = ("_entries", "_orig", "_absent", "complete", "_loader")
+
+    def __init__(self, entries: Mapping[str, Sequence[int]] | None = None, *,
+                 loaded: Mapping[str, Sequence[int]] | None = None, complete: bool = True,
+                 loader: ProgressLoader | None = None) -> None:
+        read = {k: list(v) for k, v in (loaded or {}).items()}
+        self._orig: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in read.items()}
+        self._entries: dict[str, list[int]] = read
+        self._absent: set[str] = set()
+        self.complete = complete
+        """Every entry is known (nothing left to read)."""
+        self._loader = loader
+        for name, progress in (entries or {}).items():
+            self[name] = list(progress)
+
+    def absent(self, names: Iterable[str]) -> None:
+        """These names were looked for with the state and have no entry."""
+        self._absent.update(n for n in names if n not in self._entries)
+
+    def _read(self, got: Mapping[str, Sequence[int]]) -> None:
+        for name, progress in got.items():
+            if name not in self._entries and name not in self._orig:
+                self._entries[name] = list(progress)
+                self._orig[name] = tuple(progress)
+
+    def _find(self, name: str) -> list[int] | None:
+        entry = self._entries.get(name)
+        if entry is not None or self.complete or name in self._absent:
+            return entry
+        if self._loader is None:
+            return None
+        self._read(self._loader([name]))
+        if name not in self._entries:
+            self._absent.add(name)
+        return self._entries.get(name)
+
+    def _all(self) -> None:
+        if self.complete:
+            return
+        if self._loader is not None:
+            self._read(self._loader(None))
+        self.complete = True
+
+    def copy(self) -> Progress:
+        """A new mapping with copies of the entries, the same reads behind it."""
+        new = Progress(complete=self.complete, loader=self._loader)
+        new._entries = {k: list(v) for k, v in self._entries.items()}
+        new._orig = dict(self._orig)
+        new._absent = set(self._absent)
+        return new
+
+    def __getitem__(self, name: str) -> list[int]:
+        entry = self._find(name)
+        if entry is None:
+            raise KeyError(name)
+        return entry
+
+    def __setitem__(self, name: str, progress: list[int]) -> None:
+        self._entries[name] = progress
+        self._absent.discard(name)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("attempts are never removed")
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._find(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        self._all()
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        self._all()
+        return len(self._entries)
+
+    def to_dict(self) -> dict[str, list[int]]:
+        self._all()
+        return {k: list(v) for k, v in self._entries.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.to_dict() == {k: list(v) for k, v in other.items()}
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Progress({self._entries!r}{'' if self.complete else ', ...'})"
+
+    def changed(self) -> dict[str, list[int]]:
+        """Entries new or changed since the read (to be saved)."""
+        return {k: v for k, v in self._entries.items() if self._orig.get(k) != tuple(v)}
+
+    def saved(self) -> None:
+        """The changed entries are stored now."""
+        self._orig.update((k, tuple(v)) for k, v in self.changed().items())
 
 
 _REQUEST_NS = uuid.UUID("6f1c8a4e-2b1d-4c55-9a57-0e4a3c2d9b10")
@@ -228,7 +326,7 @@ class WorkflowState:
     nonce: str | None = None
     """A secret of the workflow's, mixed into its request ids so that nobody who knows
     the workflow's id can forge an answer to one of its requests."""
-    attempts: dict[str, list[int]] = field(default_factory=dict)
+    attempts: Progress = field(default_factory=Progress)
     """Per step or sub-task that has run: ``[attempt, base, scheduled]``: the latest
     attempt's number, the attempts made before the current round (an operator's retry
     starts a new round with a fresh retry budget), and 1 while that attempt waits for
@@ -253,6 +351,8 @@ class WorkflowState:
     def __post_init__(self) -> None:
         if not isinstance(self.collected_data, Outputs):
             self.collected_data = Outputs(self.collected_data)
+        if not isinstance(self.attempts, Progress):
+            self.attempts = Progress(self.attempts)
 
     @property
     def fuel_remaining(self) -> int:

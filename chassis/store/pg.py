@@ -18,14 +18,13 @@ from chassis.store.rows import Row, Rows
 
 _STATE = """s AS (
   UPDATE orchestrator_state SET status = %(status)s, current_step = %(current_step)s,
-    awaited_steps = %(awaited_steps)s, outputs = %(outputs)s,
+    awaited_steps = %(awaited_steps)s,
     final_result = %(final_result)s, error = %(error)s, fuel_spent = %(fuel_spent)s,
-    attempts = %(attempts)s, saga = %(saga)s, version = %(version)s, updated_at = %(updated_at)s
+    saga = %(saga)s, version = %(version)s, updated_at = %(updated_at)s
   WHERE correlation_id = %(cid)s AND version = %(b_version)s
   RETURNING correlation_id)"""
 
-_JSON_COLUMNS = ("awaited_steps", "outputs", "initial_request_data", "final_result",
-                 "plan", "attempts", "saga")
+_JSON_COLUMNS = ("awaited_steps", "initial_request_data", "final_result", "plan", "saga")
 _NEW = """s AS (
   INSERT INTO orchestrator_state ({columns}) VALUES ({values})
   ON CONFLICT (correlation_id) DO NOTHING
@@ -64,9 +63,12 @@ _PARTS: dict[str, str] = {
     output jsonb, error text, error_type text, finished_at timestamptz)
   WHERE r.correlation_id = s.correlation_id AND r.step_name = x.b_step
     AND r.attempt = x.b_attempt AND r.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')""",
-    "dropped": """DELETE FROM step_outputs o
-  USING s, jsonb_to_recordset(%(dropped)s) AS x(name text)
-  WHERE o.correlation_id = s.correlation_id AND o.name = x.name""",
+    "progress": """INSERT INTO step_attempts (correlation_id, name, attempt, base, scheduled)
+  SELECT s.correlation_id, x.name, x.attempt, x.base, x.scheduled
+  FROM s, jsonb_to_recordset(%(progress)s) AS x(name text, attempt int, base int,
+    scheduled int)
+  ON CONFLICT (correlation_id, name) DO UPDATE SET attempt = EXCLUDED.attempt,
+    base = EXCLUDED.base, scheduled = EXCLUDED.scheduled""",
     "collected": """INSERT INTO step_outputs (correlation_id, name, rev, value)
   SELECT s.correlation_id, x.name, x.rev, x.value
   FROM s, jsonb_to_recordset(%(collected)s) AS x(name text, rev int, value jsonb)

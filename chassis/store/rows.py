@@ -35,8 +35,9 @@ class Rows:
     collected: list[Row] = field(default_factory=list)
     """Values of collected data set by the decision: correlation_id, name, rev, value
     (replacing the row of that name)."""
-    dropped: list[Row] = field(default_factory=list)
-    """Names of collected data the decision removed: correlation_id, name."""
+    progress: list[Row] = field(default_factory=list)
+    """Attempts of a step the decision changed: correlation_id, name, attempt, base,
+    scheduled (replacing the row of that name)."""
 
 
 def _later(ts: datetime, seconds: float | None) -> datetime | None:
@@ -49,7 +50,10 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) ->
     collected = s.collected_data
     out.collected = [{"correlation_id": cid, "name": n, "rev": collected.revs[n], "value": v}
                    for n, v in collected.written.items()]
-    out.dropped = [{"correlation_id": cid, "name": n} for n in sorted(collected.removed)]
+    out.progress = [{"correlation_id": cid, "name": n, "attempt": int(p[0]),
+                     "base": int(p[1]) if len(p) > 1 else 0,
+                     "scheduled": int(p[2]) if len(p) > 2 else 0}
+                    for n, p in s.attempts.changed().items()]
     new: dict[tuple[str, int], Row] = {}
 
     def run(step: str, attempt: int, action: str, status: StepStatus, rid: str | None,

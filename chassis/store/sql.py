@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,11 +20,18 @@ from sqlalchemy.exc import IntegrityError
 from chassis import commands as cmd
 from chassis.errors import ChassisError, WorkflowNotFound
 from chassis.plan import Plan, parse_plan, plan_to_dict
-from chassis.state import Loader, Outputs, Status, StepStatus, WorkflowState
+from chassis.state import Outputs, Progress, Status, StepStatus, WorkflowState
 from chassis.store import attempts as at
 from chassis.store import pg
 from chassis.store.rows import rows_for
-from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_outputs, step_runs
+from chassis.store.tables import (
+    fuel_ledger,
+    orchestrator_state,
+    outbox,
+    step_attempts,
+    step_outputs,
+    step_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,62 +88,111 @@ class _PlanCache:
             self._d.popitem(last=False)
 
 
-class _OutputCache:
-    """Values of collected data by (workflow, name, rev), most recently used kept, at
-    most ``max_bytes`` of JSON: a worker running a workflow's next step (or deciding
-    what follows it) reads only the values it has not seen. A value of a given rev
-    never changes (a new value gets the new version), so nothing is invalidated."""
+#: One value of collected data as read: (name, rev, value, bytes of its JSON).
+OutputRow = tuple[str, int, Any, int]
+
+
+class _Seen:
+    __slots__ = ("seen", "revs", "values", "sizes", "size")
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.revs: dict[str, int] = {}
+        self.values: dict[str, Any] = {}
+        self.sizes: dict[str, int] = {}
+        self.size = 0
+
+
+class _RecentOutputs:
+    """Per process: the collected data of the workflows seen lately, each complete up
+    to a version (``seen``: every value written at or before it is here), most
+    recently used kept, at most ``max_bytes`` of JSON. A claim or a read then asks the
+    database only for values written after ``seen``: a step late in a long workflow
+    reads one new output, not a thousand. A value of a given rev never changes (a value
+    set again gets the new version), so nothing kept is ever wrong."""
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self._d: OrderedDict[tuple[str, str, int], tuple[Any, int]] = OrderedDict()
+        self._d: OrderedDict[str, _Seen] = OrderedDict()
         self._bytes = 0
         self._max = max_bytes
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str, int]) -> tuple[bool, Any]:
+    def get(self, cid: str) -> tuple[int, dict[str, int], dict[str, Any]]:
+        """(seen, revs, values): copies; (0, {}, {}) for a workflow not kept."""
         with self._lock:
-            hit = self._d.get(key)
-            if hit is None:
-                return False, None
-            self._d.move_to_end(key)
-            return True, hit[0]
+            e = self._d.get(cid)
+            if e is None:
+                return 0, {}, {}
+            self._d.move_to_end(cid)
+            return e.seen, dict(e.revs), dict(e.values)
 
-    def put(self, key: tuple[str, str, int], value: Any, size: int) -> None:
-        if size > self._max // 8:
-            return
+    def add(self, cid: str, since: int, rows: Sequence[OutputRow], upto: int) -> None:
+        """``rows``: every value written after version ``since``, up to at least
+        ``upto``. Kept only where what is here reaches ``since``."""
         with self._lock:
-            old = self._d.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._d[key] = (value, size)
-            self._bytes += size
+            e = self._d.get(cid)
+            if e is None:
+                if since != 0:
+                    return
+                e = self._d[cid] = _Seen()
+            elif e.seen < since:
+                return
+            for name, rev, value, size in rows:
+                if rev >= e.revs.get(name, 0):
+                    delta = size - e.sizes.get(name, 0)
+                    e.size += delta
+                    self._bytes += delta
+                    e.revs[name], e.values[name], e.sizes[name] = rev, value, size
+            e.seen = max(e.seen, upto)
+            self._d.move_to_end(cid)
             while self._bytes > self._max and self._d:
-                _, (_, gone) = self._d.popitem(last=False)
-                self._bytes -= gone
+                _, gone = self._d.popitem(last=False)
+                self._bytes -= gone.size
 
 
-def _row_to_state(row: Any, loader: Loader | None = None) -> WorkflowState:
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def _parse(rows: Sequence[Any]) -> list[OutputRow]:
+    """(name, rev, JSON text) rows as read → OutputRows."""
+    return [(name, int(rev), None if text is None else json.loads(text), len(text or ""))
+            for name, rev, text in rows]
+
+
+def _merge(revs: dict[str, int], values: dict[str, Any], rows: Sequence[OutputRow]) -> int:
+    """Put newer values in; the highest rev among the rows (0 for none)."""
+    top = 0
+    for name, rev, value, _ in rows:
+        top = max(top, rev)
+        if rev >= revs.get(name, 0):
+            revs[name], values[name] = rev, value
+    return top
+
+
+def _row_to_state(row: Any, outputs: Outputs, attempts: Progress) -> WorkflowState:
     m = row._mapping
     state = WorkflowState(
         correlation_id=str(m["correlation_id"]), client_id=m["client_id"],
         status=Status(m["status"]), current_step=m["current_step"],
         fuel_budget=m["fuel_budget"], awaited_steps=list(m["awaited_steps"] or []),
-        collected_data=Outputs(revs=m["outputs"] or {}, loader=loader),
+        collected_data=outputs,
         initial_request_data=m["initial_request_data"], final_result=m["final_result"],
         error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
         request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
-        updated_at=m["updated_at"], attempts=dict(m["attempts"] or {}), nonce=m["nonce"])
+        updated_at=m["updated_at"], attempts=attempts, nonce=m["nonce"])
     state.load_saga(m["saga"])
     return state
 
 
 def _state_values(s: WorkflowState, version: int) -> dict[str, Any]:
-    """The state's columns as saved at ``version`` (the values it set get that rev)."""
+    """The state's columns as saved at ``version`` (the values it set get that rev;
+    they and the attempts it changed are rows of their own, see ``rows_for``)."""
     s.collected_data.stamp(version)
     return {"status": s.status.value, "current_step": s.current_step,
-            "awaited_steps": s.awaited_steps, "outputs": s.collected_data.revs,
-            "final_result": s.final_result, "error": s.error, "fuel_spent": s.fuel_spent,
-            "attempts": s.attempts, "saga": s.saga(), "version": version}
+            "awaited_steps": s.awaited_steps, "final_result": s.final_result,
+            "error": s.error, "fuel_spent": s.fuel_spent, "saga": s.saga(),
+            "version": version}
 
 
 
@@ -155,11 +211,21 @@ _INSERT_OUTPUTS = step_outputs.insert()
 _DELETE_OUTPUT = step_outputs.delete().where(
     step_outputs.c.correlation_id == sa.bindparam("b_cid"),
     step_outputs.c.name == sa.bindparam("b_name"))
-_READ_OUTPUTS = sa.select(
-    step_outputs.c.name, step_outputs.c.rev,
-    sa.cast(step_outputs.c.value, sa.Text).label("text")).where(
+_INSERT_PROGRESS = step_attempts.insert()
+_DELETE_PROGRESS = step_attempts.delete().where(
+    step_attempts.c.correlation_id == sa.bindparam("b_cid"),
+    step_attempts.c.name == sa.bindparam("b_name"))
+#: Values of collected data written after version b_seen: (name, rev, JSON text).
+_NEW_OUTPUTS = sa.select(
+    step_outputs.c.name, step_outputs.c.rev, sa.cast(step_outputs.c.value, sa.Text)).where(
     step_outputs.c.correlation_id == sa.bindparam("b_cid"),
-    step_outputs.c.name.in_(sa.bindparam("b_names", expanding=True)))
+    step_outputs.c.rev > sa.bindparam("b_seen"))
+_PROGRESS_COLS = (step_attempts.c.name, step_attempts.c.attempt, step_attempts.c.base,
+                  step_attempts.c.scheduled)
+_ALL_PROGRESS = sa.select(*_PROGRESS_COLS).where(
+    step_attempts.c.correlation_id == sa.bindparam("b_cid"))
+_SOME_PROGRESS = _ALL_PROGRESS.where(
+    step_attempts.c.name.in_(sa.bindparam("b_names", expanding=True)))
 _LEDGER_USAGE = (fuel_ledger.update()
                  .where(fuel_ledger.c.idempotency_key == sa.bindparam("b_key"))
                  .values(usage=sa.bindparam("usage")))
@@ -190,9 +256,30 @@ _LOCK_SUBTASKS = (step_runs.update()
                                       step_runs.c.output)).label("output")))
 
 _CLAIMED = at.CLAIM.cte("claimed")
-_CLAIM_AND_READ = (sa.select(_CLAIMED.c.id, _CLAIMED.c.deliveries, *_STATE_COLS)
-                   .select_from(_CLAIMED.join(orchestrator_state, sa.true()))
-                   .where(orchestrator_state.c.correlation_id == sa.bindparam("b_cid")))
+#: PostgreSQL's claim: the attempt taken, the workflow's row, the attempts of the steps
+#: named (where it may go next), and the values of collected data written since the
+#: version this process has (b_seen): one round trip, whatever the workflow's length.
+_CLAIM_AND_READ = (
+    sa.select(
+        _CLAIMED.c.id, _CLAIMED.c.deliveries, *_STATE_COLS,
+        sa.select(sa.func.json_agg(sa.func.json_build_array(*_PROGRESS_COLS)))
+        .where(step_attempts.c.correlation_id == sa.bindparam("b_cid"),
+               step_attempts.c.name.in_(sa.bindparam("b_names", expanding=True)))
+        .scalar_subquery().label("x_progress"),
+        sa.select(sa.func.json_agg(sa.func.json_build_array(
+            step_outputs.c.name, step_outputs.c.rev, sa.cast(step_outputs.c.value, sa.Text))))
+        .where(step_outputs.c.correlation_id == sa.bindparam("b_cid"),
+               step_outputs.c.rev > sa.bindparam("b_seen"))
+        .scalar_subquery().label("x_outputs"))
+    .select_from(_CLAIMED.join(orchestrator_state, sa.true()))
+    .where(orchestrator_state.c.correlation_id == sa.bindparam("b_cid")))
+
+
+def _json_rows(value: Any) -> list[Any]:
+    """A json_agg column: a list (psycopg parses JSON; NULL for no rows)."""
+    if value is None:
+        return []
+    return json.loads(value) if isinstance(value, str) else list(value)
 
 
 class SqlStore:
@@ -201,7 +288,7 @@ class SqlStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._plans = _PlanCache()
-        self._outputs = _OutputCache()
+        self._recent = _RecentOutputs()
         self._claims: sa.Engine | None = None
         if engine.dialect.name == "postgresql":
             self._claims = sa.create_engine(
@@ -243,7 +330,7 @@ class SqlStore:
         return True
 
     def claim(self, cid: str, step: str, attempt: int, task_id: str | None, *,
-              lease: float, timeout: float) -> Claim | None:
+              lease: float, timeout: float, names: Sequence[str] = ()) -> Claim | None:
         """Mark an attempt RUNNING for this delivery, with a lease of ``lease`` seconds
         and a deadline ``timeout`` seconds from now. None when the attempt is not to be
         run here: it finished, it was cancelled, its workflow is not running, or another
@@ -251,18 +338,29 @@ class SqlStore:
 
         The claim sends nothing, so on PostgreSQL it commits without waiting for the WAL
         flush (the transition that follows flushes it) and reads the workflow's state in
-        the same round trip. A claim lost in a database crash only means the
-        redelivered task claims again.
+        the same round trip: its row, the attempts of ``names`` (the steps a decision
+        about this one is likely to touch: others are read if it does) and the values
+        of collected data this process has not seen. A claim lost in a database crash
+        only means the redelivered task claims again.
         """
         ts = now()
         params = {"b_cid": cid, "b_step": step, "b_attempt": attempt, "b_now": ts,
                   "b_task": task_id, "b_lease": ts + timedelta(seconds=lease),
                   "b_deadline": ts + timedelta(seconds=timeout)}
         if self._claims is not None:  # one round trip: autocommit, no flush wait
+            seen, revs, values = self._recent.get(cid)
             with self._claims.connect() as conn:
-                row = conn.execute(_CLAIM_AND_READ, params).first()
-            return None if row is None else Claim(row.id, row.deliveries,
-                                                  _row_to_state(row, self._reader(cid)))
+                row = conn.execute(_CLAIM_AND_READ, {**params, "b_names": list(names),
+                                                     "b_seen": seen}).first()
+            if row is None:
+                return None
+            rows = _parse(_json_rows(row.x_outputs))
+            self._recent.add(cid, seen, rows, max(row.version, _merge(revs, values, rows)))
+            attempts = Progress(loaded={r[0]: r[1:] for r in _json_rows(row.x_progress)},
+                                complete=False, loader=self._progress_reader(cid))
+            attempts.absent(names)
+            return Claim(row.id, row.deliveries,
+                         _row_to_state(row, Outputs.read(revs, values), attempts))
         with self.engine.begin() as conn:
             row = conn.execute(at.CLAIM, params).first()
         return None if row is None else Claim(row.id, row.deliveries)
@@ -300,7 +398,8 @@ class SqlStore:
                                            "b_until": now() + timedelta(seconds=lease)}).rowcount
 
     def transition(self, cid: str, decide: Decide, state: WorkflowState | None = None,
-                   fan_out: FanOut | None = None) -> cmd.Decision:
+                   fan_out: FanOut | None = None,
+                   names: Sequence[str] | None = None) -> cmd.Decision:
         """Read the workflow, decide, and write the outcome in one transaction; retried
         when another transition got there first. ``state``: a recent read to start from
         (PostgreSQL; its version guards the write).
@@ -309,14 +408,16 @@ class SqlStore:
         then its sub-tasks' rows are locked and read in the transaction, and the ones
         that recorded their success are handed to ``decide`` as its third argument (a
         sub-task recording its success meanwhile waits for the commit, and finds its
-        attempt abandoned if the decision ended the fan-out)."""
+        attempt abandoned if the decision ended the fan-out). ``names``: the steps whose
+        attempts to read with the state (others are read when the decision needs them;
+        None: all of them)."""
         known = [state]
 
         def once() -> cmd.Decision:
             if self._claims is not None:
                 first, known[0] = known[0], None  # a retry reads afresh
-                return self._transition_pg(cid, decide, first, fan_out)
-            return self._transition_locked(cid, decide, fan_out)
+                return self._transition_pg(cid, decide, first, fan_out, names)
+            return self._transition_locked(cid, decide, fan_out, names)
 
         try:
             return self._retrying(cid, once)
@@ -348,7 +449,10 @@ class SqlStore:
                 state, plan = self._load(conn, cid)
                 if not locked:
                     return cmd.Decision(state, changed=False)
-                return self._decide_and_save(conn, state, plan, decide, fan_out, pre)
+                decision = self._decide_and_save(conn, state, plan, decide, fan_out, pre)
+            if decision.changed:
+                self._saved(decision.state)
+            return decision
 
         return self._retrying(cid, once)
 
@@ -364,13 +468,16 @@ class SqlStore:
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
                          f"{_MAX_RETRIES} tries", correlation_id=cid)
 
-    def _transition_locked(self, cid: str, decide: Decide,
-                           fan_out: FanOut | None) -> cmd.Decision:
+    def _transition_locked(self, cid: str, decide: Decide, fan_out: FanOut | None,
+                           names: Sequence[str] | None = None) -> cmd.Decision:
         """A transition in one transaction (any database), reading a fan-out's sub-tasks
         under lock when ``fan_out`` names one."""
         with self.engine.begin() as conn:
-            current, plan = self._load(conn, cid)
-            return self._decide_and_save(conn, current, plan, decide, fan_out)
+            current, plan = self._load(conn, cid, names)
+            decision = self._decide_and_save(conn, current, plan, decide, fan_out)
+        if decision.changed:
+            self._saved(decision.state)
+        return decision
 
     def _decide_and_save(self, conn: sa.Connection, state: WorkflowState, plan: Plan,
                          decide: Decide, fan_out: FanOut | None,
@@ -401,7 +508,8 @@ class SqlStore:
         return out
 
     def _transition_pg(self, cid: str, decide: Decide, known: WorkflowState | None,
-                       fan_out: FanOut | None) -> cmd.Decision:
+                       fan_out: FanOut | None,
+                       names: Sequence[str] | None = None) -> cmd.Decision:
         """Read (autocommit; skipped when the claim already read it), then every write
         in one statement (during a fan-out that ``fan_out`` names: the locking way)."""
         plan = self._plans.get(cid) if known is not None else None
@@ -410,7 +518,7 @@ class SqlStore:
         else:
             with self.engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                state, plan = self._load(conn, cid)
+                state, plan = self._load(conn, cid, names)
         if fan_out is not None and fan_out(state, plan) is not None:
             return self._transition_locked(cid, decide, fan_out)
         with self.engine.connect() as conn:
@@ -426,7 +534,11 @@ class SqlStore:
                 self._saved(s)
             return decision
 
-    def _load(self, conn: sa.Connection, cid: str) -> tuple[WorkflowState, Plan]:
+    def _load(self, conn: sa.Connection, cid: str,
+              names: Sequence[str] | None = None) -> tuple[WorkflowState, Plan]:
+        """The workflow's state and plan, read in ``conn``: its collected data whole
+        (what this process has not seen of it), and the attempts of ``names`` (None:
+        all of them; any other is read when asked for)."""
         plan = self._plans.get(cid)
         row = conn.execute(_LOAD if plan is not None else _LOAD_WITH_PLAN,
                            {"b_cid": cid}).first()
@@ -435,50 +547,64 @@ class SqlStore:
         if plan is None:
             plan = parse_plan(row._mapping["plan"])
             self._plans.put(cid, plan)
-        return _row_to_state(row, self._reader(cid)), plan
+        outputs = Outputs.read(*self._outputs_of(cid, row.version, conn))
+        if names is None:
+            attempts = Progress(loaded=self._read_progress(conn, cid, None))
+        else:
+            attempts = Progress(loaded=self._read_progress(conn, cid, names), complete=False,
+                                loader=self._progress_reader(cid))
+            attempts.absent(names)
+        return _row_to_state(row, outputs, attempts), plan
 
-    # ------------------------------------------------------------ collected data
+    def cached_plan(self, cid: str) -> Plan | None:
+        """The workflow's plan if this process has read it (no database access)."""
+        return self._plans.get(cid)
 
-    def _reader(self, cid: str) -> Loader:
-        """Reads workflow ``cid``'s values of collected data (see :class:`Outputs`)."""
-        return lambda wanted: self.read_outputs(cid, wanted)
+    # ------------------------------------------------- collected data, attempts
 
-    def read_outputs(self, cid: str, wanted: Mapping[str, int],
-                     conn: sa.Connection | None = None) -> dict[str, Any]:
-        """Values of collected data by name (``wanted``: name → rev), from this process's
-        cache when it has them, else in one query. A value newer than the rev asked for
-        (an operator's retry wrote it meanwhile) is returned as it is now: a transition
-        that read it fails its version check and decides again. ``conn``: read in that
-        connection's transaction (a consistent snapshot) rather than a new one."""
-        out: dict[str, Any] = {}
-        missing: list[str] = []
-        for name, rev in wanted.items():
-            hit, value = self._outputs.get((cid, name, rev))
-            if hit:
-                out[name] = value
-            else:
-                missing.append(name)
-        if missing:
-            if conn is None:
-                with (self._claims or self.engine).connect() as own:
-                    rows = own.execute(_READ_OUTPUTS, {"b_cid": cid, "b_names": missing}).all()
-            else:
-                rows = conn.execute(_READ_OUTPUTS, {"b_cid": cid, "b_names": missing}).all()
-            for r in rows:
-                text = r.text
-                value = None if text is None else json.loads(text)
-                out[r.name] = value
-                self._outputs.put((cid, r.name, r.rev), value, len(text or ""))
-        return out
+    def _outputs_of(self, cid: str, version: int, conn: sa.Connection | None = None
+                    ) -> tuple[dict[str, int], dict[str, Any]]:
+        """(revs, values) of the workflow's collected data, as of ``version`` at least:
+        what this process keeps, and what was written since (read in ``conn``, or on a
+        connection of its own)."""
+        seen, revs, values = self._recent.get(cid)
+        params = {"b_cid": cid, "b_seen": seen}
+        if conn is None:
+            with (self._claims or self.engine).connect() as own:
+                rows = _parse(own.execute(_NEW_OUTPUTS, params).all())
+        else:
+            rows = _parse(conn.execute(_NEW_OUTPUTS, params).all())
+        self._recent.add(cid, seen, rows, max(version, _merge(revs, values, rows)))
+        return revs, values
+
+    @staticmethod
+    def _read_progress(conn: sa.Connection, cid: str,
+                       names: Sequence[str] | None) -> dict[str, list[int]]:
+        if names is not None and not names:
+            return {}
+        q = _ALL_PROGRESS if names is None else _SOME_PROGRESS
+        params: dict[str, Any] = {"b_cid": cid}
+        if names is not None:
+            params["b_names"] = list(names)
+        return {r.name: [r.attempt, r.base, r.scheduled] for r in conn.execute(q, params)}
+
+    def _progress_reader(self, cid: str) -> Callable[[Sequence[str] | None],
+                                                      dict[str, list[int]]]:
+        """Reads attempts for a state read earlier, when a decision asks for one that
+        was not read with it (the transition's version check covers any change since)."""
+        def read(names: Sequence[str] | None) -> dict[str, list[int]]:
+            with (self._claims or self.engine).connect() as conn:
+                return self._read_progress(conn, cid, names)
+        return read
 
     def _saved(self, s: WorkflowState) -> None:
-        """The values the transition set are stored: keep them for the steps that
-        follow (likely run by this process), and start afresh."""
+        """A transition to ``s.version`` committed: keep the values it set (the steps
+        that follow are likely run by this process), and start afresh."""
         outputs = s.collected_data
-        for name, value in outputs.written.items():
-            self._outputs.put((s.correlation_id, name, outputs.revs[name]), value,
-                              len(json.dumps(value, separators=(",", ":"))))
+        rows = [(n, outputs.revs[n], v, _json_size(v)) for n, v in outputs.written.items()]
+        self._recent.add(s.correlation_id, s.version - 1, rows, s.version)
         outputs.saved()
+        s.attempts.saved()
 
     def _save(self, conn: sa.Connection, decision: cmd.Decision, version: int) -> None:
         s = decision.state
@@ -490,15 +616,18 @@ class SqlStore:
             raise StaleState(f"workflow {s.correlation_id} moved past version {version}")
         s.version = version + 1
         self._apply(conn, s, decision.commands, ts)
-        self._saved(s)
 
     def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[cmd.Command],
                ts: datetime) -> None:
         """Write the rows the commands call for (sending happens after commit)."""
         rows = rows_for(s, commands, ts)
         cid = {"b_cid": s.correlation_id}
-        gone = [{**cid, "b_name": r["name"]} for r in rows.collected + rows.dropped]
-        for stmt, params in ((_DELETE_OUTPUT, gone), (_INSERT_OUTPUTS, rows.collected),
+        for stmt, params in ((_DELETE_OUTPUT, [{**cid, "b_name": r["name"]}
+                                               for r in rows.collected]),
+                             (_INSERT_OUTPUTS, rows.collected),
+                             (_DELETE_PROGRESS, [{**cid, "b_name": r["name"]}
+                                                 for r in rows.progress]),
+                             (_INSERT_PROGRESS, rows.progress),
                              (_INSERT_LEDGER, rows.ledger), (_INSERT_RUNS, rows.runs),
                              (_LEDGER_USAGE, rows.usage),
                              (_SENT, [{**cid, **p} for p in rows.sent]),
@@ -520,9 +649,11 @@ class SqlStore:
             return conn.execute(sa.select(orchestrator_state.c.version).where(
                 orchestrator_state.c.correlation_id == cid)).first() is not None
 
-    def get(self, cid: str) -> WorkflowState:
+    def get(self, cid: str, names: Sequence[str] | None = None) -> WorkflowState:
+        """The workflow's state (``names``: read only these steps' attempts with it;
+        the others when asked for)."""
         with self.engine.connect() as conn:
-            return self._load(conn, cid)[0]
+            return self._load(conn, cid, names)[0]
 
     def get_plan(self, cid: str) -> Plan:
         with self.engine.connect() as conn:
@@ -538,8 +669,6 @@ class SqlStore:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 state, plan = self._load(conn, cid)
-                outputs = state.collected_data
-                outputs.fill(self.read_outputs(cid, outputs.missing(), conn))
                 return state, self._steps(conn, cid), plan, self._refused(conn, cid)
 
     def steps(self, cid: str) -> list[dict[str, Any]]:
@@ -631,5 +760,11 @@ class SqlStore:
         if client_id is not None:
             q = q.where(orchestrator_state.c.client_id == client_id)
         with self.engine.connect() as conn:
-            return [_row_to_state(r, self._reader(str(r.correlation_id)))
-                    for r in conn.execute(q).all()]
+            rows = conn.execute(q).all()
+        return [_row_to_state(r, self._lazy_outputs(str(r.correlation_id), r.version),
+                              Progress(complete=False,
+                                       loader=self._progress_reader(str(r.correlation_id))))
+                for r in rows]
+
+    def _lazy_outputs(self, cid: str, version: int) -> Outputs:
+        return Outputs(source=lambda: self._outputs_of(cid, version))

@@ -76,15 +76,10 @@ orchestrator_state = sa.Table(
     sa.Column("fuel_budget", sa.Integer, nullable=False),
     sa.Column("fuel_spent", sa.Integer, nullable=False, server_default="0"),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
-    # 0003: attempts per step ([attempt, base, scheduled]; see WorkflowState.attempts),
-    # and the secret mixed into request ids
-    sa.Column("attempts", JSONType),
+    # 0003: the secret mixed into request ids
     sa.Column("nonce", sa.String(64)),
     # 0004: the saga's progress (see WorkflowState.saga)
     sa.Column("saga", JSONType),
-    # 0006: the collected data's names, each with the version that wrote its value
-    # (the values are rows of step_outputs; this replaces the seed's collected_data)
-    sa.Column("outputs", JSONType, nullable=False),
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),
@@ -126,8 +121,9 @@ step_runs = sa.Table(
     sa.Index("idx_step_runs_finished_at", "finished_at"),  # 0005: recent runs (metrics)
 )
 
-#: 0006: the collected data, one row per name (a step's output, ``human_feedback``,
-#: ``error``): a transition writes the values it sets, never the whole collection.
+#: 0006: the collected data (the seed's collected_data column), one row per name (a
+#: step's output, ``human_feedback``, ``error``) with the workflow version that wrote
+#: it: a transition writes the values it sets, never the whole collection.
 step_outputs = sa.Table(
     "step_outputs",
     metadata,
@@ -137,6 +133,21 @@ step_outputs = sa.Table(
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("rev", sa.Integer, nullable=False),
     sa.Column("value", JSONType),
+)
+
+#: 0006: the coordinator's attempts of each step or sub-task (0003 kept them as a map in
+#: the workflow's row; see WorkflowState.attempts), one row per name: a transition
+#: writes the ones it changes.
+step_attempts = sa.Table(
+    "step_attempts",
+    metadata,
+    sa.Column("correlation_id", UUIDType,
+              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("attempt", sa.Integer, nullable=False),  # the latest attempt's number
+    sa.Column("base", sa.Integer, nullable=False),  # attempts before this round
+    sa.Column("scheduled", sa.Integer, nullable=False),  # 1: it waits for its time
 )
 
 fuel_ledger = sa.Table(

@@ -264,6 +264,7 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
     assert upgrade(empty_db_url) == ["0003", "0004", "0005", "0006"]
     store = SqlStore(make_engine(empty_db_url))
     assert store.get(paused).collected_data == {"draft": {}}
+    assert store.get(fanning).collected_data == {}
     assert store.get(paused).attempts == {"draft": [1, 0, 0], "review": [1, 0, 0]}
     # rejected, then retried by an operator: it asks again (attempt 2 of the pause)
     store.transition(rejected, lambda s, p: co.decide(s, p, co.Resume(False)))
@@ -287,7 +288,8 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
 
 def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
     """Values of every JSON kind move from the old column to one row each (with the
-    row's version as their rev), read back equal, and the downgrade restores them."""
+    row's version as their rev), attempts too; they read back equal, and the downgrade
+    restores them."""
     import json
     import uuid
     from datetime import UTC, datetime
@@ -313,18 +315,22 @@ def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
                    "current_step": "a", "awaited_steps": "[]",
                    "collected_data": json.dumps(values), "plan": json.dumps(plan_to_dict(plan)),
                    "fuel_budget": 10, "fuel_spent": 0, "version": 7, "created_at": now,
-                   "updated_at": now}
+                   "updated_at": now,
+                   "attempts": json.dumps({"a": [2, 1, 0], "b": [1, 0, 1]} if values else {})}
             cols = list(row)
-            vals = ", ".join(cast.format(c) if c in ("awaited_steps", "collected_data", "plan")
+            vals = ", ".join(cast.format(c) if c in ("awaited_steps", "collected_data", "plan",
+                                                     "attempts")
                              else f":{c}" for c in cols)
             conn.execute(sa.text(f"INSERT INTO orchestrator_state ({', '.join(cols)}) "
                                  f"VALUES ({vals})"), row)
     assert upgrade(empty_db_url) == ["0006"]
     store = SqlStore(make_engine(empty_db_url))
-    got = store.get(cid).collected_data
-    assert got.revs == dict.fromkeys(data, 7)
-    assert got.to_dict() == data
+    got = store.get(cid)
+    assert got.collected_data.revs == dict.fromkeys(data, 7)
+    assert got.collected_data.to_dict() == data
+    assert got.attempts == {"a": [2, 1, 0], "b": [1, 0, 1]}
     assert store.get(empty).collected_data.to_dict() == {}
+    assert store.get(empty).attempts == {}
     store.engine.dispose()
 
     target = _resolve(empty_db_url)
@@ -337,8 +343,9 @@ def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
     finally:
         engine.dispose()
     with make_engine(empty_db_url).connect() as conn:
-        back = dict(conn.execute(sa.text(
-            "SELECT correlation_id, collected_data FROM orchestrator_state")).all())
+        back = {str(r[0]): [v if isinstance(v, dict | type(None)) else json.loads(v)
+                            for v in r[1:]] for r in conn.execute(sa.text(
+                    "SELECT correlation_id, collected_data, attempts FROM orchestrator_state"))}
         assert "step_outputs" not in sa.inspect(conn).get_table_names()
-    back = {str(k): v if isinstance(v, dict) else json.loads(v) for k, v in back.items()}
-    assert back == {cid: data, empty: {}}
+        assert "step_attempts" not in sa.inspect(conn).get_table_names()
+    assert back == {cid: [data, {"a": [2, 1, 0], "b": [1, 0, 1]}], empty: [{}, {}]}

@@ -1,7 +1,8 @@
-"""Collected data one row per name (migration 0006), on SQLite and on PostgreSQL: a
-transition writes the values it sets and the names' revs, never the whole collection;
-values are read only when needed, and a value written again is never served stale from
-a process's cache."""
+"""Collected data and attempts one row per name (migration 0006), on SQLite and on
+PostgreSQL: a transition writes the values and attempts it changes, never the whole
+collection; the workflow's row stays the same size however long the workflow; a
+process reads only what was written since it last looked, and a value written again is
+never served stale."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from chassis.plan import parse_plan
 from chassis.state import Status, WorkflowState
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
-from chassis.store.tables import orchestrator_state, step_outputs
+from chassis.store.tables import orchestrator_state, step_attempts, step_outputs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,10 +50,15 @@ def rows(store: SqlStore, cid: str) -> dict[str, tuple[int, object]]:
 
 def state_row_bytes(store: SqlStore, cid: str) -> int:
     with store.engine.connect() as conn:
-        o = orchestrator_state.c
-        row = conn.execute(sa.select(o.outputs, o.saga, o.attempts, o.awaited_steps)
-                           .where(o.correlation_id == cid)).one()
-    return len(json.dumps(list(row)))
+        row = conn.execute(sa.select(orchestrator_state)
+                           .where(orchestrator_state.c.correlation_id == cid)).one()
+    return len(json.dumps(list(row), default=str))
+
+
+def attempts(store: SqlStore, cid: str) -> dict[str, list[int]]:
+    with store.engine.connect() as conn:
+        return {r.name: [r.attempt, r.base, r.scheduled] for r in conn.execute(
+            sa.select(step_attempts).where(step_attempts.c.correlation_id == cid))}
 
 
 def test_each_step_writes_its_own_value_and_the_row_stays_small(store: SqlStore) -> None:
@@ -68,13 +74,17 @@ def test_each_step_writes_its_own_value_and_the_row_stays_small(store: SqlStore)
         assert got[f"s{i}"] == (i + 2, {"blob": blob, "i": i})  # rev: the version that wrote it
         assert all(got[f"s{k}"][0] == k + 2 for k in range(i))  # older rows untouched
         sizes.append(state_row_bytes(store, cid))
-    # the workflow's row holds names and revs: ~20 bytes a step, not the 5 KB values
-    assert sizes[-1] - sizes[0] < STEPS * 40
-    fresh = SqlStore(store.engine)  # another process: nothing cached
-    state = fresh.get(cid)
-    assert state.collected_data.missing() == {f"s{i}": i + 2 for i in range(STEPS)}
+    # the workflow's row does not grow with the steps it has run (one more digit in
+    # a step's name and the version aside)
+    assert max(sizes) - min(sizes) <= 8, sizes
+    assert attempts(store, cid) == {f"s{i}": [1, 0, 0] for i in range(STEPS)} | {
+        "fix": [1, 0, 0]}
+    fresh = SqlStore(store.engine)  # another process: nothing kept
+    state = fresh.get(cid, names=["fix"])
+    assert state.collected_data.revs == {f"s{i}": i + 2 for i in range(STEPS)}
     assert state.step_data("fix")[f"s{STEPS - 1}"] == {"blob": blob, "i": STEPS - 1}
-    assert state.collected_data.missing() == {}  # all read in one go
+    assert not state.attempts.complete and state.attempts["s3"] == [1, 0, 0]
+    assert state.attempts == attempts(store, cid)  # read whole when iterated
 
 
 RECOVER = parse_plan({"start_step": "a", "steps": {
@@ -108,6 +118,30 @@ def test_status_snapshot_reads_values_with_the_state(store: SqlStore) -> None:
     cid = start(store)
     store.transition(cid, lambda s, p: co.decide(s, p, co.StepSucceeded("s0", [1, None])))
     state, runs, _plan, _refused = SqlStore(store.engine).snapshot(cid)
-    assert state.collected_data.missing() == {}
     assert state.collected_data.to_dict() == {"s0": [1, None]}
     assert [r["step_name"] for r in runs] == ["s0", "s1"]
+
+
+def test_a_claim_reads_what_was_written_since_this_process_looked(store: SqlStore) -> None:
+    """Another process moves the workflow on; this one's next read brings the values
+    written meanwhile, and the attempts of the steps named (others when asked)."""
+    cid = start(store)
+    worker = SqlStore(store.engine)
+    claim = worker.claim(cid, "s0", 1, "t0", lease=15, timeout=60, names=["s0", "s1"])
+    assert claim is not None and claim.state is not None or worker.get(cid)
+    state = claim.state or worker.get(cid, ["s0", "s1"])
+    assert dict(state.collected_data) == {}
+    assert state.attempts.get("s0") == [1, 0, 0] and "s1" not in state.attempts
+    for i in range(3):  # elsewhere
+        store.transition(cid, lambda s, p, i=i: co.decide(
+            s, p, co.StepSucceeded(f"s{i}", {"i": i})))
+    claim = worker.claim(cid, "s3", 1, "t3", lease=15, timeout=60, names=["s3", "s4"])
+    state = (claim.state if claim is not None and claim.state is not None
+             else worker.get(cid, ["s3", "s4"]))
+    assert state.collected_data.to_dict() == {f"s{i}": {"i": i} for i in range(3)}
+    assert state.attempts.get("s3") == [1, 0, 0] and state.attempts.get("s1") == [1, 0, 0]
+    d = worker.transition(cid, lambda s, p: co.decide(s, p, co.StepSucceeded("s3", 3)),
+                          state, names=["s3", "s4"])
+    assert d.state.attempts.get("s4") == [1, 0, 0]
+    assert attempts(store, cid)["s4"] == [1, 0, 0]
+    assert rows(store, cid)["s3"] == (d.state.version, 3)

@@ -1,16 +1,17 @@
-"""Collected data one row per name: a transition writes what it adds, not everything.
+"""Collected data and attempts one row per name: a transition writes what it changes.
 
 Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-02
 
 The seed kept a workflow's collected data (every step's output, ``human_feedback``,
-``error``) in one JSON column of its row, rewritten by every transition: with 1,000
-steps of 10 KB each, the thousandth step rewrote 10 MB. Now each value is a row of
-``step_outputs`` (written when it is set), and ``orchestrator_state.outputs`` keeps the
-names, each with the workflow version that wrote it. Existing values are moved over
-(with the row's current version), and the old column is dropped; the downgrade puts
-them back.
+``error``) in one JSON column of its row, and 0003 added the coordinator's attempts of
+every step as another: both were rewritten by every transition, so with 1,000 steps of
+10 KB each the thousandth step rewrote 10 MB. Now each value is a row of
+``step_outputs`` (with the workflow version that wrote it) and each step's attempts a
+row of ``step_attempts``; a transition writes the rows it changes. Existing values move
+over (their rev: the row's current version) and the two columns are dropped; the
+downgrade puts them back.
 """
 
 from __future__ import annotations
@@ -30,52 +31,70 @@ JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 UUID_TYPE = sa.String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql")
 
 
+def _workflow() -> sa.Column[str]:
+    return sa.Column("correlation_id", UUID_TYPE,
+                     sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
+                     primary_key=True)
+
+
 def upgrade() -> None:
-    op.create_table(
-        "step_outputs",
-        sa.Column("correlation_id", UUID_TYPE,
-                  sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
-                  primary_key=True),
-        sa.Column("name", sa.String(255), primary_key=True),
-        sa.Column("rev", sa.Integer, nullable=False),
-        sa.Column("value", JSON_TYPE),
-    )
-    with op.batch_alter_table("orchestrator_state") as batch:
-        batch.add_column(sa.Column("outputs", JSON_TYPE))
+    op.create_table("step_outputs", _workflow(),
+                    sa.Column("name", sa.String(255), primary_key=True),
+                    sa.Column("rev", sa.Integer, nullable=False),
+                    sa.Column("value", JSON_TYPE))
+    op.create_table("step_attempts", _workflow(),
+                    sa.Column("name", sa.String(255), primary_key=True),
+                    sa.Column("attempt", sa.Integer, nullable=False),
+                    sa.Column("base", sa.Integer, nullable=False),
+                    sa.Column("scheduled", sa.Integer, nullable=False))
     if op.get_bind().dialect.name == "postgresql":
         op.execute("""INSERT INTO step_outputs (correlation_id, name, rev, value)
             SELECT o.correlation_id, e.key, o.version, e.value
             FROM orchestrator_state o, jsonb_each(o.collected_data) e""")
-        op.execute("""UPDATE orchestrator_state o SET outputs = COALESCE(
-            (SELECT jsonb_object_agg(e.key, o.version) FROM jsonb_each(o.collected_data) e),
-            '{}'::jsonb)""")
+        op.execute("""INSERT INTO step_attempts (correlation_id, name, attempt, base, scheduled)
+            SELECT o.correlation_id, e.key, (e.value ->> 0)::int,
+              COALESCE((e.value ->> 1)::int, 0), COALESCE((e.value ->> 2)::int, 0)
+            FROM orchestrator_state o, jsonb_each(o.attempts) e
+            WHERE jsonb_typeof(o.attempts) = 'object'""")
     else:
+        # json_each gives atoms as SQL values: quote them back into JSON text
         op.execute("""INSERT INTO step_outputs (correlation_id, name, rev, value)
             SELECT o.correlation_id, e.key, o.version,
               CASE e.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
                 ELSE json_quote(e.value) END
             FROM orchestrator_state o, json_each(o.collected_data) e""")
-        op.execute("""UPDATE orchestrator_state SET outputs = COALESCE(
-            (SELECT json_group_object(e.key, orchestrator_state.version)
-             FROM json_each(orchestrator_state.collected_data) e), '{}')""")
+        op.execute("""INSERT INTO step_attempts (correlation_id, name, attempt, base, scheduled)
+            SELECT o.correlation_id, e.key, json_extract(e.value, '$[0]'),
+              COALESCE(json_extract(e.value, '$[1]'), 0),
+              COALESCE(json_extract(e.value, '$[2]'), 0)
+            FROM orchestrator_state o, json_each(o.attempts) e
+            WHERE json_type(o.attempts) = 'object'""")
     with op.batch_alter_table("orchestrator_state") as batch:
-        batch.alter_column("outputs", existing_type=JSON_TYPE, nullable=False)
         batch.drop_column("collected_data")
+        batch.drop_column("attempts")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("orchestrator_state") as batch:
         batch.add_column(sa.Column("collected_data", JSON_TYPE))
+        batch.add_column(sa.Column("attempts", JSON_TYPE))
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("""UPDATE orchestrator_state o SET collected_data = COALESCE(
-            (SELECT jsonb_object_agg(v.name, COALESCE(v.value, 'null'::jsonb))
-             FROM step_outputs v WHERE v.correlation_id = o.correlation_id), '{}'::jsonb)""")
+        op.execute("""UPDATE orchestrator_state o SET
+            collected_data = COALESCE((SELECT jsonb_object_agg(v.name,
+                COALESCE(v.value, 'null'::jsonb)) FROM step_outputs v
+              WHERE v.correlation_id = o.correlation_id), '{}'::jsonb),
+            attempts = COALESCE((SELECT jsonb_object_agg(a.name,
+                jsonb_build_array(a.attempt, a.base, a.scheduled)) FROM step_attempts a
+              WHERE a.correlation_id = o.correlation_id), '{}'::jsonb)""")
     else:
-        op.execute("""UPDATE orchestrator_state SET collected_data = COALESCE(
-            (SELECT json_group_object(v.name, json(COALESCE(v.value, 'null')))
-             FROM step_outputs v
-             WHERE v.correlation_id = orchestrator_state.correlation_id), '{}')""")
+        op.execute("""UPDATE orchestrator_state SET
+            collected_data = COALESCE((SELECT json_group_object(v.name,
+                json(COALESCE(v.value, 'null'))) FROM step_outputs v
+              WHERE v.correlation_id = orchestrator_state.correlation_id), '{}'),
+            attempts = COALESCE((SELECT json_group_object(a.name,
+                json_array(a.attempt, a.base, a.scheduled)) FROM step_attempts a
+              WHERE a.correlation_id = orchestrator_state.correlation_id), '{}')""")
     with op.batch_alter_table("orchestrator_state") as batch:
         batch.alter_column("collected_data", existing_type=JSON_TYPE, nullable=False)
-        batch.drop_column("outputs")
+    op.drop_table("step_attempts")
     op.drop_table("step_outputs")
