@@ -36,8 +36,7 @@ from bench.systems import Chassis, Dbos, DbosOptions, RawCelery, System
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 CASES = ("linear", "concurrent", "fanout", "fuel")
-#: Cases run only when named (--cases agent): on the default prefork -c 2 worker its
-#: 1,000 workflows of 3 s each would take 25 minutes; run it on the shipped deployment.
+#: Cases run only when named (--cases agent,growth): they take minutes each.
 EXTRA_CASES = ("agent", "growth")
 SYSTEMS = ("ours", "raw_celery", "dbos")
 #: What the worker imports: the raw-Celery tasks and the bench's own actions.
@@ -79,9 +78,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="growth: steps of the one workflow (default 1000)")
     p.add_argument("--growth-bytes", type=int, default=10_240,
                    help="growth: bytes of each step's output (default 10240)")
-    p.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
-    p.add_argument("--pool", default="prefork", help="worker -P (default prefork)")
-    p.add_argument("--prefetch", type=int, help="CHASSIS_PREFETCH_MULTIPLIER (default: 4)")
+    p.add_argument("--concurrency", type=int, default=512,
+                   help="worker -c (default 512, the shipped worker's)")
+    p.add_argument("--pool", default="threads",
+                   help="worker -P (default threads, the shipped worker's)")
+    p.add_argument("--prefetch", type=int, default=1,
+                   help="CHASSIS_PREFETCH_MULTIPLIER (default 1, the shipped worker's)")
     p.add_argument("--loglevel", default="INFO",
                    help="worker -l, and DBOS's log_level (default INFO)")
     p.add_argument("--dbos-threads", type=int, default=0,
@@ -202,7 +204,7 @@ def config_notes(a: argparse.Namespace, dbos: Dbos | None,
                  idle: dict[str, float]) -> list[str]:
     notes = [
         f"agentchassis and raw Celery: one `celery worker -P {a.pool} -c {a.concurrency}` "
-        f"(prefetch multiplier {a.prefetch or 4}) serving both, Redis broker and result "
+        f"(prefetch multiplier {a.prefetch}) serving both, Redis broker and result "
         "backend; ours starts workflows from the bench process through "
         "`chassis.api.Client.start`.",
     ]

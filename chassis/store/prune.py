@@ -149,9 +149,13 @@ def _prune_outbox(engine: sa.Engine, cutoff: datetime, kafka: bool, dry_run: boo
             orchestrator_state.c.correlation_id == outbox.c.correlation_id))
     old = sa.and_(outbox.c.created_at < cutoff, done)
     if dry_run:
+        # the rows of the workflows a real run removes first were counted with them
+        counted = sa.exists().where(
+            orchestrator_state.c.correlation_id == outbox.c.correlation_id,
+            _old_finished(cutoff, kafka, engine.dialect.name))
         with engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)
-                                    .where(old)).scalar_one())
+                                    .where(old, ~counted)).scalar_one())
     total = 0
     while True:
         with engine.begin() as conn:

@@ -22,7 +22,14 @@ from chassis.state import Status, WorkflowState
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
 from chassis.store.prune import prune
-from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
+from chassis.store.tables import (
+    fuel_ledger,
+    orchestrator_state,
+    outbox,
+    step_attempts,
+    step_outputs,
+    step_runs,
+)
 from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,7 +54,8 @@ def rows(store: SqlStore, cid: str) -> dict[str, int]:
     with store.engine.connect() as conn:
         return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)
                                      .where(t.c.correlation_id == cid)).scalar_one()
-                for t in (orchestrator_state, step_runs, fuel_ledger, outbox)}
+                for t in (orchestrator_state, step_runs, fuel_ledger, outbox, step_outputs,
+                          step_attempts)}
 
 
 @pytest.fixture
@@ -61,7 +69,9 @@ def test_finished_workflows_go_with_their_rows_and_others_stay(store: SqlStore) 
     store.transition(failed, lambda s, p: co.decide(s, p, co.StepFailed("a", "boom", 1)))
     paused, running = started(store, PAUSE), started(store, WORK)
     assert rows(store, completed[0]) == {"orchestrator_state": 1, "step_runs": 1,
-                                         "fuel_ledger": 1, "outbox": 1}
+                                         "fuel_ledger": 1, "outbox": 1, "step_outputs": 0,
+                                         "step_attempts": 1}
+    assert rows(store, failed)["step_outputs"] == 0 and rows(store, failed)["step_attempts"]
     seen: list[int] = []
     dry = prune(store.engine, timedelta(0), kafka=False, dry_run=True, batch=3)
     assert (dry.workflows, dry.step_runs, dry.ledger_rows, dry.outbox_rows) == (8, 8, 8, 8)
@@ -87,8 +97,12 @@ def test_with_kafka_a_workflow_waits_until_its_events_are_published(store: SqlSt
     assert (report.workflows, report.kept_unpublished) == (0, 1)
     with store.engine.begin() as conn:
         conn.execute(outbox.update().values(published_at=sa.func.now()))
+    dry = prune(store.engine, timedelta(0), kafka=True, dry_run=True)
     report = prune(store.engine, timedelta(0), kafka=True)
     assert (report.workflows, report.outbox_rows, report.kept_unpublished) == (1, 1, 0)
+    # a dry run counts what the run then removes (each outbox row once)
+    assert (dry.workflows, dry.outbox_rows, dry.step_runs, dry.ledger_rows) == (
+        report.workflows, report.outbox_rows, report.step_runs, report.ledger_rows)
     assert set(rows(store, cid).values()) == {0}
 
 
