@@ -36,7 +36,10 @@ def _r() -> redis.Redis:
     """One Redis client per (forked) worker process, on the broker's database."""
     global _redis
     if _redis is None:
-        _redis = redis.Redis.from_url(app.conf.broker_url)
+        # blocking: on a threads pool of 512, hundreds of links may push at once
+        # (redis-py's own pool then refuses the 101st connection)
+        _redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            app.conf.broker_url, max_connections=32, timeout=60))
     return _redis
 
 
