@@ -25,9 +25,9 @@ from chassis.store.db import dispose_engines, make_engine, normalize_database_ur
 
 FILL = """
 INSERT INTO orchestrator_state (correlation_id, client_id, status, current_step,
-  awaited_steps, collected_data, created_at, updated_at, plan, fuel_budget, fuel_spent)
+  awaited_steps, created_at, updated_at, plan, fuel_budget, fuel_spent)
 SELECT md5(CAST(:tag AS text) || g)::uuid, 'client-' || (g % 50), CAST(:status AS text),
-  'done', '[]', '{}',
+  'done', '[]',
   now() - CAST(:age AS int) * interval '1 second', now() - CAST(:age AS int) * interval '1 second',
   '{"start_step": "done", "steps": {"done": {"action": "complete_workflow"}}}', 100, 3
 FROM generate_series(1, CAST(:n AS int)) g;

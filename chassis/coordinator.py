@@ -373,7 +373,7 @@ def _awaited_attempt(s: WorkflowState, plan: Plan, request_id: str) -> tuple[str
     # where it is likely to be first (without reading every step's attempts)
     step = plan.steps.get(s.current_step)
     likely = [s.current_step, *(st.step_name for st in (step.sub_tasks if step else ()))]
-    for name in likely + [n for batch in s.undo[:1] for n in batch]:
+    for name in likely + [compensation_of(n) for batch in s.undo[:1] for n in batch]:
         progress = s.attempts.get(name)
         if progress is not None and s.rid(name, progress[0]) == request_id:
             return name, progress[0]

@@ -36,7 +36,7 @@ from chassis.errors import BrokerUnavailable, DatabaseUnavailable, StepAttemptFa
 from chassis.heartbeat import Heartbeat
 from chassis.plan import FAN_OUT, Plan
 from chassis.policy import TIMEOUT_ERROR
-from chassis.state import WorkflowState
+from chassis.state import WorkflowState, json_copy
 from chassis.store import SqlStore, Stuck
 from chassis.store.db import mask_url
 
@@ -54,21 +54,6 @@ PUBLISH_PATIENCE = 30.0
 def error_types(exc: BaseException) -> tuple[str, ...]:
     """Names of the exception's class and base classes, most specific first."""
     return tuple(c.__name__ for c in type(exc).__mro__ if c not in (BaseException, object))
-
-
-def json_copy(value: Any) -> Any:
-    """A deep copy of a JSON document (dicts, lists and immutable leaves): several
-    times faster than :func:`copy.deepcopy`, which matters when a step late in a long
-    workflow sees a thousand earlier outputs."""
-    if isinstance(value, dict):
-        return {k: v if type(v) in _ATOMS else json_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [v if type(v) in _ATOMS else json_copy(v) for v in value]
-    return value
-
-
-#: Immutable JSON leaves: shared, not copied (and no call per leaf).
-_ATOMS = frozenset({str, int, float, bool, type(None)})
 
 
 def run_action(payload: dict[str, Any], data: dict[str, Any],

@@ -165,6 +165,9 @@ class Plan:
 
         names = {name, compensation_of(name)}
         owned = self.subtask(name)
+        if owned is not None:  # its fan-out and siblings (a failure may end them)
+            names.add(owned[0])
+            names.update(st.step_name for st in self.steps[owned[0]].sub_tasks)
         step = self.steps.get(owned[0] if owned else name)
         if step is not None:
             for target in (step.next_step, step.on_failure):

@@ -69,6 +69,21 @@ def compensated_step(name: str) -> str | None:
     """The step a compensation's name undoes; None for a step's own name."""
     return name[:-len(COMPENSATE_SUFFIX)] if name.endswith(COMPENSATE_SUFFIX) else None
 
+def json_copy(value: Any) -> Any:
+    """A deep copy of a JSON document (dicts, lists and immutable leaves): several
+    times faster than :func:`copy.deepcopy`, which matters when a step late in a long
+    workflow sees a thousand earlier outputs. (Values read from the store are shared
+    with what a process keeps of them: whoever may change one gets a copy.)"""
+    if isinstance(value, dict):
+        return {k: v if type(v) in _ATOMS else json_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [v if type(v) in _ATOMS else json_copy(v) for v in value]
+    return value
+
+
+#: Immutable JSON leaves: shared, not copied (and no call per leaf).
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
 #: Reads a workflow's collected data whole: ``(revs, values)`` (see :class:`Outputs`).
 OutputsSource = Callable[[], tuple[dict[str, int], dict[str, Any]]]
 #: Reads attempts by step name (None: all of them): ``{name: [attempt, base, scheduled]}``
@@ -109,8 +124,8 @@ class Outputs(MutableMapping[str, Any]):
         source = self._source
         if source is None:
             return
+        revs, values = source()  # (a read that fails leaves it to be tried again)
         self._source = None
-        revs, values = source()
         revs.update(self.revs)  # what was set meanwhile wins
         values.update(self._values)
         self.revs, self._values = revs, values

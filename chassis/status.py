@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from chassis.plan import PAUSE, Plan
-from chassis.state import Status, WorkflowState, compensated_step
+from chassis.state import Status, WorkflowState, compensated_step, json_copy
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -89,7 +89,8 @@ def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
         "current_step": s.current_step or None,
         "waiting_for": None if steps is None else waiting_for(s, step_docs),
         "awaited_steps": s.awaited_steps,
-        "collected_data": s.collected_data.to_dict(), "input": s.initial_request_data,
+        "collected_data": json_copy(s.collected_data.to_dict()),
+        "input": s.initial_request_data,
         "final_result": s.final_result, "error": s.error,
         "fuel": {"budget": s.fuel_budget, "spent": s.fuel_spent,
                  "remaining": s.fuel_remaining},

@@ -71,20 +71,26 @@ def now() -> datetime:
 
 
 class _PlanCache:
-    """Plans are immutable per workflow: parse each snapshot once per process."""
+    """Plans are immutable per workflow: parse each snapshot once per process. Kept with
+    the workflow's ``created_at``: a workflow pruned and started again under the same
+    id (with another plan, perhaps) is another workflow."""
 
     def __init__(self, size: int = 2048) -> None:
-        self._d: OrderedDict[str, Plan] = OrderedDict()
+        self._d: OrderedDict[str, tuple[Plan, datetime | None]] = OrderedDict()
         self._size = size
 
-    def get(self, cid: str) -> Plan | None:
-        plan = self._d.get(cid)
-        if plan is not None:
-            self._d.move_to_end(cid)
-        return plan
+    def get(self, cid: str, created: datetime | None = None) -> Plan | None:
+        """The plan kept for ``cid`` (when ``created`` is given: only if it is that
+        workflow's)."""
+        hit = self._d.get(cid)
+        if hit is None or (created is not None and hit[1] != created):
+            return None
+        self._d.move_to_end(cid)
+        return hit[0]
 
-    def put(self, cid: str, plan: Plan) -> None:
-        self._d[cid] = plan
+    def put(self, cid: str, plan: Plan, created: datetime | None) -> None:
+        self._d[cid] = (plan, created)
+        self._d.move_to_end(cid)
         if len(self._d) > self._size:
             self._d.popitem(last=False)
 
@@ -132,11 +138,11 @@ class _RecentOutputs:
         ``upto``. Kept only where what is here reaches ``since``."""
         with self._lock:
             e = self._d.get(cid)
-            if e is None:
-                if since != 0:
-                    return
+            if since == 0:  # the whole workflow (a new one may reuse a pruned one's id)
+                if e is not None:
+                    self._bytes -= e.size
                 e = self._d[cid] = _Seen()
-            elif e.seen < since:
+            elif e is None or e.seen < since:
                 return
             for name, rev, value, size in rows:
                 if rev >= e.revs.get(name, 0):
@@ -149,10 +155,6 @@ class _RecentOutputs:
             while self._bytes > self._max and self._d:
                 _, gone = self._d.popitem(last=False)
                 self._bytes -= gone.size
-
-
-def _json_size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":")))
 
 
 def _parse(rows: Sequence[Any]) -> list[OutputRow]:
@@ -216,9 +218,15 @@ _INSERT_PROGRESS = step_attempts.insert()
 _DELETE_PROGRESS = step_attempts.delete().where(
     step_attempts.c.correlation_id == sa.bindparam("b_cid"),
     step_attempts.c.name == sa.bindparam("b_name"))
-#: Values of collected data written after version b_seen: (name, rev, JSON text).
+#: Values of collected data written after version b_seen: (name, rev, JSON text) on
+#: PostgreSQL; (name, rev, value) on SQLite, whose CAST of a number stored as a REAL to
+#: TEXT keeps only 15 digits.
 _NEW_OUTPUTS = sa.select(
     step_outputs.c.name, step_outputs.c.rev, sa.cast(step_outputs.c.value, sa.Text)).where(
+    step_outputs.c.correlation_id == sa.bindparam("b_cid"),
+    step_outputs.c.rev > sa.bindparam("b_seen"))
+_NEW_OUTPUT_VALUES = sa.select(
+    step_outputs.c.name, step_outputs.c.rev, step_outputs.c.value).where(
     step_outputs.c.correlation_id == sa.bindparam("b_cid"),
     step_outputs.c.rev > sa.bindparam("b_seen"))
 _PROGRESS_COLS = (step_attempts.c.name, step_attempts.c.attempt, step_attempts.c.base,
@@ -329,7 +337,7 @@ class SqlStore:
                 raise
         s.version = 1
         self._saved(s)
-        self._plans.put(s.correlation_id, plan)
+        self._plans.put(s.correlation_id, plan, ts)
         return True
 
     def claim(self, cid: str, step: str, attempt: int, task_id: str | None, *,
@@ -515,7 +523,7 @@ class SqlStore:
                        names: Sequence[str] | None = None) -> cmd.Decision:
         """Read (autocommit; skipped when the claim already read it), then every write
         in one statement (during a fan-out that ``fan_out`` names: the locking way)."""
-        plan = self._plans.get(cid) if known is not None else None
+        plan = self._plans.get(cid, known.created_at) if known is not None else None
         if known is not None and plan is not None:
             state = known
         else:
@@ -542,15 +550,24 @@ class SqlStore:
         """The workflow's state and plan, read in ``conn``: its collected data whole
         (what this process has not seen of it), and the attempts of ``names`` (None:
         all of them; any other is read when asked for)."""
+        # what this process keeps first: it is no newer than the row read next, so in
+        # one snapshot (a REPEATABLE READ status) state and data agree
+        kept = self._recent.get(cid)
         plan = self._plans.get(cid)
         row = conn.execute(_LOAD if plan is not None else _LOAD_WITH_PLAN,
                            {"b_cid": cid}).first()
         if row is None:
             raise WorkflowNotFound(f"no workflow with correlation_id {cid}", correlation_id=cid)
+        if plan is not None and self._plans.get(cid, row.created_at) is None:
+            plan = None  # the same id, another workflow (pruned, then started again)
+            row = conn.execute(_LOAD_WITH_PLAN, {"b_cid": cid}).first()
+            if row is None:
+                raise WorkflowNotFound(f"no workflow with correlation_id {cid}",
+                                       correlation_id=cid)
         if plan is None:
             plan = parse_plan(row._mapping["plan"])
-            self._plans.put(cid, plan)
-        outputs = Outputs.read(*self._outputs_of(cid, row.version, conn))
+            self._plans.put(cid, plan, row.created_at)
+        outputs = Outputs.read(*self._outputs_of(cid, row.version, conn, kept))
         if names is None:
             attempts = Progress(loaded=self._read_progress(conn, cid, None))
         else:
@@ -565,18 +582,26 @@ class SqlStore:
 
     # ------------------------------------------------- collected data, attempts
 
-    def _outputs_of(self, cid: str, version: int, conn: sa.Connection | None = None
+    def _outputs_of(self, cid: str, version: int, conn: sa.Connection | None = None,
+                    kept: tuple[int, dict[str, int], dict[str, Any]] | None = None
                     ) -> tuple[dict[str, int], dict[str, Any]]:
         """(revs, values) of the workflow's collected data, as of ``version`` at least:
-        what this process keeps, and what was written since (read in ``conn``, or on a
-        connection of its own)."""
-        seen, revs, values = self._recent.get(cid)
+        what this process keeps (``kept``: as taken before the state was read), and
+        what was written since (read in ``conn``, or on a connection of its own)."""
+        seen, revs, values = kept if kept is not None else self._recent.get(cid)
         params = {"b_cid": cid, "b_seen": seen}
+
+        def read(c: sa.Connection) -> list[OutputRow]:
+            if self._claims is not None:  # PostgreSQL: JSONB as text is exact
+                return _parse(c.execute(_NEW_OUTPUTS, params).all())
+            return [(n, int(r), v, len(json.dumps(v, separators=(",", ":"))))
+                    for n, r, v in c.execute(_NEW_OUTPUT_VALUES, params).all()]
+
         if conn is None:
             with (self._claims or self.engine).connect() as own:
-                rows = _parse(own.execute(_NEW_OUTPUTS, params).all())
+                rows = read(own)
         else:
-            rows = _parse(conn.execute(_NEW_OUTPUTS, params).all())
+            rows = read(conn)
         self._recent.add(cid, seen, rows, max(version, _merge(revs, values, rows)))
         return revs, values
 
@@ -604,7 +629,12 @@ class SqlStore:
         """A transition to ``s.version`` committed: keep the values it set (the steps
         that follow are likely run by this process), and start afresh."""
         outputs = s.collected_data
-        rows = [(n, outputs.revs[n], v, _json_size(v)) for n, v in outputs.written.items()]
+        rows = []
+        for name, value in outputs.written.items():
+            # kept as stored: a copy in plain JSON, not the caller's object (which it may
+            # change later; a tuple would be a list once read back)
+            text = json.dumps(value, separators=(",", ":"))
+            rows.append((name, outputs.revs[name], json.loads(text), len(text)))
         self._recent.add(s.correlation_id, s.version - 1, rows, s.version)
         outputs.saved()
         s.attempts.saved()

@@ -303,7 +303,8 @@ def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
     upgrade_to(empty_db_url, "0005")
     data = {"text": "hello", "n": 3, "x": 1.5, "yes": True, "no": False, "nothing": None,
             "list": [1, "two", None], "map": {"a": {"b": [True]}}, "human_feedback": "ok",
-            "quote\"d": "\u00e9\u4e2d"}
+            "quote\"d": "\u00e9\u4e2d", "float": 0.30000000000000004, "pi": 3.141592653589793,
+            "big": 2**63 - 1, "neg": -2**63, "tiny": 5e-324}
     cid, empty = str(uuid.uuid4()), str(uuid.uuid4())
     plan = parse_plan({"start_step": "a", "steps": {"a": {"action": "complete_workflow"}}})
     pg = make_url(empty_db_url).get_backend_name() == "postgresql"

@@ -145,3 +145,40 @@ def test_a_claim_reads_what_was_written_since_this_process_looked(store: SqlStor
     assert d.state.attempts.get("s4") == [1, 0, 0]
     assert attempts(store, cid)["s4"] == [1, 0, 0]
     assert rows(store, cid)["s3"] == (d.state.version, 3)
+
+
+def test_what_a_process_keeps_is_a_copy_of_what_was_stored(store: SqlStore) -> None:
+    """The values a transition set are kept as stored (plain JSON), not as the caller's
+    objects: changing them afterwards, or handing a tuple, changes nothing read later."""
+    cid = start(store)
+    feedback = {"notes": ["ok"], "pair": (1, 2)}
+    store.transition(cid, lambda s, p: co.decide(s, p, co.StepSucceeded("s0", feedback)))
+    feedback["notes"].append("changed later")
+    here, fresh = store.get(cid), SqlStore(store.engine).get(cid)
+    assert here.step_data("s1")["s0"] == fresh.step_data("s1")["s0"] == {
+        "notes": ["ok"], "pair": [1, 2]}
+    doc_value = here.collected_data["s0"]
+    assert store.get(cid).collected_data["s0"] is not doc_value or doc_value == {
+        "notes": ["ok"], "pair": [1, 2]}
+
+
+def test_an_id_used_again_after_prune_is_a_new_workflow_here_too(store: SqlStore) -> None:
+    """A workflow removed (prune) and started again under the same id, with another
+    plan: this process, which kept the first one's data and plan, sees only the new."""
+    cid = start(store)
+    for i in range(3):
+        store.transition(cid, lambda s, p, i=i: co.decide(
+            s, p, co.StepSucceeded(f"s{i}", f"old-{i}")))
+    assert store.get(cid).collected_data.to_dict() == {f"s{i}": f"old-{i}" for i in range(3)}
+    with store.engine.begin() as conn:
+        conn.execute(orchestrator_state.delete().where(orchestrator_state.c.correlation_id == cid))
+    other = parse_plan({"start_step": "x", "steps": {
+        "x": {"action": "echo", "next_step": "s1"}, "s1": {"action": "echo", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}})
+    state = WorkflowState(correlation_id=cid, client_id="c1", status=Status.RUNNING,
+                          current_step="x", fuel_budget=100, initial_request_data={})
+    assert store.create(co.decide(state, other, co.Start()), other)
+    d = store.transition(cid, lambda s, p: co.decide(s, p, co.StepSucceeded("x", "new")))
+    assert d.state.current_step == "s1" and "s1" in store.get_plan(cid).steps
+    assert store.get(cid).collected_data.to_dict() == {"x": "new"}
+    assert set(store.get_plan(cid).steps) == {"x", "s1", "done"}

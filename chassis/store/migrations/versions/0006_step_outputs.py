@@ -16,6 +16,7 @@ downgrade puts them back.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -50,25 +51,15 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("""INSERT INTO step_outputs (correlation_id, name, rev, value)
             SELECT o.correlation_id, e.key, o.version, e.value
-            FROM orchestrator_state o, jsonb_each(o.collected_data) e""")
+            FROM orchestrator_state o, jsonb_each(o.collected_data) e
+            WHERE jsonb_typeof(o.collected_data) = 'object'""")
         op.execute("""INSERT INTO step_attempts (correlation_id, name, attempt, base, scheduled)
             SELECT o.correlation_id, e.key, (e.value ->> 0)::int,
               COALESCE((e.value ->> 1)::int, 0), COALESCE((e.value ->> 2)::int, 0)
             FROM orchestrator_state o, jsonb_each(o.attempts) e
             WHERE jsonb_typeof(o.attempts) = 'object'""")
     else:
-        # json_each gives atoms as SQL values: quote them back into JSON text
-        op.execute("""INSERT INTO step_outputs (correlation_id, name, rev, value)
-            SELECT o.correlation_id, e.key, o.version,
-              CASE e.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
-                ELSE json_quote(e.value) END
-            FROM orchestrator_state o, json_each(o.collected_data) e""")
-        op.execute("""INSERT INTO step_attempts (correlation_id, name, attempt, base, scheduled)
-            SELECT o.correlation_id, e.key, json_extract(e.value, '$[0]'),
-              COALESCE(json_extract(e.value, '$[1]'), 0),
-              COALESCE(json_extract(e.value, '$[2]'), 0)
-            FROM orchestrator_state o, json_each(o.attempts) e
-            WHERE json_type(o.attempts) = 'object'""")
+        _move_sqlite()
     with op.batch_alter_table("orchestrator_state") as batch:
         batch.drop_column("collected_data")
         batch.drop_column("attempts")
@@ -87,14 +78,47 @@ def downgrade() -> None:
                 jsonb_build_array(a.attempt, a.base, a.scheduled)) FROM step_attempts a
               WHERE a.correlation_id = o.correlation_id), '{}'::jsonb)""")
     else:
-        op.execute("""UPDATE orchestrator_state SET
-            collected_data = COALESCE((SELECT json_group_object(v.name,
-                json(COALESCE(v.value, 'null'))) FROM step_outputs v
-              WHERE v.correlation_id = orchestrator_state.correlation_id), '{}'),
-            attempts = COALESCE((SELECT json_group_object(a.name,
-                json_array(a.attempt, a.base, a.scheduled)) FROM step_attempts a
-              WHERE a.correlation_id = orchestrator_state.correlation_id), '{}')""")
+        _move_back_sqlite()
     with op.batch_alter_table("orchestrator_state") as batch:
         batch.alter_column("collected_data", existing_type=JSON_TYPE, nullable=False)
     op.drop_table("step_attempts")
     op.drop_table("step_outputs")
+
+
+def _move_sqlite() -> None:
+    """SQLite: in Python (its json_each hands numbers over as SQL REALs, which would come
+    back with 15 digits); an embedded database is small."""
+    conn = op.get_bind()
+    rows = conn.execute(sa.text(
+        "SELECT correlation_id, version, collected_data, attempts FROM orchestrator_state"))
+    for cid, version, data, attempts in rows.all():
+        data = json.loads(data) if isinstance(data, str) else data
+        attempts = json.loads(attempts) if isinstance(attempts, str) else attempts
+        for name, value in (data if isinstance(data, dict) else {}).items():
+            conn.execute(sa.text("INSERT INTO step_outputs (correlation_id, name, rev, value) "
+                                 "VALUES (:c, :n, :r, :v)"),
+                         {"c": cid, "n": name, "r": version, "v": json.dumps(value)})
+        for name, p in (attempts if isinstance(attempts, dict) else {}).items():
+            p = [*p, 0, 0]
+            conn.execute(sa.text("INSERT INTO step_attempts (correlation_id, name, attempt, "
+                                 "base, scheduled) VALUES (:c, :n, :a, :b, :s)"),
+                         {"c": cid, "n": name, "a": int(p[0]), "b": int(p[1] or 0),
+                          "s": int(p[2] or 0)})
+
+
+def _move_back_sqlite() -> None:
+    conn = op.get_bind()
+    data: dict[str, dict[str, object]] = {}
+    attempts: dict[str, dict[str, list[int]]] = {}
+    for cid, name, value in conn.execute(sa.text(
+            "SELECT correlation_id, name, value FROM step_outputs")).all():
+        # (the column's NUMERIC affinity keeps a bare number as an INTEGER or REAL)
+        data.setdefault(cid, {})[name] = json.loads(value) if isinstance(value, str) else value
+    for cid, name, a, b, sch in conn.execute(sa.text(
+            "SELECT correlation_id, name, attempt, base, scheduled FROM step_attempts")).all():
+        attempts.setdefault(cid, {})[name] = [a, b, sch]
+    for (cid,) in conn.execute(sa.text("SELECT correlation_id FROM orchestrator_state")).all():
+        conn.execute(sa.text("UPDATE orchestrator_state SET collected_data = :d, attempts = :a "
+                             "WHERE correlation_id = :c"),
+                     {"c": cid, "d": json.dumps(data.get(cid, {})),
+                      "a": json.dumps(attempts.get(cid, {}))})
