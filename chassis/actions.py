@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
@@ -88,13 +90,17 @@ def get(name: str) -> Action:
         raise UnknownAction(
             f"no action named {name!r} is registered in this process (registered: {known}); "
             "register it with @chassis.actions.action and load its module "
-            "(--actions-module)"
+            "(--actions)"
         ) from None
 
 
 def load_modules(names: Iterable[str]) -> None:
     """Import the modules that register actions; :class:`ConfigError` names the one that
-    cannot be imported."""
+    cannot be imported. The current folder is searched first, as ``celery -A`` does (a
+    console script such as ``chassis`` does not have it on ``sys.path``)."""
+    names = list(names)
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for name in names:
         try:
             importlib.import_module(name)

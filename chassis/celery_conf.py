@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from chassis.config import Settings
 
+#: One direct exchange for the three queues, each bound by its own name: a message
+#: published to it with routing key ``chassis.steps`` lands in ``chassis.steps`` only.
+#: (A queue declared without an exchange gets Celery's default one, named after the
+#: default queue, with the default routing key: all three were bound to
+#: ``chassis.steps``/``chassis.steps``, so one publish there reached all three.)
+EXCHANGE = Exchange("chassis", type="direct")
 COORDINATION_QUEUE = "chassis.coordination"
 STEPS_QUEUE = "chassis.steps"
 AI_QUEUE = "chassis.ai"
@@ -102,8 +108,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_expires": settings.result_expires,
         "result_extended": False,
-        "task_queues": (Queue(COORDINATION_QUEUE), Queue(STEPS_QUEUE), Queue(AI_QUEUE)),
+        "task_queues": tuple(Queue(q, EXCHANGE, routing_key=q)
+                             for q in (COORDINATION_QUEUE, STEPS_QUEUE, AI_QUEUE)),
         "task_default_queue": STEPS_QUEUE,
+        "task_default_exchange": EXCHANGE.name,
+        "task_default_exchange_type": EXCHANGE.type,
+        "task_default_routing_key": STEPS_QUEUE,
         "task_routes": TASK_ROUTES,
         "broker_connection_retry_on_startup": True,
         "worker_prefetch_multiplier": settings.prefetch_multiplier,

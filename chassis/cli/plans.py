@@ -30,14 +30,14 @@ def summary(source: str, m: dict[str, int]) -> str:
 
 @main.command("validate")
 @click.argument("plan", metavar="PLAN")
-@click.option("--actions-module", "modules", multiple=True, metavar="MOD",
-              help="Import MOD first, so the actions it registers count as known "
+@click.option("--actions", "--actions-module", "modules", multiple=True, metavar="MODULE",
+              help="Import MODULE first, so the actions it registers count as known "
                    "(repeatable).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"valid", "problems", "metrics"} as JSON instead of text.')
 def validate_command(plan: str, modules: tuple[str, ...], as_json: bool) -> None:
     """Check the plan file PLAN (JSON or YAML) and report every problem at once. The
-    actions of CHASSIS_ACTION_MODULES (and of each --actions-module) count as known.
+    actions of CHASSIS_ACTION_MODULES (and of each --actions) count as known.
 
     Exit status: 0 valid, 1 invalid (one problem per line), 2 the file cannot be
     read, is not JSON/YAML, or an actions module cannot be imported.

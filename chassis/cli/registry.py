@@ -31,8 +31,8 @@ def plan() -> None:
 @plan.command("register")
 @click.argument("name")
 @click.argument("file", metavar="FILE")
-@click.option("--actions-module", "modules", multiple=True, metavar="MOD",
-              help="Import MOD first, so the actions it registers count as known "
+@click.option("--actions", "--actions-module", "modules", multiple=True, metavar="MODULE",
+              help="Import MODULE first, so the actions it registers count as known "
                    "(repeatable; CHASSIS_ACTION_MODULES are imported too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def register(name: str, file: str, modules: tuple[str, ...], as_json: bool) -> None:

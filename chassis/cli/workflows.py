@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -88,10 +88,10 @@ def _worker_if_embedded(client: Client, wanted: bool) -> Any:
 
 
 def _client(client_id: str | None = None, embedded_upgrade: bool = True,
-            load_actions: bool = False) -> Client:
+            load_actions: bool = False, modules: Sequence[str] = ()) -> Client:
     settings = config.load()
     if load_actions:  # a plan is checked against the actions of CHASSIS_ACTION_MODULES
-        actions.load_modules(settings.action_modules)
+        actions.load_modules([*settings.action_modules, *modules])
     if embedded_upgrade and settings.database_url.startswith("sqlite"):
         from chassis.store.db import upgrade
 
@@ -159,8 +159,13 @@ def _exit_code(doc: dict[str, Any]) -> int:
 @click.option("--timeout", type=float, default=None, callback=_seconds,
               help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--actions", "--actions-module", "modules", multiple=True, metavar="MODULE",
+              help="Import MODULE first, so the actions it registers count as known and "
+                   "(with --wait in embedded mode) run here (repeatable; the modules of "
+                   "CHASSIS_ACTION_MODULES are imported too).")
 def run(plan: str, input_: str | None, client_id: str, project_id: str | None, fuel: str,
-        correlation_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
+        correlation_id: str | None, wait: bool, timeout: float | None, as_json: bool,
+        modules: tuple[str, ...]) -> None:
     """Start a workflow from PLAN: a JSON/YAML file, or a registered plan's NAME
     (latest version) or NAME@VERSION (see `chassis plan`).
 
@@ -171,7 +176,7 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
     data = _parse_json_arg(input_, "--input")
 
     def go() -> int:
-        client = _client(client_id, load_actions=True)
+        client = _client(client_id, load_actions=True, modules=modules)
         with _worker_if_embedded(client, wait):
             cid = client.start(plan, data, fuel_budget=fuel,
                                correlation_id=correlation_id, project_id=project_id)
