@@ -88,11 +88,13 @@ class Outcome:
     error: str | None = None
     retrying: bool = False
 
-    def report(self) -> None:
-        """Raise what tells Celery (and Flower) the truth: nothing for a success, RETRY
-        when another attempt follows, FAILURE otherwise. The failure is already recorded."""
+    def report(self) -> str:
+        """Tell Celery (and Flower) the truth: a success returns a one-line summary (the
+        task's result, which Flower shows), a failed attempt raises RETRY when another
+        attempt follows, FAILURE otherwise. The outcome is already recorded."""
         if self.error is None:
-            return
+            done = "done" if self.ran else "already finished or running elsewhere: ignored"
+            return f"{self.correlation_id}/{self.step}#{self.attempt}: {done}"
         exc = StepAttemptFailed(f"step '{self.step}' attempt {self.attempt} failed: "
                                 f"{self.error}", correlation_id=self.correlation_id,
                                 step=self.step, attempt=self.attempt, retrying=self.retrying)
@@ -266,7 +268,7 @@ class Engine:
         self.app.send_task(name, args=[message(s, c)], task_id=c.request_id,
                            countdown=c.delay or None, ignore_result=True,
                            time_limit=self._hard_limit(c), argsrepr=_repr(s, c),
-                           kwargsrepr="{}")
+                           kwargsrepr="{}", shadow=shown_name(name, c.action))
 
     def _group(self, s: WorkflowState, c: co.RunFanOut) -> None:
         sigs = [self.app.signature(
@@ -274,7 +276,10 @@ class Engine:
             args=[message(s, t)],
             options={"task_id": t.request_id, "ignore_result": True,
                      "time_limit": self._hard_limit(t), "argsrepr": _repr(s, t),
-                     "kwargsrepr": "{}"}) for t in c.subtasks]
+                     "kwargsrepr": "{}",
+                     "shadow": shown_name(subtask_task_for(t.action) if t.parent_step
+                                          else step_task_for(t.action), t.action)})
+                for t in c.subtasks]
         group(sigs, app=self.app).apply_async(add_to_parent=False)
 
     def _hard_limit(self, c: co.RunStep) -> float:
@@ -338,6 +343,12 @@ def _fan_out_for(event: co.Event) -> Callable[[WorkflowState, Plan], str | None]
             isinstance(event, co.ResponseReceived) and not event.success):
         return co.open_fan_out
     return None
+
+
+def shown_name(task: str, action: str) -> str:
+    """The name Flower and the worker's log lines show for a step task: the task's and
+    the action's, e.g. ``chassis.step web_search`` (Celery's ``shadow``)."""
+    return f"{task} {action}"
 
 
 def _repr(s: WorkflowState, c: co.RunStep) -> str:

@@ -44,28 +44,28 @@ _REFUSABLE = {"throws": (InputError, PlanError, PlanNotFound, WorkflowNotFound)}
 
 
 @app.task(name=STEP_TASK, **_ATTEMPT)
-def step(self: Task, payload: dict[str, Any]) -> None:
+def step(self: Task, payload: dict[str, Any]) -> str:
     """Run one attempt of a step, record its outcome, dispatch what comes next."""
-    engine(app).run_step(payload, self.request.id).report()
+    return engine(app).run_step(payload, self.request.id).report()
 
 
 @app.task(name=AI_STEP_TASK, **_ATTEMPT)
-def ai_step(self: Task, payload: dict[str, Any]) -> None:
+def ai_step(self: Task, payload: dict[str, Any]) -> str:
     """``chassis.step`` for an AI action, on the chassis.ai queue; its own name carries
     the AI rate limit (CHASSIS_AI_RATE_LIMIT)."""
-    engine(app).run_step(payload, self.request.id).report()
+    return engine(app).run_step(payload, self.request.id).report()
 
 
 @app.task(name=SUBTASK_TASK, **_ATTEMPT)
-def subtask(self: Task, payload: dict[str, Any]) -> None:
+def subtask(self: Task, payload: dict[str, Any]) -> str:
     """Run one attempt of a fan-out sub-task; the last one to succeed fans in."""
-    engine(app).run_step(payload, self.request.id).report()
+    return engine(app).run_step(payload, self.request.id).report()
 
 
 @app.task(name=AI_SUBTASK_TASK, **_ATTEMPT)
-def ai_subtask(self: Task, payload: dict[str, Any]) -> None:
+def ai_subtask(self: Task, payload: dict[str, Any]) -> str:
     """``chassis.subtask`` for an AI action (rate-limited like ``chassis.ai_step``)."""
-    engine(app).run_step(payload, self.request.id).report()
+    return engine(app).run_step(payload, self.request.id).report()
 
 
 @app.task(name=CANCEL_TASK, **_REFUSABLE)

@@ -192,8 +192,10 @@ def test_flower_sees_the_worker_and_wants_a_password(stack: Stack) -> None:
 
 def test_a_workflow_completes_and_its_tasks_show_in_flower(stack: Stack,
                                                            completed: str) -> None:
-    wanted = {rid(stack, completed, "web_search"): "chassis.step",
-              rid(stack, completed, "analyze_research"): "chassis.ai_step"}
+    # each step task shows its action by name (Celery's shadow name)
+    wanted = {rid(stack, completed, "web_search"): "chassis.step echo",
+              rid(stack, completed, "analyze_research"):
+                  "chassis.ai_step ai_text_generate_claude_haiku"}
 
     def seen() -> bool:
         tasks = stack.get("/api/tasks?limit=1000")
@@ -201,8 +203,13 @@ def test_a_workflow_completes_and_its_tasks_show_in_flower(stack: Stack,
                    for tid, name in wanted.items())
 
     wait_until(seen, timeout=60, interval=0.5, message="flower does not show the tasks")
-    info = stack.get(f"/api/task/info/{rid(stack, completed, 'web_search')}")
+    tid = rid(stack, completed, "web_search")
+    info = stack.get(f"/api/task/info/{tid}")
     assert completed in info["args"]  # the summary names the workflow and step
+    assert info["result"].strip("'\"") == f"{completed}/web_search#1: done"  # a short result
+    # one workflow's tasks: Flower's search matches the workflow's id in the arguments
+    found = stack.get(f"/api/tasks?search={completed}&limit=100")
+    assert tid in found and all(completed in t["args"] for t in found.values())
 
 
 def test_beat_sends_the_sweep_and_the_relay_fallback(stack: Stack) -> None:
