@@ -47,6 +47,8 @@ T = TypeVar("T")
 #: Seconds past an attempt's timeout before Celery's hard time limit kills the process
 #: running it (prefork), should the action not stop at its deadline.
 HARD_LIMIT_GRACE = 30.0
+#: The error type of an attempt whose task was revoked through Celery's own commands.
+REVOKED_ERROR = "TaskRevokedError"
 #: Seconds a worker keeps trying to publish before leaving the message to the sweep.
 PUBLISH_PATIENCE = 30.0
 
@@ -163,6 +165,33 @@ class Engine:
         if decision.changed:
             self.dispatch(decision)
         return decision
+
+    def revoked(self, payload: dict[str, Any], terminated: bool = False,
+                signum: Any = None) -> co.Decision | None:
+        """A step task revoked (or terminated) through Celery's own commands (``celery
+        control revoke``, ``terminate``, Flower's buttons): the attempt failed, with
+        error type ``TaskRevokedError`` (retried by the step's policy unless that type
+        is ``non_retryable``). The worker would otherwise discard the task and every
+        re-send of it, and the workflow would wait for it forever. One try, no waiting
+        (this runs in the worker's main loop): if the database cannot be reached, the
+        sweep sends the attempt again and its discard comes back here. An attempt no
+        longer awaited (our own revoke after a cancel or a timeout) changes nothing."""
+        cid, step = payload.get("cid"), payload.get("step")
+        if not isinstance(cid, str) or not isinstance(step, str):
+            return None
+        attempt = int(payload.get("attempt") or 1)
+        how = f"terminated (signal {signum})" if terminated else "revoked"
+        event = co.StepFailed(step, f"the task was {how} through Celery", attempt,
+                              (REVOKED_ERROR,))
+        once = copy.copy(self)
+        once.in_worker = False
+        try:
+            return once.apply(cid, event)
+        except (DatabaseUnavailable, BrokerUnavailable) as exc:
+            log.warning("step %s attempt %d was %s (%s): the sweep takes it from here",
+                        step, attempt, how, exc,
+                        extra={"correlation_id": cid, "step": step})
+            return None
 
     def run_step(self, payload: dict[str, Any], task_id: str | None) -> Outcome:
         """Body of the step and sub-task tasks: claim the attempt, run its action under

@@ -6,7 +6,12 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_revoked,
+    worker_process_init,
+)
 
 from chassis import config, inbox, infra, logs, runtime
 from chassis.celery_conf import (
@@ -117,6 +122,28 @@ def respond(correlation_id: str, request_id: str, success: bool, data: Any = Non
 def relay() -> int:
     """Publish the outbox to Kafka (beat's fallback for `chassis relay`)."""
     return relay_outbox()
+
+
+#: The tasks that run a step's attempt (their first argument: the attempt's payload).
+_STEP_TASKS = frozenset({STEP_TASK, AI_STEP_TASK, SUBTASK_TASK, AI_SUBTASK_TASK})
+
+
+@task_revoked.connect
+def _revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+             signum: Any = None, **_: Any) -> None:
+    """A step task revoked or terminated through Celery (``celery control revoke``,
+    ``terminate``, Flower) is a failed attempt, not a workflow waiting forever."""
+    if getattr(sender, "name", None) not in _STEP_TASKS:
+        return
+    args = getattr(request, "args", None) or ()
+    payload = args[0] if args and isinstance(args[0], dict) else None
+    if payload is None:
+        return
+    try:
+        engine(app).revoked(payload, terminated, signum)
+    except Exception:  # a signal handler must not break the worker's loop
+        log.exception("could not record the revoked task %s",
+                      getattr(request, "id", None))
 
 
 @worker_process_init.connect

@@ -141,6 +141,47 @@ def test_cancel_through_the_celery_task(client: Client, worker: Worker,
     assert doc["error"] == "Workflow cancelled: from another app"
 
 
+def test_celery_control_terminate_of_a_running_step_fails_its_attempt(
+        client: Client, worker: Worker, services: Services) -> None:
+    """An operator terminates a step's task with Celery's own command (as `celery control
+    revoke --terminate` or Flower does): the attempt fails (TaskRevokedError) and, with
+    no attempt left, the workflow ends FAILED at once, not waiting forever."""
+    key = uuid.uuid4().hex
+    cid = client.start(flaky_plan(key, 0, seconds=30), client_id="acme")
+    wait_until(lambda: runs(services, key) == 1, timeout=30, message="the step never started")
+    operator = Celery("operator", broker=services.env["CHASSIS_BROKER_URL"])
+    began = time.monotonic()
+    operator.control.revoke(client.store.get(cid).rid("flaky"), terminate=True,
+                            signal="SIGKILL")
+    doc = client.wait(cid, timeout=20)
+    assert doc["status"] == "FAILED"
+    assert doc["error"] == ("step 'flaky' failed: the task was terminated (signal 9) "
+                            "through Celery")
+    history = the_step(doc, "flaky")["history"]
+    assert [(h["status"], h["error_type"]) for h in history] == [("FAILED", "TaskRevokedError")]
+    print(f"\n[measured] terminated through Celery: FAILED {time.monotonic() - began:.1f} s "
+          "after the command")
+
+
+def test_a_step_task_revoked_before_it_runs_is_a_failed_attempt_and_retried(
+        client: Client, worker: Worker) -> None:
+    """`celery control revoke` of a step's task that has not started: the worker
+    discards it, the attempt fails, and the step's retry runs it again (a new task id)."""
+    plan = {"start_step": "a", "steps": {
+        "a": {"action": "sleep", "params": {"seconds": 2}, "next_step": "b"},
+        "b": {"action": "echo", "params": {"ok": 1}, "next_step": "done",
+              "retry": {"max_attempts": 2, "initial_interval": 0.1}},
+        "done": {"action": "complete_workflow"}}}
+    cid = client.start(plan, client_id="acme")
+    operator = Celery("operator", broker=client.settings.broker_url)
+    operator.control.revoke(client.store.get(cid).rid("b", 1))  # before it is even sent
+    doc = client.wait(cid, timeout=30)
+    assert doc["status"] == "COMPLETED", doc["error"]
+    history = the_step(doc, "b")["history"]
+    assert [(h["attempt"], h["status"], h["error_type"]) for h in history] == [
+        (1, "FAILED", "TaskRevokedError"), (2, "COMPLETED", None)]
+
+
 def test_an_operator_retries_a_failed_workflow_from_its_failed_step(
         client: Client, worker: Worker, services: Services) -> None:
     first, key = uuid.uuid4().hex, uuid.uuid4().hex
