@@ -64,6 +64,17 @@ def test_compose_has_every_service_with_health_checks_and_start_order() -> None:
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
+    # Kafka is optional: it, the bridge and the relay come with the profile "kafka";
+    # nothing else waits for it, and Kafka features are off unless the bootstrap is set
+    kafka_ones = {n for n, svc in services.items() if "kafka" in svc.get("profiles", ())}
+    assert kafka_ones == {"kafka", "bridge", "relay"}
+    for name in ("bridge", "relay"):
+        assert services[name]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in APP_SERVICES - {"bridge", "relay"}:
+        assert "kafka" not in services[name].get("depends_on", {}), name
+        assert not services[name].get("profiles"), name
+    assert services["worker"]["environment"]["CHASSIS_KAFKA_BOOTSTRAP"] == (
+        "${CHASSIS_KAFKA_BOOTSTRAP:-}")
     flower = services["flower"]
     assert "FLOWER_BASIC_AUTH" in flower["environment"]
     assert flower["environment"]["CHASSIS_DATABASE_URL"].startswith("postgresql://")
