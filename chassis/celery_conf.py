@@ -35,6 +35,10 @@ RESUME_TASK = "chassis.resume"
 CANCEL_TASK = "chassis.cancel"
 RETRY_TASK = "chassis.retry"
 START_TASK = "chassis.start"
+STATUS_TASK = "chassis.status"
+#: Celery's default queue: a task another app sends without naming a queue lands here
+#: (the shipped coordinator consumes it too, see the README's task contract).
+DEFAULT_QUEUE = "celery"
 RESPOND_TASK = "chassis.respond"
 RELAY_TASK = "chassis.relay"
 
@@ -64,6 +68,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     CANCEL_TASK: {"queue": COORDINATION_QUEUE},
     RETRY_TASK: {"queue": COORDINATION_QUEUE},
     START_TASK: {"queue": COORDINATION_QUEUE},
+    STATUS_TASK: {"queue": COORDINATION_QUEUE},
     RESPOND_TASK: {"queue": COORDINATION_QUEUE},
     RELAY_TASK: {"queue": COORDINATION_QUEUE},
     SWEEP_TASK: {"queue": COORDINATION_QUEUE},

@@ -5,7 +5,10 @@ coordinator refuses it for another client's workflow.
 
 A refused request raises (the task ends in FAILURE with the reason, and nothing is
 written); a duplicate of a request already applied (a resume of a workflow no longer
-paused, a cancel of a finished one) is logged and changes nothing.
+paused, a cancel of a finished one) is logged and changes nothing. Each returns what
+the task returns to its caller (through the result backend, see
+:mod:`chassis.contract`): the workflow's id and status afterwards, with ``"ignored"``
+saying why when nothing changed.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from typing import Any
 
 from chassis import coordinator as co
 from chassis.engine import Engine
-from chassis.errors import InputError, InvalidTransition
+from chassis.errors import InputError, InvalidTransition, WorkflowNotFound
 from chassis.limits import check_json, check_name, check_text
 from chassis.policy import ERROR_NAME, ERROR_NAME_MAX
+from chassis.state import json_copy
+from chassis.status import status_dict
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +41,56 @@ def _client(value: Any) -> str:
     return check_name(value, "client_id").strip()  # as on Kafka and in the API
 
 
-def _ignored(what: str, cid: str, exc: InvalidTransition) -> None:
+def _ignored(engine: Engine, what: str, cid: str, exc: InvalidTransition) -> dict[str, Any]:
     log.info("%s ignored: %s", what, exc, extra={"correlation_id": cid})
+    return {"correlation_id": cid, "status": engine.store.get(cid).status.value,
+            "ignored": str(exc)}
+
+
+def _done(decision: co.Decision) -> dict[str, Any]:
+    return {"correlation_id": decision.state.correlation_id,
+            "status": decision.state.status.value}
+
+
+def status(engine: Engine, correlation_id: Any, client_id: Any = None) -> dict[str, Any]:
+    """The workflow's status document, for its own client only (another's, or an
+    unknown id: WorkflowNotFound, the same words)."""
+    cid, actor = _cid(correlation_id), _client(client_id)
+    if engine.store.owner(cid) != actor:
+        raise WorkflowNotFound(co.not_found(cid), correlation_id=cid)
+    return json_copy(status_dict(*engine.store.snapshot(cid)))
 
 
 def resume(engine: Engine, correlation_id: Any, approved: Any, feedback: Any = None,
-           client_id: Any = None) -> None:
+           client_id: Any = None) -> dict[str, Any]:
     cid, actor = _cid(correlation_id), _client(client_id)
     if not isinstance(approved, bool):
         raise InputError("approved must be true or false")
     feedback = check_json(feedback, "feedback", engine.settings.limits)
     try:
-        engine.resume(cid, approved, feedback, actor)
+        return _done(engine.resume(cid, approved, feedback, actor))
     except InvalidTransition as exc:
-        _ignored("resume", cid, exc)
+        return _ignored(engine, "resume", cid, exc)
 
 
 def cancel(engine: Engine, correlation_id: Any, reason: Any = None,
-           client_id: Any = None, compensate: Any = False) -> None:
+           client_id: Any = None, compensate: Any = False) -> dict[str, Any]:
     cid, actor = _cid(correlation_id), _client(client_id)
     text = None if reason is None else check_text(reason, "reason") or None
     if not isinstance(compensate, bool):
         raise InputError("compensate must be true or false")
     try:
-        engine.cancel(cid, text, actor, compensate)
+        return _done(engine.cancel(cid, text, actor, compensate))
     except InvalidTransition as exc:
-        _ignored("cancel", cid, exc)
+        return _ignored(engine, "cancel", cid, exc)
 
 
-def retry(engine: Engine, correlation_id: Any, client_id: Any = None) -> None:
+def retry(engine: Engine, correlation_id: Any, client_id: Any = None) -> dict[str, Any]:
     cid, actor = _cid(correlation_id), _client(client_id)
     try:
-        engine.retry(cid, actor)
+        return _done(engine.retry(cid, actor))
     except InvalidTransition as exc:
-        _ignored("retry", cid, exc)
+        return _ignored(engine, "retry", cid, exc)
 
 
 def respond(engine: Engine, correlation_id: Any, request_id: Any, success: Any,
@@ -90,4 +111,4 @@ def respond(engine: Engine, correlation_id: Any, request_id: Any, success: Any,
     engine.apply(cid, co.ResponseReceived(rid, success, data, error, error_type, actor))
 
 
-__all__ = ["cancel", "respond", "resume", "retry"]
+__all__ = ["cancel", "respond", "resume", "retry", "status"]

@@ -23,6 +23,7 @@ from chassis.celery_conf import (
     RESUME_TASK,
     RETRY_TASK,
     START_TASK,
+    STATUS_TASK,
     STEP_TASK,
     SUBTASK_TASK,
 )
@@ -46,6 +47,9 @@ _ATTEMPT = {"bind": True, "throws": (StepAttemptFailed,)}
 #: workflow, a plan that is not registered, a conflicting start): FAILURE with the
 #: reason, logged in one line, without a traceback.
 _REFUSABLE = {"throws": (InputError, PlanError, PlanNotFound, WorkflowNotFound)}
+#: The task contract for other apps (chassis.contract): results are stored (with a
+#: result backend) so a caller's AsyncResult.get() returns them, or raises the refusal.
+_CONTRACT = {**_REFUSABLE, "ignore_result": False}
 
 
 @app.task(name=STEP_TASK, **_ATTEMPT)
@@ -73,38 +77,47 @@ def ai_subtask(self: Task, payload: dict[str, Any]) -> str:
     return engine(app).run_step(payload, self.request.id).report()
 
 
-@app.task(name=CANCEL_TASK, **_REFUSABLE)
+@app.task(name=CANCEL_TASK, **_CONTRACT)
 def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None,
-           compensate: bool = False) -> None:
+           compensate: bool = False) -> dict[str, Any]:
     """``client_id`` cancels a workflow (sent by other apps and the Kafka bridge); with
     ``compensate``, its completed steps are undone first (COMPENSATING, then CANCELLED).
     Cancelling one that has already finished changes nothing and is not an error here."""
-    inbox.cancel(engine(app), correlation_id, reason, client_id, compensate)
+    return inbox.cancel(engine(app), correlation_id, reason, client_id, compensate)
 
 
-@app.task(name=RETRY_TASK, **_REFUSABLE)
-def retry(correlation_id: str, client_id: str | None = None) -> None:
+@app.task(name=RETRY_TASK, **_CONTRACT)
+def retry(correlation_id: str, client_id: str | None = None) -> dict[str, Any]:
     """``client_id`` retries a FAILED workflow from its failed step."""
-    inbox.retry(engine(app), correlation_id, client_id)
+    return inbox.retry(engine(app), correlation_id, client_id)
 
 
-@app.task(name=RESUME_TASK, **_REFUSABLE)
+@app.task(name=RESUME_TASK, **_CONTRACT)
 def resume(correlation_id: str, approved: bool, feedback: Any = None,
-           client_id: str | None = None) -> None:
+           client_id: str | None = None) -> dict[str, Any]:
     """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge).
     A resume of a workflow no longer paused (a duplicate command) changes nothing and is
     not an error."""
-    inbox.resume(engine(app), correlation_id, approved, feedback, client_id)
+    return inbox.resume(engine(app), correlation_id, approved, feedback, client_id)
 
 
-@app.task(name=START_TASK, **_REFUSABLE)
-def start(payload: dict[str, Any]) -> str:
-    """Start a registered plan for a Kafka start request (idempotent by correlation_id;
-    an unreachable database is waited for)."""
+@app.task(name=START_TASK, **_CONTRACT)
+def start(payload: dict[str, Any]) -> dict[str, Any]:
+    """Start a registered plan for a start request (from Kafka or another app;
+    idempotent by correlation_id; an unreachable database is waited for): the
+    workflow's id and status."""
     cid = payload.get("correlation_id") if isinstance(payload, dict) else None
-    return infra.persist(lambda: runtime.client(app).start_request(payload),
-                         "starting a workflow", correlation_id=cid if isinstance(cid, str)
-                         else None)
+    started = infra.persist(lambda: runtime.client(app).start_request(payload),
+                            "starting a workflow", correlation_id=cid if isinstance(cid, str)
+                            else None)
+    return {"correlation_id": started,
+            "status": engine(app).store.get(started).status.value}
+
+
+@app.task(name=STATUS_TASK, **_CONTRACT)
+def status(correlation_id: str, client_id: str | None = None) -> dict[str, Any]:
+    """``client_id``'s workflow's status document (as ``chassis status --json``)."""
+    return inbox.status(engine(app), correlation_id, client_id)
 
 
 @app.task(name=RESPOND_TASK, **_REFUSABLE)

@@ -65,6 +65,15 @@ def validate_command(plan: str, modules: tuple[str, ...], as_json: bool) -> None
         raise SystemExit(EXIT_INVALID)
 
 
+@main.command("contract")
+def contract_command() -> None:
+    """Print the task contract for other apps (JSON): the Celery tasks they may send,
+    a JSON Schema of each task's arguments, the queue, and what each returns."""
+    from chassis.contract import document
+
+    click.echo(json.dumps(document(), indent=2, ensure_ascii=False))
+
+
 @main.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema (draft 2020-12) of the plan format."""

@@ -43,7 +43,9 @@ def test_procfile_runs_every_process_with_the_real_commands() -> None:
         assert "--pool=threads" in procs[name]  # steps mostly wait (model calls)
     assert procs["worker"].endswith("--queues=${CHASSIS_WORKER_QUEUES:-chassis.steps,chassis.ai}")
     assert "--prefetch-multiplier=1" in procs["worker"]
-    assert procs["coordinator"].endswith("--queues=chassis.coordination")
+    # the coordinator also takes what other apps send without a queue (Celery's default)
+    assert procs["coordinator"].endswith(
+        "--queues=${CHASSIS_COORDINATOR_QUEUES:-chassis.coordination,celery}")
     assert procs["beat"].startswith("celery -A tasks beat")
     assert procs["flower"] == "celery -A tasks flower"
     assert (procs["bridge"], procs["relay"]) == ("chassis bridge", "chassis relay")
