@@ -10,9 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     CHASSIS_HOME=/var/lib/chassis
 
 WORKDIR /app
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml README.md ./
 COPY chassis ./chassis
-COPY tasks ./tasks
 RUN pip install . \
     && useradd --system --uid 10001 --create-home --home-dir /var/lib/chassis chassis
 

@@ -1,7 +1,7 @@
-"""Celery settings for ``celery -A tasks worker|beat|flower``, read from the environment.
-
-Everything comes from :mod:`chassis.config` (the one place that reads CHASSIS_*
-variables); with nothing set, the embedded file-system broker and SQLite are used.
+"""Celery settings of agentchassis, read from the environment, as a config module:
+``app.config_from_object("celeryconfig")`` in this repository. agentchassis' own app
+(:mod:`chassis.worker`) is configured the same way without it; the wheel does not
+install this module (it would shadow a project's own ``celeryconfig``).
 """
 
 import sys
@@ -15,9 +15,9 @@ try:
 except ConfigError as exc:  # a bad variable: one line, as from `chassis`, and exit 2
     print(f"error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
-_settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
 
 globals().update(celery_settings(_settings))
 
-#: Task modules: ours, then the user's action modules (CHASSIS_ACTION_MODULES).
-imports = ("tasks.workflow", *_settings.action_modules)
+#: The user's action modules (CHASSIS_ACTION_MODULES); chassis' tasks are added by
+#: ``chassis.celery_tasks.install(app)``.
+imports = tuple(_settings.action_modules)

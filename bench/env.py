@@ -154,7 +154,7 @@ class RedisDatabase:
 
 @dataclass
 class Worker:
-    """``celery -A tasks worker`` as a subprocess in its own session (process group)."""
+    """``celery -A chassis.worker worker`` as a subprocess in its own session (process group)."""
 
     env: dict[str, str]
     concurrency: int = 2
@@ -167,8 +167,8 @@ class Worker:
     def start(self, ready: Callable[[], bool], timeout: float = 60) -> None:
         fd, path = tempfile.mkstemp(prefix="bench-worker-", suffix=".log")
         self.logfile = Path(path)
-        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", self.loglevel,
-               "-c", str(self.concurrency), "-P", self.pool, "-n", self.name,
+        cmd = [sys.executable, "-m", "celery", "-A", "chassis.worker", "worker",
+               "-l", self.loglevel, "-c", str(self.concurrency), "-P", self.pool, "-n", self.name,
                "--without-mingle", "--without-gossip", "-Q", QUEUES]
         with os.fdopen(fd, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env},

@@ -1,10 +1,10 @@
-"""The raw-Celery baseline's tasks, registered on the worker's own app (``tasks``).
+"""The raw-Celery baseline's tasks, registered on the worker's own app (``chassis.worker``).
 
 The bench starts its worker with ``CHASSIS_ACTION_MODULES=bench.raw_tasks``, so
-celeryconfig's ``imports`` loads this module in the worker next to ``tasks.workflow``:
+the app's ``imports`` load this module in the worker next to agentchassis' tasks:
 both sides of a comparison run in the same worker processes, on the same queues.
 
-The bench process itself never imports this module (it would configure the ``tasks`` app
+The bench process itself never imports this module (it would configure the ``chassis.worker`` app
 from its own environment); it sends these tasks by name.
 
 - ``bench.noop``: one link of a raw chain. It is a no-op that carries the chain's start
@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from tasks.celery_app import app
+from chassis.worker import app
 
 _redis: redis.Redis | None = None
 

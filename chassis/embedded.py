@@ -1,6 +1,6 @@
 """A real Celery worker started in-process, for the embedded default (and tests).
 
-It consumes the same queues as ``celery -A tasks worker`` from a thread of this
+It consumes the same queues as ``celery -A chassis.worker worker`` from a thread of this
 process, so ``chassis demo`` and ``chassis run --wait`` need no server at all. A second
 thread runs the sweep (retries due, timeouts, lost work) as beat would.
 """

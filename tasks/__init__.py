@@ -1,5 +1,8 @@
-"""The Celery app of agentchassis: ``celery -A tasks worker``."""
+"""``celery -A tasks worker`` in this repository: agentchassis' app
+(:mod:`chassis.worker`, which is what an installed package runs: ``celery -A
+chassis.worker``). Not installed by the wheel, so it never shadows a project's own
+``tasks`` module."""
 
-from tasks.celery_app import app
+from chassis.worker import app
 
 __all__ = ["app"]

@@ -1,10 +1,5 @@
-"""The Celery app, configured from ``celeryconfig``."""
+"""The Celery app (kept for ``from tasks.celery_app import app``): :mod:`chassis.worker`."""
 
-from celery import Celery
+from chassis.worker import app
 
-app = Celery("agentchassis")
-app.config_from_object("celeryconfig")
-
-import tasks.log_context  # noqa: E402,F401  (log context of every task)
-import tasks.ops  # noqa: E402,F401  (beat's tasks)
-import tasks.workflow  # noqa: E402,F401  (register the tasks)
+__all__ = ["app"]

@@ -72,7 +72,7 @@ def _in_process_worker() -> Iterator[None]:
     from chassis import runtime
     from chassis.embedded import embedded_worker
     from chassis.sweep import Sweeper
-    from tasks import app
+    from chassis.worker import app
 
     settings = config.load()
     sweeper = Sweeper(runtime.engine(app), settings)
@@ -171,7 +171,7 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
 
     Bad input (invalid plan, missing client, a budget that is not a positive integer)
     is refused and nothing is written. In embedded mode, --wait runs a Celery worker in
-    this process; without it the work waits for `celery -A tasks worker`.
+    this process; without it the work waits for `celery -A chassis.worker worker`.
     """
     data = _parse_json_arg(input_, "--input")
 
@@ -187,8 +187,9 @@ def run(plan: str, input_: str | None, client_id: str, project_id: str | None, f
                 else:
                     console().print(f"started workflow [bold]{cid}[/] ({doc['status']})")
                     if client.settings.embedded_broker:
-                        console().print("embedded broker: run `celery -A tasks worker` in this "
-                                        "folder, or use --wait, to execute it")
+                        console().print("embedded broker: run `celery -A chassis.worker "
+                                        "worker` in this folder, or use --wait, to "
+                                        "execute it")
                 return 0
             show = not as_json or sys.stderr.isatty()
             printer = ProgressPrinter(err=as_json) if show else None

@@ -237,7 +237,8 @@ def test_on_the_threads_pool_the_sweep_times_an_attempt_out(
     assert doc["status"] == "FAILED", doc
     assert doc["error"] == "step 'slow' failed after 2 attempts: timed out after 2 s"
     # both actions run on, return, and their tasks end: their results change nothing
-    done = [f"chassis.step[{client.store.get(cid).rid('slow', n)}] succeeded" for n in (1, 2)]
+    done = [f"chassis.step flaky[{client.store.get(cid).rid('slow', n)}] succeeded"
+            for n in (1, 2)]  # (the task shows its action: Celery's shadow name)
     wait_until(lambda: all(line in worker.text() for line in done), timeout=30,
                message="the timed-out actions never returned")
     after = client.status(cid)

@@ -1,4 +1,5 @@
-"""Real Celery workers (``celery -A tasks worker`` subprocesses) on Redis and PostgreSQL."""
+"""Real Celery workers (``celery -A chassis.worker worker`` subprocesses) on Redis and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ class Services:
         return Client(config.load(self.env), client_id="acme")
 
     def _celery(self, name: str, args: list[str], ready: str, env: dict[str, str]) -> Worker:
-        """``celery -A tasks <args>`` in the repository, logging to a file, once ready."""
+        """``celery -A chassis.worker <args>`` in the repository, logging to a file, once ready."""
         log = self.tmp / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
+            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "chassis.worker", *args],
                                     cwd=ROOT, env={**os.environ, **self.env, **env},
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -71,7 +72,7 @@ class Services:
         return w
 
     def start_beat(self, **env: str) -> Worker:
-        """``celery -A tasks beat``: it sends the sweep every CHASSIS_SWEEP_INTERVAL."""
+        """``celery -A chassis.worker beat``: it sends the sweep every CHASSIS_SWEEP_INTERVAL."""
         name = f"beat-{uuid.uuid4().hex[:8]}"
         return self._celery(name, ["beat", "-l", "INFO", "-s", str(self.tmp / name)],
                             "beat: Starting", env)

@@ -241,8 +241,8 @@ def test_a_bad_variable_stops_every_process_in_one_line(tmp_path: Path,
                                                         env: dict[str, str]) -> None:
     name = next(iter(env))
     celery = str(Path(sys.executable).parent / "celery")
-    for command in ([*CHASSIS, "list"], [celery, "-A", "tasks", "worker"],
-                    [celery, "-A", "tasks", "beat"], [*CHASSIS, "bridge"]):
+    for command in ([*CHASSIS, "list"], [celery, "-A", "chassis.worker", "worker"],
+                    [celery, "-A", "chassis.worker", "beat"], [*CHASSIS, "bridge"]):
         base = {k: v for k, v in os.environ.items() if not k.startswith("CHASSIS_")}
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90,
                               env={**base, "CHASSIS_HOME": str(tmp_path), **env})

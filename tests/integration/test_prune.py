@@ -137,7 +137,10 @@ def test_the_command_line_and_beat(db_url: str, store: SqlStore) -> None:
 
 def test_beats_task_prunes_when_configured(db_url: str, store: SqlStore,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.ops import prune as prune_task
+    from chassis.celery_tasks import PRUNE_TASK as name
+    from chassis.worker import app
+
+    prune_task = app.tasks[name]
 
     done = started(store, DONE)
     monkeypatch.setenv("CHASSIS_DATABASE_URL", db_url)

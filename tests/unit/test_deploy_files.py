@@ -38,7 +38,7 @@ def test_procfile_runs_every_process_with_the_real_commands() -> None:
     assert set(procs) == {"worker", "coordinator", "beat", "flower", "bridge", "relay",
                           "metrics"}
     for name in ("worker", "coordinator"):
-        assert procs[name].startswith("celery -A tasks worker")
+        assert procs[name].startswith("celery -A chassis.worker worker")
         assert "--events" in procs[name]  # Flower sees tasks only from workers' events
         assert "--pool=threads" in procs[name]  # steps mostly wait (model calls)
     assert procs["worker"].endswith("--queues=${CHASSIS_WORKER_QUEUES:-chassis.steps,chassis.ai}")
@@ -46,8 +46,8 @@ def test_procfile_runs_every_process_with_the_real_commands() -> None:
     # the coordinator also takes what other apps send without a queue (Celery's default)
     assert procs["coordinator"].endswith(
         "--queues=${CHASSIS_COORDINATOR_QUEUES:-chassis.coordination,celery}")
-    assert procs["beat"].startswith("celery -A tasks beat")
-    assert procs["flower"] == "celery -A tasks flower"
+    assert procs["beat"].startswith("celery -A chassis.worker beat")
+    assert procs["flower"] == "celery -A chassis.worker flower"
     assert (procs["bridge"], procs["relay"]) == ("chassis bridge", "chassis relay")
     assert procs["metrics"] == "chassis metrics"
 

@@ -8,7 +8,7 @@ import json
 import logging
 
 from chassis import logs
-from tasks.log_context import workflow_ids
+from chassis.celery_tasks import workflow_ids
 
 CID = "2f1e0c9a-5b4d-4e3f-8a2b-1c0d9e8f7a6b"
 
