@@ -23,6 +23,7 @@ from celery.signals import (
     task_revoked,
     worker_process_init,
 )
+from kombu import Queue
 
 from chassis import config, inbox, infra, logs, runtime
 from chassis.celery_conf import (
@@ -196,14 +197,16 @@ def install(app: Celery, settings: Settings | None = None) -> Celery:
     three queues and their routes, beat's entries (the sweep, the relay fallback,
     pruning), and the user action modules of CHASSIS_ACTION_MODULES. The app keeps its
     broker, backend and settings; it must use JSON (ConfigError otherwise). Returns the
-    app. Its workers must consume the chassis queues (``-Q chassis.coordination,
-    chassis.steps,chassis.ai``, or separate workers per queue, see the README)."""
+    app. Its workers consume the app's queues and the chassis ones (a plain ``celery
+    -A yourapp worker``), or each its own (``-Q``), as the README shows."""
     settings = settings or config.load()
     _json_only(app)
     ours = celery_settings(settings)
-    have = {q.name for q in (app.conf.task_queues or ())}
-    app.conf.task_queues = (*(app.conf.task_queues or ()),
-                            *(q for q in ours["task_queues"] if q.name not in have))
+    # the app's own queues stay; with none declared, its default one (which Celery
+    # would have made by itself) is declared so its worker goes on consuming it
+    theirs = list(app.conf.task_queues or ()) or [Queue(app.conf.task_default_queue)]
+    have = {q.name for q in theirs}
+    app.conf.task_queues = (*theirs, *(q for q in ours["task_queues"] if q.name not in have))
     app.conf.task_routes = _merged_routes(app.conf.task_routes, ours["task_routes"])
     app.conf.beat_schedule = {**ours["beat_schedule"], **(app.conf.beat_schedule or {})}
     app.conf.imports = (*tuple(app.conf.imports or ()), *settings.action_modules)

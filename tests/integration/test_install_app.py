@@ -59,9 +59,10 @@ def test_a_project_keeps_its_tasks_module_and_runs_workflows_on_its_app(
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
+            # a plain worker of the project's app: its own queue and the chassis ones
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO", "-P",
              "threads", "-c", "8", "-n", "billing@localhost", "--without-mingle",
-             "--without-gossip", "-Q", "celery,chassis.coordination,chassis.steps,chassis.ai"],
+             "--without-gossip"],
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
@@ -78,6 +79,8 @@ def test_a_project_keeps_its_tasks_module_and_runs_workflows_on_its_app(
         billing = Celery("caller", broker=env["CHASSIS_BROKER_URL"],
                          backend=env["CHASSIS_RESULT_BACKEND"])
         assert billing.send_task("billing.invoice", args=[21]).get(timeout=30) == 42
+        queues = {"celery", "chassis.coordination", "chassis.steps", "chassis.ai"}
+        assert all(f".> {q} " in log.read_text(errors="replace") for q in queues)
         text = log.read_text(errors="replace")
         assert "billing" in text and "chassis.step" in text
     finally:
