@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -133,10 +134,25 @@ def _wait(client: Client, cid: str, timeout: float | None, as_json: bool,
     status document (then exit 4, as without --json)."""
     try:
         return client.wait(cid, timeout=timeout, on_change=on_change)
-    except TimeoutError:
+    except TimeoutError as exc:
         if as_json:
             print_json(client.status(cid))
+        if client.settings.embedded_broker:
+            _leave_now(exc)
         raise
+
+
+def _leave_now(exc: Exception) -> None:
+    """Embedded mode, --timeout ran out: say so and exit at once. Leaving the block
+    would wait for the in-process worker's running step (its thread pool is joined at
+    exit); the workflow goes on instead: that attempt's lease expires and the sweep of
+    the next worker (or `chassis run --wait`) here sends it again."""
+    status, lines = describe(exc)
+    for line in lines:
+        click.echo(f"error: {line}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _exit_code(doc: dict[str, Any]) -> int:

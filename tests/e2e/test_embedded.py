@@ -14,11 +14,13 @@ pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def chassis(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def chassis(cwd: Path, *args: str, stdin: str | None = None, within: float = 150,
+            **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CHASSIS_", "ANTHROPIC_"))}
-    return subprocess.run([sys.executable, "-m", "chassis", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=150, input=stdin)
+    return subprocess.run([sys.executable, "-m", "chassis", *args], cwd=cwd,
+                          env={**env, **extra}, capture_output=True, text=True,
+                          timeout=within, input=stdin)
 
 
 def test_demo_runs_end_to_end_in_an_empty_folder(tmp_path: Path) -> None:
@@ -54,6 +56,30 @@ def test_embedded_run_wait_then_resume(tmp_path: Path) -> None:
     assert done["final_result"]["human_feedback"] == {"ok": True}
     ledger = json.loads(chassis(tmp_path, "ledger", cid, "--json").stdout)
     assert sum(e["amount"] for e in ledger) == done["fuel"]["spent"]
+
+
+def test_run_wait_timeout_returns_then_a_later_run_finishes_the_workflow(
+        tmp_path: Path) -> None:
+    """--timeout ran out while a step runs in this process: the command says so and
+    exits 4 then, not when the step ends (the subprocess limit is shorter than the
+    step); the workflow goes on: a later `run --wait` here sends the abandoned attempt
+    again once its lease has expired, and it completes."""
+    plan = tmp_path / "slow.json"
+    plan.write_text(json.dumps({"start_step": "s", "steps": {
+        "s": {"action": "sleep", "params": {"seconds": 12}, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}))
+    fast = {"CHASSIS_LEASE_SECONDS": "2", "CHASSIS_SWEEP_INTERVAL": "0.5"}
+    proc = chassis(tmp_path, "run", str(plan), "--wait", "--timeout", "1", "--json",
+                   within=10, **fast)
+    assert proc.returncode == 4, proc.stderr
+    assert "still RUNNING after 1.0 s" in proc.stderr
+    cid = json.loads(proc.stdout)["correlation_id"]
+    later = chassis(tmp_path, "run", str(plan), "--correlation-id", cid, "--wait", "--json",
+                    within=60, **fast)
+    done = json.loads(later.stdout)
+    assert done["status"] == "COMPLETED", later.stderr
+    runs = [r for r in done["steps"] if r["name"] == "s"]
+    assert runs and runs[0]["status"] == "COMPLETED"
 
 
 def test_work_queued_by_one_process_is_done_by_a_later_one(tmp_path: Path) -> None:

@@ -183,7 +183,8 @@ def test_flower_sees_the_worker_and_wants_a_password(stack: Stack) -> None:
         return workers if len(told) == 2 else None
 
     workers = wait_until(both, timeout=60, message="flower does not list both workers")
-    queues = {name.split("@")[0]: {q["name"] for q in w["active_queues"]}
+    # node names from the Procfile: steps-<PORT>@host, coordinator-<PORT>@host
+    queues = {name.split("@")[0].split("-")[0]: {q["name"] for q in w["active_queues"]}
               for name, w in workers.items()}
     # the steps' worker (threads) and the coordinator, each on its own queues (and the
     # coordinator on Celery's default one, for other apps' tasks sent without a queue)
