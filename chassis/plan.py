@@ -39,7 +39,7 @@ from chassis.policy import (
     last_timeout,
     resolve,
 )
-from chassis.state import compensated_step
+from chassis.state import compensated_step, compensation_of
 
 #: Most steps in a plan, and most sub-tasks in a fan_out.
 MAX_STEPS = 10_000
@@ -161,8 +161,6 @@ class Plan:
         """The steps (and sub-tasks) a decision about step or sub-task ``name`` is
         likely to touch: itself, its compensation, where it goes on (next, on failure)
         and those steps' sub-tasks. A worker reads their attempts with its claim."""
-        from chassis.state import compensation_of  # (state imports nothing of plans)
-
         names = {name, compensation_of(name)}
         owned = self.subtask(name)
         if owned is not None:  # its fan-out and siblings (a failure may end them)

@@ -46,11 +46,12 @@ def _id() -> sa.Column[int]:
                      primary_key=True, autoincrement=True)
 
 
-def _workflow() -> sa.Column[str]:
-    """The owning workflow; its rows go with it."""
+def _workflow(primary_key: bool = False) -> sa.Column[str]:
+    """The owning workflow; its rows go with it (``primary_key``: the first column of a
+    table keyed by workflow and name)."""
     return sa.Column("correlation_id", UUIDType,
                      sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
-                     nullable=False)
+                     nullable=False, primary_key=primary_key)
 
 
 orchestrator_state = sa.Table(
@@ -127,9 +128,7 @@ step_runs = sa.Table(
 step_outputs = sa.Table(
     "step_outputs",
     metadata,
-    sa.Column("correlation_id", UUIDType,
-              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
-              primary_key=True),
+    _workflow(primary_key=True),
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("rev", sa.Integer, nullable=False),
     sa.Column("value", JSONType),
@@ -141,9 +140,7 @@ step_outputs = sa.Table(
 step_attempts = sa.Table(
     "step_attempts",
     metadata,
-    sa.Column("correlation_id", UUIDType,
-              sa.ForeignKey("orchestrator_state.correlation_id", ondelete="CASCADE"),
-              primary_key=True),
+    _workflow(primary_key=True),
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("attempt", sa.Integer, nullable=False),  # the latest attempt's number
     sa.Column("base", sa.Integer, nullable=False),  # attempts before this round

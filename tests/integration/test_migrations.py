@@ -176,8 +176,9 @@ def test_upgrade_unreachable_raises_database_unavailable() -> None:
     assert "s3cret" not in str(info.value)
 
 
-def upgrade_to(url: str, revision: str) -> None:
-    """Migrate to ``revision`` only (what an older release left behind)."""
+def upgrade_to(url: str, revision: str, down: bool = False) -> None:
+    """Migrate to ``revision`` only (what an older release left behind); ``down``:
+    downgrade to it."""
     from alembic import command
 
     from chassis.store.db import _alembic_config, _create_engine, _resolve
@@ -188,7 +189,7 @@ def upgrade_to(url: str, revision: str) -> None:
     try:
         with engine.connect() as connection, connection.begin():
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            (command.downgrade if down else command.upgrade)(config, revision)
     finally:
         engine.dispose()
 
@@ -294,11 +295,8 @@ def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
     import uuid
     from datetime import UTC, datetime
 
-    from alembic import command
-
     from chassis.plan import parse_plan, plan_to_dict
     from chassis.store import SqlStore
-    from chassis.store.db import _alembic_config, _create_engine, _resolve
 
     upgrade_to(empty_db_url, "0005")
     data = {"text": "hello", "n": 3, "x": 1.5, "yes": True, "no": False, "nothing": None,
@@ -334,15 +332,7 @@ def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
     assert store.get(empty).attempts == {}
     store.engine.dispose()
 
-    target = _resolve(empty_db_url)
-    config = _alembic_config(target)
-    engine = _create_engine(target, for_migrations=True)
-    try:
-        with engine.connect() as connection, connection.begin():
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0005")
-    finally:
-        engine.dispose()
+    upgrade_to(empty_db_url, "0005", down=True)
     with make_engine(empty_db_url).connect() as conn:
         back = {str(r[0]): [v if isinstance(v, dict | type(None)) else json.loads(v)
                             for v in r[1:]] for r in conn.execute(sa.text(
