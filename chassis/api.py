@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -274,11 +275,30 @@ class Client:
         return self.status(cid)
 
     def ledger(self, correlation_id: str) -> list[dict[str, Any]]:
-        """The workflow's fuel debits: step, action, amount, created_at, usage."""
+        """The workflow's fuel ledger, oldest row first: kind (debit, reserve, settle,
+        release), step, action, amount (what the row charges: their sum is the spent
+        fuel), held (what it holds, + or -: their sum is the fuel reserved), model,
+        input_tokens and output_tokens (None when the row has no usage), usage and
+        created_at."""
         cid = self._own(correlation_id)
-        return [{"step": r["step_name"], "action": r["action"], "amount": r["amount"],
-                 "usage": r["usage"], "created_at": _iso(r["created_at"])}
+        return [{"kind": r.get("kind") or "debit", "step": r["step_name"],
+                 "action": r["action"], "amount": r["amount"], "held": r.get("held") or 0,
+                 "model": r.get("model"), **_tokens(r["usage"]), "usage": r["usage"],
+                 "created_at": _iso(r["created_at"])}
                 for r in self.store.ledger(cid)]
+
+    def fuel_report(self, client: str | None = None,
+                    since: datetime | date | str | None = None) -> list[dict[str, Any]]:
+        """Fuel spent by client, plan, model and day (UTC), oldest day first, every
+        client's unless ``client`` is given (an unknown one: an empty report). Each
+        entry: client_id, plan and model ("-" for none), day (YYYY-MM-DD), spent (the
+        sum of the rows' amounts), rows, and the tokens input_tokens, output_tokens,
+        cache_creation_input_tokens, cache_read_input_tokens. ``since``: rows from
+        then on (a datetime, a date, or text YYYY-MM-DD or ISO 8601; no zone: UTC)."""
+        from chassis.store.reports import fuel_report
+
+        who = None if client is None else check_name(client, "client")
+        return fuel_report(self.store.engine, who, parse_since(since))
 
     def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """This client's recent workflows, newest first."""
@@ -309,6 +329,31 @@ class Client:
                 raise TimeoutError(f"workflow {correlation_id} still {doc['status']} "
                                    f"after {timeout} s")
             time.sleep(interval)
+
+
+def _tokens(usage: Any) -> dict[str, int | None]:
+    """A ledger row's input and output tokens, from its usage (None: not a count)."""
+    got = usage if isinstance(usage, dict) else {}
+    return {k: v if isinstance(v, int) and not isinstance(v, bool) else None
+            for k in ("input_tokens", "output_tokens") for v in [got.get(k)]}
+
+
+def parse_since(value: datetime | date | str | None) -> datetime | None:
+    """An aware datetime from a datetime, a date (its midnight, UTC), or text: a date
+    YYYY-MM-DD or an ISO 8601 timestamp. No zone means UTC. Else InputError."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str) and len(value) <= 64:
+            value = datetime.fromisoformat(value.strip())
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+        if isinstance(value, date):
+            return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    except (ValueError, OverflowError):
+        pass
+    raise InputError("since must be a date (YYYY-MM-DD) or an ISO 8601 timestamp, got "
+                     f"{str(value)[:40]!r}")
 
 
 _default: Client | None = None

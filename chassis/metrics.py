@@ -21,10 +21,17 @@ agentchassis_step_runs_finished_last_hour       gauge      status: attempts that
                                                            in the last hour
 agentchassis_step_duration_seconds              histogram  action: started → finished,
                                                            of the last hour's attempts
-agentchassis_fuel_spent_last_hour               gauge      action: fuel debited
+agentchassis_fuel_spent_last_hour               gauge      action: fuel charged (the
+                                                           ledger's amounts: debits and
+                                                           settled AI attempts)
 agentchassis_fuel_spent_last_hour_by_client     gauge      client_id: the 10 clients
                                                            that spent most (the rest:
                                                            "other")
+agentchassis_fuel_reserved_by_client            gauge      client_id: fuel held now by
+                                                           AI attempts of workflows
+                                                           under way (Σ held), the 10
+                                                           clients holding most (the
+                                                           rest: "other")
 agentchassis_outbox_backlog                     gauge      outbox rows not yet published
 agentchassis_outbox_refused                     gauge      outbox rows Kafka refused for
                                                            good
@@ -60,6 +67,7 @@ from prometheus_client.utils import floatToGoString
 from chassis.config import Settings
 from chassis.state import Status, StepStatus
 from chassis.store.db import make_engine
+from chassis.store.reports import reserved_by_client
 from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
 
 log = logging.getLogger(__name__)
@@ -139,6 +147,11 @@ class DatabaseCollector(Collector):
         yield _gauges("fuel_spent_last_hour_by_client", f"Fuel debited in the last hour by "
                       f"the {TOP_CLIENTS} clients that spent most (the rest: other).",
                       "client_id", clients)
+        yield _gauges("fuel_reserved_by_client", f"Fuel held now by AI attempts of "
+                      f"workflows under way, for the {TOP_CLIENTS} clients that hold most "
+                      f"(the rest: other).", "client_id",
+                      reserved_by_client(conn, TOP_CLIENTS))
+
 
         backlog = conn.execute(sa.select(sa.func.count()).select_from(outbox)
                                .where(outbox.c.published_at.is_(None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chassis.cli import (  # noqa: F401  (register their commands)
     db,
+    fuel,
     kafka,
     ops,
     plans,

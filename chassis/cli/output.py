@@ -98,17 +98,52 @@ def print_status(doc: dict[str, Any]) -> None:
                   markup=False)
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
 def print_ledger(entries: list[dict[str, Any]], fuel: dict[str, int]) -> None:
+    """Each row's kind, step, action, amount, held, model and tokens; then the budget,
+    the fuel spent (Σ amount), reserved (Σ held) and what remains of the budget."""
     t = Table(title="fuel ledger", title_justify="left")
-    for col in ("step", "action", "amount", "at"):
-        t.add_column(col, justify="right" if col == "amount" else "left")
+    numbers = ("amount", "held", "tokens in", "tokens out")
+    for col in ("kind", "step", "action", "amount", "held", "model", "tokens in",
+                "tokens out", "at"):
+        t.add_column(col, justify="right" if col in numbers else "left")
     for e in entries:
-        t.add_row(e["step"], e["action"], str(e["amount"]), _time(e["created_at"]))
+        t.add_row(e.get("kind") or "debit", escape(e["step"]), escape(e["action"]),
+                  str(e["amount"]), str(e.get("held") or 0), escape(e.get("model") or "-"),
+                  _count(e.get("input_tokens")), _count(e.get("output_tokens")),
+                  _time(e["created_at"]))
+    reserved = sum(e.get("held") or 0 for e in entries)
     t.add_section()
-    t.add_row("total", "", str(sum(e["amount"] for e in entries)), "")
+    t.add_row("total", "", "", str(sum(e["amount"] for e in entries)), str(reserved), "",
+              str(sum(e.get("input_tokens") or 0 for e in entries)),
+              str(sum(e.get("output_tokens") or 0 for e in entries)), "")
     out = console()
     out.print(t)
-    out.print(f"budget {fuel['budget']}, spent {fuel['spent']}, remaining {fuel['remaining']}")
+    out.print(f"budget {fuel['budget']}, spent {fuel['spent']}, reserved {reserved}, "
+              f"remaining {fuel['budget'] - fuel['spent'] - reserved}")
+
+
+def print_fuel_report(groups: list[dict[str, Any]]) -> None:
+    """Fuel spent and tokens by day, client, plan and model, with a total line."""
+    t = Table(title="fuel spent", title_justify="left")
+    numbers = ("spent", "tokens in", "tokens out", "rows")
+    for col in ("day", "client", "plan", "model", "spent", "tokens in", "tokens out",
+                "rows"):
+        t.add_column(col, justify="right" if col in numbers else "left")
+    for g in groups:
+        t.add_row(g["day"], escape(g["client_id"]), escape(g["plan"]), escape(g["model"]),
+                  str(g["spent"]), str(g["input_tokens"]), str(g["output_tokens"]),
+                  str(g["rows"]))
+    t.add_section()
+    t.add_row("total", "", "", "", *(str(sum(g[k] for g in groups)) for k in (
+        "spent", "input_tokens", "output_tokens", "rows")))
+    out = console()
+    out.print(t)
+    if not groups:
+        out.print("no fuel spent")
 
 
 def print_list(docs: list[dict[str, Any]]) -> None:

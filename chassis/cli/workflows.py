@@ -339,7 +339,11 @@ def retry(correlation_id: str, client_id: str, wait: bool, timeout: float | None
 @client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def ledger(correlation_id: str, client_id: str, as_json: bool) -> None:
-    """Show a workflow's fuel ledger: one debit per attempt of a step."""
+    """Show a workflow's fuel ledger: each row's kind (debit: a price from the table;
+    reserve: an AI attempt's worst case, held at dispatch; settle: what it consumed;
+    release: the rest of the hold), step, action, amount charged, fuel held (+) or let
+    go (-), model and tokens; then the budget, the fuel spent (the amounts), reserved
+    (the holds) and remaining."""
     def go() -> int:
         client = _client(client_id)
         entries = client.ledger(correlation_id)

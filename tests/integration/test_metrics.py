@@ -169,6 +169,50 @@ def test_what_ended_over_an_hour_ago_is_not_counted_and_clients_are_bounded(
     assert spent == 12  # the top 10 and the rest: every debit of the hour, once
 
 
+def test_fuel_reserved_is_what_workflows_under_way_hold_per_client_bounded(
+        filled: Settings) -> None:
+    """Σ held of each client's workflows under way (reserve +, settle and release -);
+    a finished workflow's holds are not counted; 10 clients and the rest as other."""
+    from chassis.store.sql import now
+
+    engine = make_engine(filled.database_url)
+    name = "agentchassis_fuel_reserved_by_client"
+
+    def hold(cid: str, who: str, key: str, held: int, kind: str = "reserve") -> None:
+        with engine.begin() as conn:
+            conn.execute(fuel_ledger.insert().values(
+                correlation_id=cid, client_id=who, step_name="w", action="ai_text_generate",
+                amount=0, held=held, kind=kind, model="claude-haiku",
+                idempotency_key=f"{cid}:{key}", created_at=now()))
+
+    def workflow(who: str, status: str) -> str:
+        with engine.connect() as conn:
+            return str(conn.execute(sa.select(orchestrator_state.c.correlation_id).where(
+                orchestrator_state.c.client_id == who,
+                orchestrator_state.c.status == status).limit(1)).scalar_one())
+
+    assert not any(n == name for n, _ in scrape(metrics.registry(filled)))  # none held
+    running = workflow("initech", "RUNNING")
+    hold(running, "initech", "r1", 40)
+    hold(running, "initech", "s1", -12, "settle")
+    hold(running, "initech", "x1", -28, "release")  # settled: nothing held
+    hold(running, "initech", "r2", 25)
+    hold(workflow("acme", "COMPLETED"), "acme", "r1", 99)  # finished: not counted
+    got = scrape(metrics.registry(filled))
+    assert {labels: v for (n, labels), v in got.items() if n == name} == {
+        (("client_id", "initech"),): 25}
+
+    client = Client(filled)
+    for i in range(12):
+        cid = client.start(LINEAR, client_id=f"client-{i:02d}")
+        hold(cid, f"client-{i:02d}", "r", 100 + i)
+    got = scrape(metrics.registry(filled))
+    held = {dict(labels)["client_id"]: v for (n, labels), v in got.items() if n == name}
+    assert len(held) == 11 and held["other"] == 25 + 100 + 101  # the 3 smallest
+    assert held["client-11"] == 111 and held["client-02"] == 102 and "client-01" not in held
+    assert sum(held.values()) == 25 + sum(100 + i for i in range(12))
+
+
 def test_an_unreachable_database_is_reported_not_raised(tmp_path: Path) -> None:
     s = config.load({"CHASSIS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
                      "CHASSIS_HOME": str(tmp_path)})
