@@ -4,7 +4,8 @@ An action is ``fn(data, params) -> result``: ``data`` is what the step sees (``i
 earlier outputs by step name, ``human_feedback``), ``params`` is the step's ``params``,
 and the result must be JSON-serialisable (it is stored as the step's output). Register
 one with ``@action("name")`` or bare ``@action`` (the function's name). Workers and
-``chassis validate`` import user modules with :func:`load_modules`.
+``chassis validate`` import user modules with :func:`load_modules`. Inside a worker,
+:func:`current_attempt` is the attempt an action runs for.
 
 Built-ins for demos and tests: ``noop``, ``echo``, ``sleep``, ``fail``.
 """
@@ -16,7 +17,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from chassis.errors import ActionError, ConfigError, UnknownAction
@@ -110,6 +114,51 @@ def load_modules(names: Iterable[str]) -> None:
             ) from exc
 
 
+# ------------------------------------------------------------ the attempt under way
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The attempt an action runs for in a worker: its workflow, step and attempt
+    number, and a model response kept for it. The engine sets it around the action
+    (:func:`current_attempt`); ``load`` and ``keep`` reach the store."""
+
+    correlation_id: str
+    step: str
+    attempt: int
+    load: Callable[[], dict[str, Any] | None] = field(repr=False)
+    keep: Callable[[dict[str, Any]], bool] = field(repr=False)
+
+    def recall(self) -> dict[str, Any] | None:
+        """The model response an earlier delivery of this attempt kept, if any."""
+        return self.load()
+
+    def remember(self, response: dict[str, Any]) -> bool:
+        """Keep a model response for this attempt, committed when this returns; False
+        when one was kept already (that one stays: the first wins)."""
+        return self.keep(response)
+
+
+_ATTEMPT: ContextVar[Attempt | None] = ContextVar("chassis_attempt", default=None)
+
+
+def current_attempt() -> Attempt | None:
+    """The attempt the running action belongs to; None outside a worker's attempt (an
+    action called directly, e.g. in a unit test)."""
+    return _ATTEMPT.get()
+
+
+@contextmanager
+def attempt_context(attempt: Attempt) -> Iterator[Attempt]:
+    """Make ``attempt`` the :func:`current_attempt` of this thread (or task) inside the
+    block."""
+    token = _ATTEMPT.set(attempt)
+    try:
+        yield attempt
+    finally:
+        _ATTEMPT.reset(token)
+
+
 # -------------------------------------------------------------------------- built-ins
 
 
@@ -145,7 +194,8 @@ def fail(data: dict[str, Any], params: dict[str, Any]) -> Any:
     raise ActionError(str(params.get("message", "step failed by the 'fail' action")))
 
 
-__all__ = ["Action", "action", "get", "load_modules", "registered", "unregister"]
+__all__ = ["Action", "Attempt", "action", "attempt_context", "current_attempt", "get",
+           "load_modules", "registered", "unregister"]
 
 # The AI actions (ai_text_generate_*) are built-ins too. Imported last: that module
 # registers them with @action from this one.

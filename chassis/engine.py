@@ -215,7 +215,8 @@ class Engine:
         # the claim (PostgreSQL: the same round trip) or just after it
         state = claim.state or self._db(lambda: self.store.get(cid, names),
                                         "reading the workflow", cid)
-        with self.heartbeat.hold(claim.row_id):
+        with self.heartbeat.hold(claim.row_id), \
+                actions.attempt_context(self._attempt(cid, step, attempt)):
             # a copy: an action changing its input must not change the workflow's data
             # (the claim's state is written back by the transition that follows)
             event = run_action(payload, json_copy(state.step_data(step)), timeout)
@@ -235,6 +236,16 @@ class Engine:
             return Outcome(cid, step, attempt, error=event.error,
                            retrying=decision.retries(step))
         return Outcome(cid, step, attempt)
+
+    def _attempt(self, cid: str, step: str, attempt: int) -> actions.Attempt:
+        """What an action learns of its attempt: a model response kept by an earlier
+        delivery of it (read and written by the store, waiting for the database)."""
+        return actions.Attempt(
+            cid, step, attempt,
+            load=lambda: self._db(lambda: self.store.recorded_response(cid, step, attempt),
+                                  "reading a recorded model response", cid),
+            keep=lambda r: self._db(lambda: self.store.record_response(cid, step, attempt, r),
+                                    "recording a model response", cid))
 
     def fan_in(self, cid: str, parent: str) -> co.Decision:
         """Collect the recorded outputs of fan-out ``parent``'s sub-tasks."""

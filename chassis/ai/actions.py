@@ -7,20 +7,30 @@ Params: ``prompt`` (required) and ``system`` are templates over the step's data 
 when set); ``effort`` (low, medium, high, xhigh, max; sent only when set). The output is
 ``{text, model, stop_reason, usage: {input_tokens, output_tokens}, provider}``; the
 usage is also kept with the step's fuel ledger entry. Unknown params are an error.
+
+In a worker, the model's answer is recorded as soon as it arrives (keyed by workflow,
+step and attempt): the same attempt delivered again after its worker was lost returns
+it without a new request, so one attempt never pays the model twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from chassis import config
-from chassis.actions import action
+from chassis.actions import action, current_attempt
 from chassis.ai.errors import AIParamsError
 from chassis.ai.provider import DEFAULT_MAX_TOKENS, EFFORTS, TextRequest, provider_for
 from chassis.ai.templates import render
 from chassis.config import Settings
+
+log = logging.getLogger(__name__)
 
 _PARAMS = frozenset({"prompt", "system", "max_tokens", "temperature", "effort"})
 TIERS = ("haiku", "sonnet", "opus")
@@ -86,9 +96,59 @@ def _effort(name: str, value: Any) -> str | None:
 
 def generate(name: str, data: Mapping[str, Any], params: Mapping[str, Any], model: str,
              settings: Settings, allowed: frozenset[str] = _PARAMS) -> dict[str, Any]:
-    """Render, check, call the configured provider; the step's output."""
+    """Render, check, call the configured provider (unless this attempt already had
+    its answer: see :func:`recalled`); the step's output."""
     request = build_request(name, data, params, model, allowed, settings)
-    return provider_for(settings).generate_text(request).as_output()
+    kept = recalled(request)
+    if kept is not None:  # this attempt was answered before its worker was lost
+        return kept
+    output = provider_for(settings).generate_text(request).as_output()
+    remember(request, output)
+    return output
+
+
+# A model's answer is kept as soon as it arrives, keyed by the worker's attempt
+# (chassis.actions.current_attempt): the same attempt delivered again uses it instead of
+# paying the model twice. With the fingerprint of the request it answered, so a second,
+# different call in one attempt is never answered with the first one's text.
+_REQUEST_KEY = "request_sha256"
+
+
+def _fingerprint(request: TextRequest) -> str:
+    blob = json.dumps(dataclasses.asdict(request), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def recalled(request: TextRequest) -> dict[str, Any] | None:
+    """The output kept for ``request`` by an earlier delivery of the running attempt;
+    None outside a worker's attempt, or when nothing (or another request's answer) was
+    kept."""
+    attempt = current_attempt()
+    if attempt is None:
+        return None
+    kept = attempt.recall()
+    if kept is None or kept.get(_REQUEST_KEY) != _fingerprint(request):
+        return None
+    log.info("step %s attempt %d: using the model response recorded by an earlier "
+             "delivery (no new request)", attempt.step, attempt.attempt,
+             extra={"correlation_id": attempt.correlation_id, "step": attempt.step})
+    return {k: v for k, v in kept.items() if k != _REQUEST_KEY}
+
+
+def remember(request: TextRequest, output: dict[str, Any]) -> None:
+    """Keep ``output`` for the running attempt (committed on return); nothing outside a
+    worker's attempt. A failure to keep it is logged, not raised: the answer is paid
+    for, and the step can still record it."""
+    attempt = current_attempt()
+    if attempt is None:
+        return
+    try:
+        attempt.remember({**output, _REQUEST_KEY: _fingerprint(request)})
+    except Exception:  # noqa: BLE001  (losing the copy must not lose the answer)
+        log.warning("step %s attempt %d: could not record the model response; a "
+                    "redelivery would call the model again", attempt.step, attempt.attempt,
+                    exc_info=True,
+                    extra={"correlation_id": attempt.correlation_id, "step": attempt.step})
 
 
 def _tier_action(tier: str, data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

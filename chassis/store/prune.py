@@ -2,8 +2,9 @@
 
 A workflow is removed once it has finished (COMPLETED, FAILED, CANCELLED, COMPENSATED)
 and has not changed for the given time: its state row, and with it (foreign keys,
-ON DELETE CASCADE) its step runs and ledger rows, and its outbox rows. Outbox rows
-already published (or set aside) before the cutoff go too, whatever their workflow.
+ON DELETE CASCADE) its step runs, ledger rows and recorded model responses, and its
+outbox rows. Outbox rows already published (or set aside) before the cutoff go too,
+whatever their workflow.
 
 With Kafka configured, a workflow whose events are not all published yet is kept until
 they are (the relay may be behind). Without Kafka nothing publishes the outbox: its rows
@@ -26,7 +27,13 @@ import sqlalchemy as sa
 
 from chassis.state import Status
 from chassis.store.sql import now
-from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
+from chassis.store.tables import (
+    fuel_ledger,
+    model_responses,
+    orchestrator_state,
+    outbox,
+    step_runs,
+)
 
 FINISHED = tuple(s.value for s in Status if s.finished)
 #: Workflows removed per transaction.
@@ -43,6 +50,7 @@ class PruneReport:
     step_runs: int = 0
     ledger_rows: int = 0
     outbox_rows: int = 0
+    model_responses: int = 0
     kept_unpublished: int = 0
     """Finished workflows old enough, kept because Kafka has not got their events yet."""
     batches: int = field(default=0, repr=False)
@@ -51,6 +59,7 @@ class PruneReport:
         return {"cutoff": self.cutoff.isoformat(), "dry_run": self.dry_run,
                 "workflows": self.workflows, "step_runs": self.step_runs,
                 "ledger_rows": self.ledger_rows, "outbox_rows": self.outbox_rows,
+                "model_responses": self.model_responses,
                 "kept_unpublished": self.kept_unpublished}
 
 
@@ -113,6 +122,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
             last = (page[-1].updated_at, str(page[-1].correlation_id))
             cids = [str(r.correlation_id) for r in page]
             runs, ledger = _count(conn, step_runs, cids), _count(conn, fuel_ledger, cids)
+            answers = _count(conn, model_responses, cids)
             if dry_run:
                 gone = cids
             else:
@@ -123,12 +133,15 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
                 if len(gone) < len(cids):  # retried meanwhile: count what went
                     runs, ledger = runs - _count(conn, step_runs, cids), \
                         ledger - _count(conn, fuel_ledger, cids)
+                    answers -= _count(conn, model_responses, cids)
             report.step_runs += runs
             report.ledger_rows += ledger
+            report.model_responses += answers
             if dry_run:
                 report.outbox_rows += _count(conn, outbox, gone)
             elif gone:
-                # step runs and ledger rows went with their workflow (ON DELETE CASCADE)
+                # step runs, ledger rows and model responses went with their workflow
+                # (ON DELETE CASCADE)
                 report.outbox_rows += conn.execute(
                     outbox.delete().where(outbox.c.correlation_id.in_(gone))).rowcount
             report.workflows += len(gone)

@@ -24,6 +24,7 @@ from chassis.plan import Plan, parse_plan, plan_to_dict
 from chassis.state import Outputs, Progress, Status, StepStatus, WorkflowState
 from chassis.store import attempts as at
 from chassis.store import pg
+from chassis.store import responses as mr
 from chassis.store.rows import rows_for
 from chassis.store.tables import (
     fuel_ledger,
@@ -407,6 +408,16 @@ class SqlStore:
         with db.begin() as conn:
             return conn.execute(at.RENEW, {"b_ids": list(row_ids),
                                            "b_until": now() + timedelta(seconds=lease)}).rowcount
+
+    def record_response(self, cid: str, step: str, attempt: int,
+                        response: dict[str, Any]) -> bool:
+        """Keep a model's answer to this attempt (committed on return); False when one
+        was kept already (the first wins)."""
+        return mr.record(self.engine, cid, step, attempt, response)
+
+    def recorded_response(self, cid: str, step: str, attempt: int) -> dict[str, Any] | None:
+        """The model's answer kept for this attempt, if any."""
+        return mr.recorded(self.engine, cid, step, attempt)
 
     def transition(self, cid: str, decide: Decide, state: WorkflowState | None = None,
                    fan_out: FanOut | None = None,
