@@ -21,10 +21,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from chassis.errors import ActionError, ConfigError, UnknownAction
 from chassis.plan import RESERVED_ACTIONS
+
+if TYPE_CHECKING:
+    from chassis.store.breaker import CircuitBreakers
 
 Action = Callable[[dict[str, Any], dict[str, Any]], Any]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,6 +131,8 @@ class Attempt:
     attempt: int
     load: Callable[[], dict[str, Any] | None] = field(repr=False)
     keep: Callable[[dict[str, Any]], bool] = field(repr=False)
+    breakers: CircuitBreakers | None = field(default=None, repr=False)
+    """The AI providers' circuit breakers, in the worker's database (chassis.ai.breaker)."""
 
     def recall(self) -> dict[str, Any] | None:
         """The model response an earlier delivery of this attempt kept, if any."""

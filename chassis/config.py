@@ -95,6 +95,14 @@ class Settings:
     ai_max_backoff: float = 30.0
     """CHASSIS_AI_MAX_BACKOFF: the longest wait between two tries (a server's
     retry-after is honoured up to this)."""
+    ai_breaker_failures: int = 5
+    """CHASSIS_AI_BREAKER_FAILURES: failures of a provider in a row (5xx, 429, 408,
+    timeouts, connection errors; counted by every worker together) that open its
+    circuit breaker: AI steps then wait instead of calling (see chassis.ai.breaker)."""
+    ai_breaker_cooldown: float = 30.0
+    """CHASSIS_AI_BREAKER_COOLDOWN: seconds an open circuit breaker stays open before
+    one request probes the provider (its success closes the breaker, its failure opens
+    it again)."""
     ai_rate_limit: str | None = None
     """CHASSIS_AI_RATE_LIMIT: Celery rate limit of AI step tasks per worker, e.g.
     ``60/m``; unset means no limit."""
@@ -277,6 +285,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         ai_timeout=_number(env, "CHASSIS_AI_TIMEOUT", 300.0, least=0.001),
         ai_backoff=_number(env, "CHASSIS_AI_BACKOFF", 1.0),
         ai_max_backoff=_number(env, "CHASSIS_AI_MAX_BACKOFF", 30.0),
+        ai_breaker_failures=int(_number(env, "CHASSIS_AI_BREAKER_FAILURES", 5, least=1,
+                                        integer=True)),
+        ai_breaker_cooldown=_number(env, "CHASSIS_AI_BREAKER_COOLDOWN", 30.0, least=0.001,
+                                    most=86400.0),
         ai_rate_limit=_rate_limit(env),
         step_timeout=_number(env, "CHASSIS_STEP_TIMEOUT", 3600.0, least=0.001),
         lease_seconds=_number(env, "CHASSIS_LEASE_SECONDS", 15.0, least=1.0),

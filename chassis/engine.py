@@ -245,7 +245,8 @@ class Engine:
             load=lambda: self._db(lambda: self.store.recorded_response(cid, step, attempt),
                                   "reading a recorded model response", cid),
             keep=lambda r: self._db(lambda: self.store.record_response(cid, step, attempt, r),
-                                    "recording a model response", cid))
+                                    "recording a model response", cid),
+            breakers=self.store.breakers)
 
     def fan_in(self, cid: str, parent: str) -> co.Decision:
         """Collect the recorded outputs of fan-out ``parent``'s sub-tasks."""

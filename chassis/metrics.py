@@ -4,7 +4,8 @@ A custom collector queries the tables on every scrape, so the figures are the
 database's own: they match ``chassis status``/``chassis list``, whichever process did
 the work, and need no state in the metrics process. Every query is bounded by what is
 under way or by the last hour, over indexed columns: a scrape costs about the same with
-100 or 100,000 finished workflows kept. Every name starts with ``agentchassis_``.
+100 or 100,000 finished workflows kept. Every name starts with ``agentchassis_``, but
+``circuit_breaker_state``, a name kept from the original platform.
 Celery's own figures (tasks, workers) stay with Flower's /metrics.
 
 ==============================================  =========  ===========================
@@ -41,6 +42,9 @@ agentchassis_bridge_lag                         gauge      topic: messages the b
                                                            group has not committed yet
 agentchassis_database_up                        gauge      1 when the queries succeeded
 agentchassis_kafka_up                           gauge      1 when Kafka answered
+circuit_breaker_state                           gauge      provider: its AI circuit
+                                                           breaker, 0 closed, 1 open,
+                                                           2 half-open
 ==============================================  =========  ===========================
 
 The Kafka figures are present only when CHASSIS_KAFKA_BOOTSTRAP is set (see
@@ -64,8 +68,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from chassis.ai.breaker import PROVIDERS, STATE_VALUES
 from chassis.config import Settings
 from chassis.state import Status, StepStatus
+from chassis.store import breaker
 from chassis.store.db import make_engine
 from chassis.store.reports import reserved_by_client
 from chassis.store.tables import fuel_ledger, orchestrator_state, outbox, step_runs
@@ -162,6 +168,7 @@ class DatabaseCollector(Collector):
                                .where(outbox.c.failed_at.is_not(None))).scalar_one()
         yield GaugeMetricFamily(PREFIX + "outbox_refused", "Outbox messages Kafka refused "
                                 "for good, set aside by the relay.", value=refused)
+        yield _breaker_states(conn)
 
     def _durations(self, conn: sa.Connection, since: datetime) -> Metric:
         r = step_runs.c
@@ -205,6 +212,19 @@ class KafkaCollector(Collector):
                                   "the dead-letter topic.", value=figures.dead_letters)
         yield _gauges("bridge_lag", "Messages on the bridge's topics its consumer group "
                       "has not committed yet.", "topic", figures.lag)
+
+
+def _breaker_states(conn: sa.Connection) -> Metric:
+    """Each AI provider's circuit breaker (chassis.ai.breaker), under the original
+    platform's name, without the prefix."""
+    states = dict.fromkeys(PROVIDERS, STATE_VALUES[breaker.CLOSED])
+    states.update({b.provider: STATE_VALUES[b.state] for b in breaker.states(conn)
+                   if b.state in STATE_VALUES})
+    g = GaugeMetricFamily("circuit_breaker_state", "AI provider circuit breaker: 0 closed, "
+                          "1 open, 2 half-open.", labels=["provider"])
+    for provider, value in sorted(states.items()):
+        g.add_metric([provider], float(value))
+    return g
 
 
 def _by_status(conn: sa.Connection, status: sa.ColumnElement[str], listed: list[str],

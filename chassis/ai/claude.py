@@ -8,6 +8,14 @@ is honoured), never more than CHASSIS_AI_MAX_BACKOFF. 400, 401 and 403 fail at o
 the API's message, and so do other 4xx unless the API's x-should-retry header says
 otherwise (as the SDK's own policy does). A retry happens inside the step's task, so the
 step's fuel, debited once at dispatch, is never charged again.
+
+Every request, retries included, first asks the provider's circuit breaker
+(:mod:`chassis.ai.breaker`, shared by all workers through the worker's database): while
+it is open, no request is sent and the attempt is deferred
+(:class:`~chassis.errors.AttemptDeferred`: tried again after the cool-down without
+spending one of the step's attempts), and a retry loop whose failures open it stops
+there and defers its attempt too. Outside a worker's attempt (no database at hand) there
+is no breaker.
 """
 
 from __future__ import annotations
@@ -23,9 +31,12 @@ from typing import Any
 
 import anthropic
 
+from chassis.actions import current_attempt
+from chassis.ai.breaker import CircuitBreaker, counts
 from chassis.ai.errors import ClaudeAPIError, EmbeddingsNotSupported, EmptyAnswer, MissingAPIKey
 from chassis.ai.provider import TextRequest, TextResult
 from chassis.config import Settings
+from chassis.store.breaker import CircuitBreakers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,8 @@ class ClaudeOptions:
     max_retries: int = 4
     backoff: float = 1.0
     max_backoff: float = 30.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClaudeOptions:
@@ -84,16 +97,20 @@ class ClaudeOptions:
         return cls(api_key=settings.anthropic_api_key,
                    base_url=settings.anthropic_base_url or DEFAULT_BASE_URL,
                    timeout=settings.ai_timeout, max_retries=settings.ai_max_retries,
-                   backoff=settings.ai_backoff, max_backoff=settings.ai_max_backoff)
+                   backoff=settings.ai_backoff, max_backoff=settings.ai_max_backoff,
+                   breaker_failures=settings.ai_breaker_failures,
+                   breaker_cooldown=settings.ai_breaker_cooldown)
 
 
 class ClaudeProvider:
-    """Text generation with Claude."""
+    """Text generation with Claude. ``breakers``: where the circuit breaker is kept
+    (default: the running attempt's, see :meth:`breaker`)."""
 
     name = "anthropic"
 
-    def __init__(self, options: ClaudeOptions) -> None:
+    def __init__(self, options: ClaudeOptions, breakers: CircuitBreakers | None = None) -> None:
         self.options = options
+        self.breakers = breakers
         # explicit arguments: the SDK then reads no credential or URL from the environment
         self.client = anthropic.Anthropic(api_key=options.api_key, base_url=options.base_url,
                                           max_retries=0, timeout=options.timeout)
@@ -134,21 +151,48 @@ class ClaudeProvider:
             kwargs["extra_body"] = {"temperature": request.temperature}
         return self.client.messages.create(**kwargs)
 
+    def breaker(self) -> CircuitBreaker | None:
+        """This provider's circuit breaker, in ``breakers`` or else in the running
+        attempt's database; None outside a worker's attempt."""
+        rows = self.breakers
+        if rows is None:
+            attempt = current_attempt()
+            rows = attempt.breakers if attempt is not None else None
+        if rows is None:
+            return None
+        o = self.options
+        return CircuitBreaker(rows, self.name, failures=o.breaker_failures,
+                              cooldown=o.breaker_cooldown, lease=o.timeout)
+
     def _create_with_retries(self, request: TextRequest) -> anthropic.types.Message:
+        breaker = self.breaker()
         attempt = 0
         while True:
             attempt += 1
+            if breaker is not None:
+                breaker.before_request()  # raises AttemptDeferred while it is open
             try:
-                return self._create(request)
+                message = self._create(request)
             except anthropic.APIStatusError as exc:
+                reason = f"HTTP {exc.status_code}"
+                if breaker is not None:
+                    if counts(exc.status_code):
+                        breaker.failed(reason)  # raises AttemptDeferred once it opens
+                    else:
+                        breaker.succeeded()  # the provider is up; the request is at fault
                 if not _retryable(exc) or attempt > self.options.max_retries:
                     raise self._status_error(exc, attempt) from None
-                reason = f"HTTP {exc.status_code}"
                 asked = _retry_after(exc.response.headers)
             except anthropic.APIConnectionError as exc:  # timeouts included
+                reason, asked = type(exc).__name__, None
+                if breaker is not None:
+                    breaker.failed(reason)
                 if attempt > self.options.max_retries:
                     raise self._connection_error(exc, attempt) from None
-                reason, asked = type(exc).__name__, None
+            else:
+                if breaker is not None:
+                    breaker.succeeded()
+                return message
             delay = self._delay(attempt, asked)
             log.warning("Claude request failed (%s), attempt %d of %d; retrying in %.2f s",
                         reason, attempt, self.options.max_retries + 1, delay,

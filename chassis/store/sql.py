@@ -25,6 +25,7 @@ from chassis.state import Outputs, Progress, Status, StepStatus, WorkflowState
 from chassis.store import attempts as at
 from chassis.store import pg
 from chassis.store import responses as mr
+from chassis.store.breaker import CircuitBreakers
 from chassis.store.rows import rows_for
 from chassis.store.tables import (
     fuel_ledger,
@@ -299,6 +300,8 @@ class SqlStore:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        #: the AI providers' circuit breakers (chassis.ai.breaker)
+        self.breakers = CircuitBreakers(engine)
         self._plans = _PlanCache()
         self._recent = _RecentOutputs()
         self._claims: sa.Engine | None = None
