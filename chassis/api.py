@@ -44,6 +44,8 @@ from chassis.state import SETTLED, Status, WorkflowState
 from chassis.status import _iso, status_dict
 from chassis.store import SqlStore
 from chassis.store.db import make_engine
+from chassis.store.quotas import WINDOWS, QuotaRace
+from chassis.store.sql import StaleState
 
 PlanSource = Plan | Mapping[str, Any] | str | Path
 
@@ -170,10 +172,19 @@ class Client:
                               fuel_budget=budget, initial_request_data=input,
                               project_id=project_id, request_id=request_id,
                               nonce=secrets.token_hex(16))
-        decision = co.decide(state, p, co.Start())
-        if not self.engine.create(decision, p, plan_name=plan_name, plan_version=plan_version):
-            self._same_start(cid, actor, p, input, budget)
-        return cid
+        for _ in range(20):
+            decision = co.decide(state, p, co.Start())
+            try:
+                created = self.engine.create(decision, p, plan_name=plan_name,
+                                             plan_version=plan_version)
+            except QuotaRace:  # the first step's charge met the client's quota: decide
+                state.quota = self.store.quota(actor)  # again, knowing what is left
+                continue
+            if not created:
+                self._same_start(cid, actor, p, input, budget)
+            return cid
+        raise StaleState(f"workflow {cid}: too much contention on client {actor!r}'s "
+                         "quota; nothing was written, try again", correlation_id=cid)
 
     def _same_start(self, cid: str, actor: str, plan: Plan, input: Any, budget: int) -> None:
         """The workflow exists: a repeat of the same start, or a conflict."""
@@ -223,8 +234,11 @@ class Client:
         cid = self._own(correlation_id)
         return status_dict(*self.store.snapshot(cid))
 
-    def resume(self, correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
+    def resume(self, correlation_id: str, approved: bool, feedback: Any = None,
+               add_fuel: object = 0) -> dict[str, Any]:
         """Approve or reject a paused workflow; returns its status after the decision.
+        ``add_fuel``: fuel added to its budget first (a workflow paused for fuel goes
+        on with it).
 
         The same answer given again, once recorded (a repeated command), changes nothing
         and returns the status with ``"resume": "already recorded"``; resuming a workflow
@@ -233,8 +247,9 @@ class Client:
         if not isinstance(approved, bool):
             raise InputError(f"approved must be true or false, got {approved!r}"[:80])
         feedback = check_json(feedback, "feedback", self.limits)
+        added = 0 if add_fuel in (0, None) else check_count(add_fuel, "fuel to add")
         try:
-            self.engine.resume(cid, approved, feedback, self.client_id)
+            self.engine.resume(cid, approved, feedback, self.client_id, added)
         except InvalidTransition:
             if self._answered(cid) != approved:
                 raise
@@ -273,6 +288,49 @@ class Client:
         cid = _correlation_id(correlation_id)
         self.engine.retry(cid, self.client_id)
         return self.status(cid)
+
+    def add_fuel(self, correlation_id: str, amount: object) -> dict[str, Any]:
+        """Add ``amount`` fuel (a whole number from 1) to the budget of a workflow that
+        has not finished, or of a FAILED one; returns its status. A workflow paused for
+        fuel goes on once approved (:meth:`resume`)."""
+        cid = _correlation_id(correlation_id)
+        amount = check_count(amount, "fuel to add")
+        self.engine.apply(cid, co.AddFuel(amount, self.client_id))
+        return self.status(cid)
+
+    def set_quota(self, client: str, fuel: object, per: str) -> dict[str, Any]:
+        """Give ``client`` a quota of ``fuel`` per ``per`` (day, month or total; UTC
+        windows), replacing any it had; returns :meth:`quota`. Every charge of its
+        workflows counts against it from then on."""
+        who = check_name(client, "client")
+        amount = check_count(fuel, "quota fuel", least=0)
+        if per not in WINDOWS:
+            raise InputError(f"a quota is per day, month or total, got {str(per)[:40]!r}")
+        self.store.set_quota(who, per, amount)
+        return self.quota(who)
+
+    def quota(self, client: str) -> dict[str, Any]:
+        """``client``'s quota: {client_id, per, fuel, used, left} in the current window
+        (per and fuel None, left None, when it has none)."""
+        who = check_name(client, "client")
+        q = self.store.quota(who)
+        if q is None:
+            return {"client_id": who, "per": None, "fuel": None, "used": None, "left": None}
+        return {"client_id": who, "per": q.per, "fuel": q.fuel, "used": q.fuel - q.left,
+                "left": q.left}
+
+    def remove_quota(self, client: str) -> bool:
+        """Remove ``client``'s quota; False when it had none."""
+        return self.store.remove_quota(check_name(client, "client"))
+
+    @staticmethod
+    def fuel_prices() -> dict[str, Any]:
+        """The token prices in force (CHASSIS_FUEL_PRICES, or the defaults), and the
+        table price of every other action."""
+        from chassis import fuel, pricing
+
+        table, tiers = pricing.in_force()
+        return {**table.as_dict(), "tiers": dict(tiers), "actions": dict(fuel.COST_TABLE)}
 
     def ledger(self, correlation_id: str) -> list[dict[str, Any]]:
         """The workflow's fuel ledger, oldest row first: kind (debit, reserve, settle,

@@ -114,11 +114,12 @@ def _register(app: Celery) -> None:
 
     @app.task(name=RESUME_TASK, **_CONTRACT)
     def resume(correlation_id: str, approved: bool, feedback: Any = None,
-               client_id: str | None = None) -> dict[str, Any]:
-        """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge).
-        A resume of a workflow no longer paused (a duplicate command) changes nothing and is
-        not an error."""
-        return inbox.resume(engine(app), correlation_id, approved, feedback, client_id)
+               client_id: str | None = None, add_fuel: int = 0) -> dict[str, Any]:
+        """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge),
+        adding ``add_fuel`` to its budget first. A resume of a workflow no longer paused (a
+        duplicate command) changes nothing and is not an error."""
+        return inbox.resume(engine(app), correlation_id, approved, feedback, client_id,
+                            add_fuel)
 
     @app.task(name=START_TASK, **_CONTRACT)
     def start(payload: dict[str, Any]) -> dict[str, Any]:

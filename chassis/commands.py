@@ -14,12 +14,18 @@ from chassis.state import StepStatus, WorkflowState
 
 @dataclass(frozen=True)
 class Debit:
-    """Charge ``amount`` fuel for an attempt of ``step``: one ledger row with ``key``."""
+    """One ledger row with ``key`` for an attempt of ``step``: ``kind`` debit (a table
+    price, ``amount`` charged), reserve (``held`` fuel held for an AI attempt), settle
+    (``amount`` it consumed, taken from what was held) or release (the rest let go)."""
 
     step: str
     action: str
     amount: int
     key: str
+    kind: str = "debit"
+    held: int = 0
+    model: str | None = None
+    usage: Any = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,14 @@ class Decision:
     state: WorkflowState
     commands: list[Command] = field(default_factory=list)
     changed: bool = True
+    charged: int = 0
+    """Fuel this decision charges its client's quota that the quota may refuse: table
+    prices and reservations of steps (not of compensations)."""
+    released: int = 0
+    """Fuel it gives back to the quota (≤ 0): holds settled for less."""
+    forced: int = 0
+    """Fuel it charges that no quota refuses (≥ 0): compensations, and what an attempt
+    consumed beyond its hold."""
 
     def retries(self, step: str) -> bool:
         """True when this decision dispatches or schedules another attempt of ``step``."""

@@ -144,6 +144,9 @@ class Settings:
     """CHASSIS_TEMPLATE_TIMEOUT: seconds a prompt template may take to render."""
     template_max_bytes: int = 1_048_576
     """CHASSIS_TEMPLATE_MAX_BYTES: largest rendered prompt, in bytes."""
+    fuel_prices: str | None = None
+    """CHASSIS_FUEL_PRICES: a JSON or YAML file of token prices overriding the default
+    table (see ``chassis fuel prices``); checked when the settings are read."""
 
     @property
     def broker_dir(self) -> Path:
@@ -230,6 +233,16 @@ def _client_id(env: Mapping[str, str]) -> str:
         raise ConfigError(str(exc)) from None
 
 
+def _fuel_prices(env: Mapping[str, str]) -> str | None:
+    """CHASSIS_FUEL_PRICES, once the file it names is known to be a good price table."""
+    raw = (env.get("CHASSIS_FUEL_PRICES") or "").strip() or None
+    if raw is not None:
+        from chassis.pricing import load_prices
+
+        load_prices(raw)  # ConfigError saying what is wrong
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = os.environ if env is None else env
@@ -308,4 +321,5 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         template_timeout=_number(env, "CHASSIS_TEMPLATE_TIMEOUT", 2.0, least=0.01),
         template_max_bytes=int(_number(env, "CHASSIS_TEMPLATE_MAX_BYTES", 1_048_576,
                                        least=1024, most=256 * 1_048_576, integer=True)),
+        fuel_prices=_fuel_prices(env),
     )

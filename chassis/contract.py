@@ -26,7 +26,7 @@ from chassis.celery_conf import (
     START_TASK,
     STATUS_TASK,
 )
-from chassis.limits import NAME_MAX
+from chassis.limits import INT32_MAX, NAME_MAX
 
 VERSION = 1
 
@@ -78,7 +78,10 @@ TASKS: dict[str, dict[str, Any]] = {
         "summary": "Approve or reject a workflow PAUSED_FOR_HUMAN_INPUT; feedback is "
                    "kept as human_feedback.",
         "args": _args(_UUID, {"type": "boolean", "description": "approved"},
-                      {"description": "feedback (any JSON, or null)"}, _CLIENT, required=4),
+                      {"description": "feedback (any JSON, or null)"}, _CLIENT,
+                      {"type": "integer", "minimum": 0, "maximum": INT32_MAX,
+                       "description": "add_fuel: fuel added to the budget first"},
+                      required=4),
         "returns": _OUTCOME,
     },
     CANCEL_TASK: {

@@ -22,7 +22,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chassis import fuel
+from chassis import fuel, pricing
+from chassis.ai.provider import DEFAULT_MAX_TOKENS
 from chassis.commands import (
     Command,
     Debit,
@@ -39,6 +40,7 @@ from chassis.commands import (
 )
 from chassis.errors import InvalidTransition, WorkflowNotFound
 from chassis.events import (
+    AddFuel,
     Cancel,
     Event,
     ResponseReceived,
@@ -51,7 +53,7 @@ from chassis.events import (
     StepSucceeded,
     SubtasksSucceeded,
 )
-from chassis.limits import EVENT_FIELD_MAX, MESSAGE_MAX
+from chassis.limits import EVENT_FIELD_MAX, INT32_MAX, MESSAGE_MAX
 from chassis.plan import COMPLETE, FAN_OUT, PAUSE, Plan, Step
 from chassis.state import (
     Status,
@@ -63,6 +65,8 @@ from chassis.state import (
 )
 
 NOTIFICATION_TOPIC = "system.notifications.ui"
+#: The notification of a workflow paused because its fuel (or its client's quota) ran out.
+PAUSED_FOR_BUDGET = "WORKFLOW_PAUSED_FOR_BUDGET"
 RESUME_TOPIC = "system.commands.workflow.resume"
 CANCEL_TOPIC = "system.commands.workflow.cancel"
 REJECTED_ERROR = "Workflow rejected by user"
@@ -71,6 +75,11 @@ REJECTED_ERROR = "Workflow rejected by user"
 #: a countdown message unacknowledged, so long ones would outlive Redis' visibility
 #: timeout (and RabbitMQ's consumer timeout) and be delivered twice.
 COUNTDOWN_LIMIT = 10.0
+#: The error type of an attempt that did not run and asks to be sent again later
+#: (:class:`chassis.errors.AttemptDeferred`): it spends none of its step's attempts.
+DEFERRED = "AttemptDeferred"
+#: The usage of an attempt that called no model.
+NOTHING: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0}
 
 # --------------------------------------------------------------------------- decide
 
@@ -111,7 +120,10 @@ def decide(state: WorkflowState, plan: Plan, event: Event,
     then = _decide(first.state, plan, event)
     if not first.changed:
         return then
-    return Decision(then.state, first.commands + then.commands)
+    return Decision(then.state, first.commands + then.commands,
+                    charged=first.charged + then.charged,
+                    released=first.released + then.released,
+                    forced=first.forced + then.forced)
 
 
 def open_fan_out(state: WorkflowState, plan: Plan) -> str | None:
@@ -126,7 +138,7 @@ def open_fan_out(state: WorkflowState, plan: Plan) -> str | None:
 
 def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     handler = _HANDLERS[type(event)]
-    if state.status.finished and not isinstance(event, Retry):
+    if state.status.finished and not isinstance(event, Retry | AddFuel):
         return Decision(state, changed=False)
     new = copy.copy(state)
     new.awaited_steps = list(state.awaited_steps)
@@ -134,6 +146,7 @@ def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     new.attempts = state.attempts.copy()
     new.completed = list(state.completed)
     new.undo = [list(b) for b in state.undo]
+    new.holds = dict(state.holds)
     d = Decision(new)
     answer = handler(d, plan, event)
     if answer is not None:  # nothing to do: the state as it was
@@ -173,6 +186,16 @@ def _check_allowed(s: WorkflowState, event: Event) -> None:
         raise InvalidTransition(
             f"workflow {cid} is {s.status}; only a FAILED workflow can be retried",
             correlation_id=cid)
+    if isinstance(event, AddFuel) and s.status.finished and s.status is not Status.FAILED:
+        raise InvalidTransition(
+            f"workflow {cid} is already {s.status}; fuel can be added to a workflow that "
+            "has not finished, or to a FAILED one (to retry it)", correlation_id=cid)
+    added = (event.add_fuel if isinstance(event, Resume)
+             else event.amount if isinstance(event, AddFuel) else 0)
+    if added and s.fuel_budget + added > INT32_MAX:
+        raise InvalidTransition(
+            f"workflow {cid}: a budget of {s.fuel_budget} + {added} would exceed "
+            f"{INT32_MAX}, the most a budget can be", correlation_id=cid)
 
 
 def _unchanged(d: Decision) -> Decision:
@@ -208,7 +231,8 @@ def _on_succeeded(d: Decision, plan: Plan, event: StepSucceeded) -> Decision | N
 def _on_failed(d: Decision, plan: Plan, event: StepFailed) -> Decision | None:
     if not _take(d.state, event.step, event.attempt):
         return _unchanged(d)
-    _attempt_failed(d, plan, event.step, event.attempt, event.error, event.error_types)
+    _attempt_failed(d, plan, event.step, event.attempt, event.error, event.error_types,
+                    event.usage, event.retry_after)
     return None
 
 
@@ -245,6 +269,17 @@ def _on_response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision |
 
 def _on_resume(d: Decision, plan: Plan, event: Resume) -> Decision | None:
     s = d.state
+    s.fuel_budget += event.add_fuel
+    if s.budget_wait is not None:  # paused for fuel: the same step, once more
+        wait, s.budget_wait = s.budget_wait, None
+        if not event.approved:
+            _fail(d, plan, str(wait.get("error") or REJECTED_ERROR), step=wait.get("step"))
+            return None
+        if event.feedback is not None:
+            s.collected_data["human_feedback"] = event.feedback
+        s.status = Status.RUNNING
+        _again(d, plan, wait)
+        return None
     pause = None
     for rid in s.awaited_steps:  # the pause step waits for this answer
         found = _awaited_attempt(s, plan, rid)
@@ -335,6 +370,11 @@ def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
     return None
 
 
+def _on_add_fuel(d: Decision, plan: Plan, event: AddFuel) -> Decision | None:
+    d.state.fuel_budget += event.amount
+    return None
+
+
 def _on_stalled(d: Decision, plan: Plan, event: Stalled) -> Decision | None:
     s = d.state
     if s.status is not Status.RUNNING or s.awaited_steps or s.current_step != event.step:
@@ -347,6 +387,7 @@ _HANDLERS: dict[type, Handler] = {
     Start: _on_start, StepSucceeded: _on_succeeded, StepFailed: _on_failed,
     SubtasksSucceeded: _on_subtasks, ResponseReceived: _on_response, Resume: _on_resume,
     RetryDue: _on_retry_due, Cancel: _on_cancel, Retry: _on_retry, Stalled: _on_stalled,
+    AddFuel: _on_add_fuel,
 }
 
 # ------------------------------------------------------------------------- helpers
@@ -395,10 +436,11 @@ def _record_output(d: Decision, plan: Plan, name: str, attempt: int, output: Any
     s.collected_data[name] = output
     if plan.compensation(name) is not None and name not in s.completed:
         s.completed.append(name)  # to be undone, should the workflow fail
-    if isinstance(output, dict) and "usage" in output:
-        # token usage is kept with the attempt's debit, to price by tokens later
-        d.commands.append(Usage(fuel.ledger_key(s.correlation_id, name, attempt),
-                                output["usage"]))
+    usage = output.get("usage") if isinstance(output, dict) else None
+    if not _settle(d, name, attempt, usage if isinstance(usage, dict) else None) \
+            and usage is not None:
+        # not priced by tokens: the usage is kept with the attempt's debit
+        d.commands.append(Usage(fuel.ledger_key(s.correlation_id, name, attempt), usage))
 
 
 def _step_done(d: Decision, plan: Plan, name: str) -> None:
@@ -435,19 +477,33 @@ def _attempt_of(s: WorkflowState, name: str) -> int:
 
 
 def _attempt_failed(d: Decision, plan: Plan, name: str, attempt: int, error: str,
-                    error_types: tuple[str, ...]) -> None:
-    """An attempt failed (its request is no longer awaited): retry it, or fail."""
+                    error_types: tuple[str, ...], usage: dict[str, Any] | None = None,
+                    retry_after: float | None = None) -> None:
+    """An attempt failed (its request is no longer awaited): retry it, or fail. One
+    that was deferred (it did not run: the provider's circuit breaker is open) is sent
+    again after ``retry_after`` seconds without spending an attempt."""
     s = d.state
     d.commands.append(FinishStep(name, StepStatus.FAILED, error=error, attempt=attempt,
                                  error_type=error_types[0] if error_types else None))
+    _settle(d, name, attempt, usage)
     policy = plan.policy(name)
     progress = s.attempts.setdefault(name, [attempt, 0, 0])
+    undone = compensated_step(name)
+    if DEFERRED in error_types:
+        progress[1] += 1  # not one of the step's attempts
+        action, topic, params = plan.work(name)
+        if _charge(d, plan, name, action, _need(plan, name, action, s),
+                   force=undone is not None):
+            owned = plan.subtask(name)
+            _dispatch(d, plan, name, action, topic, params, attempt + 1,
+                      owned[0] if owned else None, max(0.0, retry_after or 0.0))
+        return
     used = attempt - progress[1]
     retryable = policy.retryable(error_types)
-    undone = compensated_step(name)
     if retryable and used < policy.max_attempts:
         action, topic, params = plan.work(name)
-        if _charge(d, plan, name, action, fuel.cost(action), force=undone is not None):
+        if _charge(d, plan, name, action, _need(plan, name, action, s),
+                   force=undone is not None):
             owned = plan.subtask(name)
             delay = policy.delay(used, seed=f"{s.correlation_id}/{name}/{attempt}")
             _dispatch(d, plan, name, action, topic, params, attempt + 1,
@@ -495,24 +551,143 @@ def _go_on_failure(d: Decision, plan: Plan, handler: str, error: dict[str, Any])
 
 def _charge(d: Decision, plan: Plan, name: str, action: str, amount: int,
             force: bool = False) -> bool:
-    """Count ``amount`` as spent before an attempt is dispatched; False (and the workflow
-    FAILED with the original's message) when too little fuel is left. ``force``: a
-    compensation, priced but never refused (undo must happen)."""
+    """Check that ``amount`` (an attempt's price, or its reservation) can be charged
+    before the attempt is dispatched (:func:`_debit` charges it); False when the
+    workflow's fuel or its client's quota is short: the workflow then fails with the
+    original's message (or the quota's), or pauses (``on_budget_exhausted: pause``).
+    ``force``: a compensation, priced but never refused (undo must happen)."""
     s = d.state
-    if s.fuel_remaining < amount and not force:
-        _fail(d, plan, f"insufficient fuel for action '{action}': "
-                       f"have {s.fuel_remaining}, need {amount}", step=name)
+    if force:
+        return True
+    if s.fuel_remaining < amount:
+        _out_of_fuel(d, plan, name, action, amount, s.fuel_remaining, "budget",
+                     f"insufficient fuel for action '{action}': "
+                     f"have {s.fuel_remaining}, need {amount}")
         return False
-    s.fuel_spent += amount
+    q = s.quota
+    if q is not None and amount > 0:
+        left = q.left - d.charged - d.released
+        if amount > left:
+            _out_of_fuel(d, plan, name, action, amount, max(0, left), "quota",
+                         f"quota exceeded for client '{q.client_id}': action '{action}' "
+                         f"needs {amount}, {max(0, left)} left of {q.fuel} per {q.per}")
+            return False
     return True
 
 
-def _debit(d: Decision, name: str, action: str, attempt: int) -> None:
-    """The ledger row of one attempt's price (counted as spent by :func:`_charge`)."""
-    amount = fuel.cost(action)
-    if amount:
-        d.commands.append(Debit(name, action, amount,
-                                fuel.ledger_key(d.state.correlation_id, name, attempt)))
+def _out_of_fuel(d: Decision, plan: Plan, name: str, action: str, need: int,
+                 available: int, reason: str, error: str) -> None:
+    """Fail with ``error``, or pause for fuel when the plan says so (a step, or a
+    fan-out as a whole; a sub-task's retry in a fan-out under way fails)."""
+    s = d.state
+    if (plan.on_budget_exhausted != "pause" or plan.subtask(name) is not None
+            or s.status is Status.COMPENSATING):
+        _fail(d, plan, error, step=name)
+        return
+    s.status = Status.PAUSED_FOR_HUMAN_INPUT
+    s.awaited_steps = []
+    s.current_step = name
+    s.budget_wait = {"step": name, "action": action, "error": error, "needed": need,
+                     "available": available, "reason": reason}
+    what = (f"add fuel (chassis fuel add {s.correlation_id} N) and approve"
+            if reason == "budget" else "raise the client's quota and approve")
+    payload = {"event_type": PAUSED_FOR_BUDGET, "correlation_id": s.correlation_id,
+               "project_id": s.project_id, "client_id": s.client_id,
+               "message": f"Step '{name}' needs {need} fuel, {available} available: "
+                          f"{what}, or reject to fail with: {error}",
+               "step": name, "action": action, "reason": reason, "needed": need,
+               "available": available, "error": error,
+               "fuel": {"budget": s.fuel_budget, "spent": s.fuel_spent,
+                        "reserved": s.fuel_reserved}}
+    d.commands.append(Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload,
+                           f"{s.correlation_id}:{PAUSED_FOR_BUDGET}:{s.version}"))
+
+
+def _again(d: Decision, plan: Plan, wait: dict[str, Any]) -> None:
+    """Approved after a pause for fuel: the step that waited is priced again."""
+    step = wait.get("step")
+    if isinstance(step, str) and step in plan.steps:
+        d.state.current_step = step
+    _advance(d, plan)
+
+
+def _need(plan: Plan, name: str, action: str, s: WorkflowState) -> int:
+    """What an attempt of ``action`` for ``name`` is charged at dispatch: its price
+    from the table, or for an AI action its reservation (worst case)."""
+    priced = _ai_price(plan, name, action, s)
+    return fuel.cost(action) if priced is None else priced[2]
+
+
+def _ai_price(plan: Plan, name: str, action: str,
+              s: WorkflowState) -> tuple[str, pricing.ModelPrice, int] | None:
+    """(model, price, reservation) of an AI action's attempt run by a worker; None for
+    other actions, and for an external agent's (priced by the table, as the original
+    platform did: its model and tokens are the agent's)."""
+    if action not in pricing.AI_ACTIONS:
+        return None
+    _, topic, params = plan.work(name)
+    if topic:
+        return None
+    model, price = pricing.resolve(action, params)
+    max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        max_tokens = DEFAULT_MAX_TOKENS  # (the attempt fails on it, having called nothing)
+    texts = [t for t in (params.get("prompt"), params.get("system")) if isinstance(t, str)]
+    estimate = pricing.input_estimate(texts, s.step_data(name))
+    return model, price, price.worst_case(max_tokens, estimate)
+
+
+def _debit(d: Decision, plan: Plan, name: str, action: str, attempt: int) -> None:
+    """Charge one attempt (checked by :func:`_charge`): its table price as spent, with
+    a debit row; or, for an AI action, hold its reservation, with a reserve row (settled
+    when the attempt ends)."""
+    s = d.state
+    key = fuel.ledger_key(s.correlation_id, name, attempt)
+    forced = compensated_step(name) is not None
+    priced = _ai_price(plan, name, action, s)
+    if priced is None:
+        amount = fuel.cost(action)
+        s.fuel_spent += amount
+        if amount:
+            d.commands.append(Debit(name, action, amount, key))
+    else:
+        model, price, amount = priced
+        s.holds[f"{name}#{attempt}"] = {
+            "amount": amount, "action": action, "model": model,
+            "price": [price.input, price.output, price.cache_write, price.cache_read,
+                      price.floor]}
+        d.commands.append(Debit(name, action, 0, key, kind="reserve", held=amount,
+                                model=model))
+    if forced:
+        d.forced += amount
+    else:
+        d.charged += amount
+
+
+def _settle(d: Decision, name: str, attempt: int, usage: dict[str, Any] | None) -> bool:
+    """An AI attempt ended: charge what it consumed (``usage``; None: unknown, the
+    floor) at the price it was reserved at, and release the rest of its hold. False
+    when it held nothing (not an AI attempt, or settled already)."""
+    s = d.state
+    hold = s.holds.pop(f"{name}#{attempt}", None)
+    if hold is None:
+        return False
+    price = pricing.ModelPrice(*(int(p) for p in hold["price"]))
+    held = int(hold["amount"])
+    amount = price.of(usage)
+    taken = min(amount, held)
+    s.fuel_spent += amount
+    key = fuel.ledger_key(s.correlation_id, name, attempt)
+    action, model = str(hold.get("action") or ""), hold.get("model")
+    d.commands.append(Debit(name, action, amount, key + ":settle", kind="settle",
+                            held=-taken, model=model, usage=usage))
+    if held > taken:
+        d.commands.append(Debit(name, action, 0, key + ":release", kind="release",
+                                held=taken - held, model=model))
+        d.released += amount - held
+    else:
+        d.forced += amount - held
+    return True
 
 
 def _is_task(plan: Plan, name: str) -> bool:
@@ -532,6 +707,11 @@ def _abandon(d: Decision, plan: Plan, why: str) -> list[str]:
             continue
         name, attempt = found
         d.commands.append(FinishStep(name, StepStatus.CANCELLED, error=why, attempt=attempt))
+        progress = s.attempts.get(name)
+        # a retry still waiting for its time was never sent: it consumed nothing; any
+        # other may have called its model (unknown: settled at the floor)
+        _settle(d, name, attempt, NOTHING if progress is not None and _scheduled(progress)
+                and progress[0] == attempt else None)
         if _is_task(plan, name):
             tasks.append(rid)
     s.awaited_steps = []
@@ -626,7 +806,7 @@ def _next_batch(d: Decision, plan: Plan) -> None:
         name = compensation_of(undone)
         action, topic, params = plan.work(name)
         attempt = _attempt_of(s, name) + 1 if name in s.attempts else 1
-        _charge(d, plan, name, action, fuel.cost(action), force=True)
+        _charge(d, plan, name, action, _need(plan, name, action, s), force=True)
         _dispatch(d, plan, name, action, topic, params, attempt, None, 0.0, celery)
     if len(celery) > 1:
         owned = plan.subtask(s.undo[0][0])
@@ -723,15 +903,15 @@ def _advance(d: Decision, plan: Plan) -> None:
         _fan_out(d, plan, name, step)
         return
     attempt = _attempt_of(s, name) + 1 if name in s.attempts else 1
-    if not _charge(d, plan, name, step.action, fuel.cost(step.action)):
+    if not _charge(d, plan, name, step.action, _need(plan, name, step.action, s)):
         return
     if step.action == COMPLETE:
-        _debit(d, name, step.action, attempt)
+        _debit(d, plan, name, step.action, attempt)
         _set_attempt(s, name, attempt)
         d.commands.append(RecordStep(name, COMPLETE, StepStatus.COMPLETED, attempt))
         _complete(d)
     elif step.action == PAUSE:
-        _debit(d, name, step.action, attempt)
+        _debit(d, plan, name, step.action, attempt)
         _pause(d, name, step, attempt)
     else:
         _dispatch(d, plan, name, step.action, step.topic, step.params, attempt, None, 0.0)
@@ -744,11 +924,12 @@ def _set_attempt(s: WorkflowState, name: str, attempt: int, scheduled: bool = Fa
 
 def _dispatch(d: Decision, plan: Plan, name: str, action: str, topic: str | None,
               params: dict[str, Any], attempt: int, parent: str | None, delay: float,
-              group: list[RunStep] | None = None) -> None:
+              group: list[RunStep] | None = None, debit: bool = True) -> None:
     """Debit, then send (or schedule) attempt ``attempt`` of a step or sub-task, whose
     price :func:`_charge` has counted. A Celery sub-task sent at once joins ``group``."""
     s = d.state
-    _debit(d, name, action, attempt)
+    if debit:
+        _debit(d, plan, name, action, attempt)
     rid = s.rid(name, attempt)
     timeout = plan.timeout(name)
     later = delay > COUNTDOWN_LIMIT or (topic is not None and delay > 0)
@@ -818,22 +999,25 @@ def _fan_out(d: Decision, plan: Plan, name: str, step: Step) -> None:
             if not _fits(d, plan, _request(s, st.step_name, st.resolved_action, st.topic, n,
                                            st.params)):
                 return
-    need = sum(fuel.cost(st.resolved_action) for st in todo) + (0 if again
-                                                                 else fuel.cost(FAN_OUT))
+    need = sum(_need(plan, st.step_name, st.resolved_action, s) for st in todo) + (
+        0 if again else fuel.cost(FAN_OUT))
     if not _charge(d, plan, name, FAN_OUT, need):
         return
     attempt = _attempt_of(s, name) + 1 if again else 1
     if not again:
-        _debit(d, name, FAN_OUT, 1)
+        _debit(d, plan, name, FAN_OUT, 1)
     _set_attempt(s, name, attempt)
     tasks = sum(_is_task(plan, st.step_name) for st in todo)
     d.commands.append(RecordStep(name, FAN_OUT, StepStatus.AWAITING, attempt,
                                  pending=tasks or None))  # None: no Celery sub-task counts down
     celery: list[RunStep] = []
-    for st in todo:
-        n = _attempt_of(s, st.step_name) + 1 if st.step_name in s.attempts else 1
+    numbers = [_attempt_of(s, st.step_name) + 1 if st.step_name in s.attempts else 1
+               for st in todo]
+    for st, n in zip(todo, numbers, strict=True):  # all charged before any is sent
+        _debit(d, plan, st.step_name, st.resolved_action, n)
+    for st, n in zip(todo, numbers, strict=True):
         _dispatch(d, plan, st.step_name, st.resolved_action, st.topic, st.params, n, name,
-                  0.0, celery)
+                  0.0, celery, debit=False)
     if celery:
         d.commands.append(RunFanOut(name, tuple(celery)))
     s.status = Status.AWAITING_RESPONSES
@@ -855,7 +1039,8 @@ def _request(s: WorkflowState, step: str, action: str, topic: str, attempt: int,
 
 
 __all__ = [
-    "CANCEL_TOPIC", "COUNTDOWN_LIMIT", "NOTIFICATION_TOPIC", "REJECTED_ERROR", "RESUME_TOPIC",
+    "CANCEL_TOPIC", "COUNTDOWN_LIMIT", "NOTIFICATION_TOPIC", "PAUSED_FOR_BUDGET",
+    "REJECTED_ERROR", "RESUME_TOPIC", "AddFuel",
     "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "RecordStep",
     "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
     "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",

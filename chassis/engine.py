@@ -75,7 +75,10 @@ def run_action(payload: dict[str, Any], data: dict[str, Any],
         message = str(exc) or type(exc).__name__
         log.warning("step %s attempt %d failed: %s", step, attempt, message,
                     extra={"correlation_id": payload["cid"], "step": step})
-        return co.StepFailed(step, message, attempt, error_types(exc))
+        usage = getattr(exc, "usage", None)
+        return co.StepFailed(step, message, attempt, error_types(exc),
+                             dict(usage) if isinstance(usage, dict) else None,
+                             getattr(exc, "retry_after", None))
 
 
 @dataclass
@@ -257,11 +260,11 @@ class Engine:
             {n: a for n, (a, _) in done.items()}))
 
     def resume(self, cid: str, approved: bool, feedback: Any = None,
-               client_id: str | None = None) -> co.Decision:
+               client_id: str | None = None, add_fuel: int = 0) -> co.Decision:
         """``client_id`` approves (feedback kept as human_feedback) or rejects a paused
-        workflow. Raises WorkflowNotFound (another client's too) or InvalidTransition,
-        having changed nothing."""
-        return self.apply(cid, co.Resume(approved, feedback, client_id))
+        workflow, adding ``add_fuel`` to its budget first. Raises WorkflowNotFound
+        (another client's too) or InvalidTransition, having changed nothing."""
+        return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel))
 
     def cancel(self, cid: str, reason: str | None = None, client_id: str | None = None,
                compensate: bool = False) -> co.Decision:

@@ -120,7 +120,24 @@ def _rebuild_attempt_failed(message: str, correlation_id: str, step: str, attemp
 
 
 class ActionError(ChassisError):
-    """An action failed; the workflow fails with this message."""
+    """An action failed; the workflow fails with this message.
+
+    ``usage``: what the attempt consumed of a model, when it knows (``input_tokens``,
+    ``output_tokens``, ...; zero tokens when no model answered): its fuel is settled
+    from it. None: unknown (an AI attempt is then settled at its floor)."""
+
+    usage: dict[str, int] | None = None
+
+
+class AttemptDeferred(ActionError):
+    """The attempt did not run and asks to be tried again in ``retry_after`` seconds,
+    without spending one of its step's attempts (an open circuit breaker: the provider
+    is known to be down). It consumed nothing."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, float(retry_after))
+        self.usage = {"input_tokens": 0, "output_tokens": 0}
 
 
 class UnknownAction(ChassisError):

@@ -36,6 +36,12 @@ class StepFailed:
     error: str
     attempt: int = 1
     error_types: tuple[str, ...] = ()
+    usage: dict[str, Any] | None = None
+    """What the attempt consumed of a model, if it knows (an AI attempt is settled
+    from it; None: unknown)."""
+    retry_after: float | None = None
+    """For a deferred attempt (error type AttemptDeferred): seconds until it is sent
+    again."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,17 @@ class Resume:
 
     approved: bool
     feedback: Any = None
+    client_id: str | None = None
+    add_fuel: int = 0
+    """Fuel added to the budget first (a workflow paused for fuel goes on with it)."""
+
+
+@dataclass(frozen=True)
+class AddFuel:
+    """``client_id`` adds ``amount`` fuel to the workflow's budget (it then goes on
+    when approved, if it paused for fuel; a FAILED one can be retried)."""
+
+    amount: int
     client_id: str | None = None
 
 
@@ -110,10 +127,10 @@ class Stalled:
 
 
 Event = (Start | StepSucceeded | StepFailed | SubtasksSucceeded | ResponseReceived
-         | Resume | RetryDue | Cancel | Retry | Stalled)
+         | Resume | RetryDue | Cancel | Retry | Stalled | AddFuel)
 
 
 __all__ = [
     "Start", "StepSucceeded", "StepFailed", "SubtasksSucceeded", "ResponseReceived", "Resume",
-    "RetryDue", "Cancel", "Retry", "Stalled", "Event",
+    "RetryDue", "Cancel", "Retry", "Stalled", "AddFuel", "Event",
 ]

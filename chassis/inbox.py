@@ -20,7 +20,7 @@ from typing import Any
 from chassis import coordinator as co
 from chassis.engine import Engine
 from chassis.errors import InputError, InvalidTransition, WorkflowNotFound
-from chassis.limits import check_json, check_name, check_text
+from chassis.limits import check_count, check_json, check_name, check_text
 from chassis.policy import ERROR_NAME, ERROR_NAME_MAX
 from chassis.state import json_copy
 from chassis.status import status_dict
@@ -62,13 +62,14 @@ def status(engine: Engine, correlation_id: Any, client_id: Any = None) -> dict[s
 
 
 def resume(engine: Engine, correlation_id: Any, approved: Any, feedback: Any = None,
-           client_id: Any = None) -> dict[str, Any]:
+           client_id: Any = None, add_fuel: Any = 0) -> dict[str, Any]:
     cid, actor = _cid(correlation_id), _client(client_id)
     if not isinstance(approved, bool):
         raise InputError("approved must be true or false")
     feedback = check_json(feedback, "feedback", engine.settings.limits)
+    added = 0 if add_fuel in (0, None) else check_count(add_fuel, "add_fuel")
     try:
-        return _done(engine.resume(cid, approved, feedback, actor))
+        return _done(engine.resume(cid, approved, feedback, actor, added))
     except InvalidTransition as exc:
         return _ignored(engine, "resume", cid, exc)
 

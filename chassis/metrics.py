@@ -158,7 +158,6 @@ class DatabaseCollector(Collector):
                       f"(the rest: other).", "client_id",
                       reserved_by_client(conn, TOP_CLIENTS))
 
-
         backlog = conn.execute(sa.select(sa.func.count()).select_from(outbox)
                                .where(outbox.c.published_at.is_(None),
                                       outbox.c.failed_at.is_(None))).scalar_one()

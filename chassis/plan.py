@@ -143,6 +143,8 @@ class Plan:
     name: str | None = None
     description: str | None = None
     defaults: Defaults = field(default_factory=Defaults)
+    on_budget_exhausted: str = "fail"
+    """``fail`` or ``pause``: what a workflow does when its fuel runs out."""
 
     @cached_property
     def _owners(self) -> dict[str, tuple[str, SubTask]]:
@@ -245,7 +247,12 @@ PLAN_FIELDS: Mapping[str, str] = {
     "start_step": "Name of the step the workflow starts with.",
     "steps": "The steps, by step name. A step's output is stored under its name.",
     "defaults": "Settings for every step that sets nothing: retry, timeout.",
+    "on_budget_exhausted": "What happens when a step's fuel (or its client's quota) runs "
+                           "out: fail (the default) or pause (for fuel to be added and "
+                           "an approval).",
 }
+#: Values of a plan's ``on_budget_exhausted``.
+BUDGET_CHOICES = ("fail", "pause")
 DEFAULTS_FIELDS: Mapping[str, str] = {
     "retry": "Retry policy of every step (a step's own retry is merged over it).",
     "timeout": "Seconds one attempt of a step may run (or an agent take to answer).",
@@ -551,6 +558,10 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
     name = r.name("name", data.get("name"))
     description = r.text("description", data.get("description"), "") or None
     defaults = r.defaults("defaults", data.get("defaults"))
+    exhausted = data.get("on_budget_exhausted")
+    if exhausted is not None and exhausted not in BUDGET_CHOICES:
+        r.problem("on_budget_exhausted", f"must be fail or pause, got {exhausted!r}"[:300])
+        exhausted = None
     start = data.get("start_step")
     if start is None or start == "":
         r.problem("plan", "missing required field 'start_step'")
@@ -587,7 +598,8 @@ def parse_plan_partial(data: object) -> tuple[Plan | None, list[str]]:
                 steps[key] = step
     if not complete:
         return None, r.problems
-    return Plan(start_step, steps, name, description, defaults), r.problems
+    return Plan(start_step, steps, name, description, defaults,
+                exhausted or "fail"), r.problems
 
 
 def parse_plan(data: object, limits: Limits | None = None) -> Plan:
@@ -805,6 +817,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     _failure_fields(defaults, plan.defaults.retry, plan.defaults.timeout)
     if defaults:
         out["defaults"] = defaults
+    if plan.on_budget_exhausted != "fail":
+        out["on_budget_exhausted"] = plan.on_budget_exhausted
     out["start_step"] = plan.start_step
     out["steps"] = {name: _step_to_dict(step) for name, step in plan.steps.items()}
     return out
@@ -896,6 +910,7 @@ def json_schema() -> dict[str, Any]:
                 "type": "object", "additionalProperties": False,
                 "properties": props(DEFAULTS_FIELDS, {"retry": retry_ref,
                                                       "timeout": seconds})}]},
+            "on_budget_exhausted": {"enum": [*BUDGET_CHOICES, None]},
         }),
         "$defs": {"step": step, "sub_task": sub_task, "retry": retry,
                   "compensate": compensate},

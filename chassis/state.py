@@ -318,6 +318,17 @@ def request_id_for(correlation_id: str, step: str, attempt: int = 1,
     return str(uuid.uuid5(_REQUEST_NS, key))
 
 
+@dataclass(frozen=True)
+class Quota:
+    """A client's quota as read in a transition: ``fuel`` per ``per`` (day, month,
+    total), of which ``left`` is left in the current window."""
+
+    client_id: str
+    per: str
+    fuel: int
+    left: int
+
+
 @dataclass
 class WorkflowState:
     """One workflow instance. ``collected_data`` holds step outputs by step name and,
@@ -360,8 +371,18 @@ class WorkflowState:
     undo_failed: str | None = None
     """A compensation of the batch under way ran out of attempts: the workflow FAILS
     with this once the rest of the batch has settled."""
+    holds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Fuel held for AI attempts under way, by ``step#attempt``: ``{amount, action,
+    model, price}`` (the price per token it was reserved at, settled at the same)."""
+    budget_wait: dict[str, Any] | None = None
+    """Paused because fuel (or the client's quota) ran out: ``{step, action, error,
+    needed, available, reason}``; an approval tries the step again, a rejection fails
+    the workflow with ``error``."""
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    quota: Quota | None = field(default=None, compare=False, repr=False)
+    """Not stored: the client's quota as the store read it for this transition (None:
+    not read; the store then checks the charges and reads it if they exceed it)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.collected_data, Outputs):
@@ -370,8 +391,14 @@ class WorkflowState:
             self.attempts = Progress(self.attempts)
 
     @property
+    def fuel_reserved(self) -> int:
+        """Fuel held for AI attempts under way."""
+        return sum(int(h["amount"]) for h in self.holds.values())
+
+    @property
     def fuel_remaining(self) -> int:
-        return self.fuel_budget - self.fuel_spent
+        """Fuel available: budget - spent - reserved."""
+        return self.fuel_budget - self.fuel_spent - self.fuel_reserved
 
     def rid(self, step: str, attempt: int = 1) -> str:
         """The request id of attempt ``attempt`` of ``step`` (see :func:`request_id_for`)."""
@@ -391,10 +418,17 @@ class WorkflowState:
 
     def saga(self) -> dict[str, Any] | None:
         """The saga's progress as stored (None when there is none)."""
-        if not (self.completed or self.undo or self.cause or self.then):
+        if not (self.completed or self.undo or self.cause or self.then or self.holds
+                or self.budget_wait):
             return None
-        return {"completed": self.completed, "undo": self.undo, "cause": self.cause,
-                "then": self.then, "undo_failed": self.undo_failed}
+        out: dict[str, Any] = {"completed": self.completed, "undo": self.undo,
+                               "cause": self.cause, "then": self.then,
+                               "undo_failed": self.undo_failed}
+        if self.holds:
+            out["holds"] = self.holds
+        if self.budget_wait:
+            out["budget_wait"] = self.budget_wait
+        return out
 
     def load_saga(self, saga: Any) -> None:
         """Read back :meth:`saga`."""
@@ -404,3 +438,5 @@ class WorkflowState:
             self.cause = saga.get("cause")
             self.then = saga.get("then")
             self.undo_failed = saga.get("undo_failed")
+            self.holds = dict(saga.get("holds") or {})
+            self.budget_wait = saga.get("budget_wait")

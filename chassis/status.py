@@ -50,6 +50,11 @@ def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
     if s.status.finished:
         return None
     open_ = [d for d in steps if d["status"] not in ("COMPLETED", "FAILED", "CANCELLED")]
+    if s.status is Status.PAUSED_FOR_HUMAN_INPUT and s.budget_wait:
+        w = s.budget_wait
+        more = "fuel" if w.get("reason") == "budget" else "the client's quota"
+        return (f"more {more} and an approval at step '{s.current_step}' (needs "
+                f"{w.get('needed')}, {w.get('available')} available)")
     if s.status is Status.PAUSED_FOR_HUMAN_INPUT:
         return f"a human's approval at step '{s.current_step}'"
     subs = [d for d in open_ if d["parent_step"]]
@@ -93,7 +98,8 @@ def status_dict(s: WorkflowState, steps: list[dict[str, Any]] | None,
         "input": s.initial_request_data,
         "final_result": s.final_result, "error": s.error,
         "fuel": {"budget": s.fuel_budget, "spent": s.fuel_spent,
-                 "remaining": s.fuel_remaining},
+                 "reserved": s.fuel_reserved, "remaining": s.fuel_remaining},
+        "paused_for_fuel": s.budget_wait,
         "steps": step_docs,
         "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at),
         "version": s.version,

@@ -126,12 +126,19 @@ class ClaudeProvider:
         """Send one Messages request (retried as the module says); the answer's text."""
         message = self._create_with_retries(request)
         text = "".join(block.text for block in message.content if block.type == "text")
+        u = message.usage
+        cache_write = getattr(u, "cache_creation_input_tokens", None) or 0
+        cache_read = getattr(u, "cache_read_input_tokens", None) or 0
         if not text.strip():
+            used = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                    "cache_creation_input_tokens": cache_write,
+                    "cache_read_input_tokens": cache_read}
             raise EmptyAnswer(f"Claude ({message.model}) answered with no text "
-                              f"(stop_reason: {message.stop_reason})")
+                              f"(stop_reason: {message.stop_reason})", usage=used)
         return TextResult(text=text, model=message.model, stop_reason=message.stop_reason,
-                          input_tokens=message.usage.input_tokens,
-                          output_tokens=message.usage.output_tokens, provider=self.name)
+                          input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                          provider=self.name, cache_write_tokens=cache_write,
+                          cache_read_tokens=cache_read)
 
     def generate_embedding(self, text: str) -> list[float]:
         """Anthropic has no embeddings endpoint."""

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 from chassis.errors import ActionError
 
+#: The usage of an attempt that no model answered (billed nothing).
+NO_TOKENS = {"input_tokens": 0, "output_tokens": 0}
+
 
 class AIError(ActionError):
     """Root of the AI actions' errors."""
 
 
-class AIParamsError(AIError):
+class NothingConsumed(AIError):
+    """An AI error raised before any model answered: its attempt consumed nothing."""
+
+    usage = NO_TOKENS
+
+
+class AIParamsError(NothingConsumed):
     """A step's params for an AI action are wrong (a missing prompt, a bad max_tokens)."""
 
 
-class PromptTemplateError(AIError):
+class PromptTemplateError(NothingConsumed):
     """A prompt or system template cannot be rendered. ``key`` names the missing key
     when that is the reason."""
 
@@ -23,11 +32,11 @@ class PromptTemplateError(AIError):
         self.key = key
 
 
-class MissingAPIKey(AIError):
+class MissingAPIKey(NothingConsumed):
     """The anthropic provider was chosen but ANTHROPIC_API_KEY is not set."""
 
 
-class ClaudeAPIError(AIError):
+class ClaudeAPIError(NothingConsumed):
     """The Messages API refused the request or kept failing. ``status_code`` is None when
     no HTTP answer came (a timeout or a connection error)."""
 
@@ -41,7 +50,11 @@ class ClaudeAPIError(AIError):
 
 
 class EmptyAnswer(AIError):
-    """The model answered without any text."""
+    """The model answered without any text (``usage``: what the answer consumed)."""
+
+    def __init__(self, message: str, usage: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class EmbeddingsNotSupported(AIError):

@@ -45,13 +45,19 @@ class TextResult:
     input_tokens: int
     output_tokens: int
     provider: str
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
 
     def as_output(self) -> dict[str, Any]:
-        """The step output; ``usage`` is also copied into the step's ledger entry."""
+        """The step output; its ``usage`` (cache tokens only when there are any) prices
+        the attempt and is kept with its ledger rows."""
+        usage = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cache_write_tokens:
+            usage["cache_creation_input_tokens"] = self.cache_write_tokens
+        if self.cache_read_tokens:
+            usage["cache_read_input_tokens"] = self.cache_read_tokens
         return {"text": self.text, "model": self.model, "stop_reason": self.stop_reason,
-                "usage": {"input_tokens": self.input_tokens,
-                          "output_tokens": self.output_tokens},
-                "provider": self.provider}
+                "usage": usage, "provider": self.provider}
 
 
 class TextProvider(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chassis.cli import (  # noqa: F401  (register their commands)
+    budget,
     db,
     fuel,
     kafka,

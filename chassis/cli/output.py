@@ -66,8 +66,15 @@ def print_status(doc: dict[str, Any]) -> None:
     head.add_row("current step", doc["current_step"] or "-")
     if doc.get("waiting_for"):
         head.add_row("waiting for", escape(doc["waiting_for"]))
-    head.add_row("fuel", f"{fuel['spent']} spent of {fuel['budget']} "
+    held = f", {fuel['reserved']} reserved" if fuel.get("reserved") else ""
+    head.add_row("fuel", f"{fuel['spent']} spent of {fuel['budget']}{held} "
                          f"({fuel['remaining']} remaining)")
+    wait = doc.get("paused_for_fuel")
+    if wait:
+        head.add_row("paused for fuel", escape(
+            f"step {wait['step']} needs {wait['needed']}, {wait['available']} available "
+            f"({'add fuel' if wait['reason'] == 'budget' else 'raise the quota'}, then "
+            "resume --approve)"))
     if doc["error"]:
         head.add_row("error", f"[red]{escape(doc['error'])}[/]")
     undo = doc.get("compensation") or {}

@@ -248,12 +248,15 @@ def status(correlation_id: str, client_id: str, as_json: bool) -> None:
               help="Reject: the workflow fails (its completed steps that have a compensate "
                    "are undone: COMPENSATED).")
 @click.option("--feedback", metavar="JSON|@FILE", help="Feedback, kept as human_feedback.")
+@click.option("--add-fuel", "add_fuel", metavar="N", default="0",
+              help="Add N fuel to the budget first (a workflow paused for fuel goes on "
+                   "with it).")
 @click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
 @click.option("--timeout", type=float, default=None, callback=_seconds,
               help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def resume(correlation_id: str, client_id: str, decision: str | None, feedback: str | None,
-           wait: bool, timeout: float | None, as_json: bool) -> None:
+           add_fuel: str, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Resume a workflow paused for human input (--approve or --reject).
 
     Resuming an unknown workflow, or one that is not paused, is an error that changes
@@ -266,7 +269,8 @@ def resume(correlation_id: str, client_id: str, decision: str | None, feedback: 
     def go() -> int:
         client = _client(client_id)
         with _worker_if_embedded(client, wait):
-            doc = client.resume(correlation_id, decision == "approve", fb)
+            doc = client.resume(correlation_id, decision == "approve", fb,
+                                add_fuel=0 if add_fuel.strip() == "0" else add_fuel)
             if doc.get("resume") == "already recorded" and not as_json:
                 console().print(f"{'approval' if decision == 'approve' else 'rejection'} "
                                 f"already recorded for workflow {doc['correlation_id']}")

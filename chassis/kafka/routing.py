@@ -37,7 +37,15 @@ from chassis.coordinator import CANCEL_TOPIC, RESUME_TOPIC
 from chassis.errors import InputError
 from chassis.fuel import DEFAULT_FUEL, FUEL_HEADER
 from chassis.limits import DEFAULT as DEFAULT_LIMITS
-from chassis.limits import TEXT_MAX, Limits, check_count, check_name, check_text, loads_json
+from chassis.limits import (
+    INT32_MAX,
+    TEXT_MAX,
+    Limits,
+    check_count,
+    check_name,
+    check_text,
+    loads_json,
+)
 from chassis.policy import ERROR_NAME, ERROR_NAME_MAX
 from chassis.registry import parse_ref
 
@@ -265,15 +273,21 @@ def parse_start(msg: Incoming, d: Directory) -> TaskCall:
 
 
 def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
-    """A human's decision: {approved, feedback}; only the owning client may resume."""
+    """A human's decision: {approved, feedback, add_fuel}; only the owning client may
+    resume."""
     doc = _object(msg, "the resume command")
     if not isinstance(doc.get("approved"), bool):
         raise Rejected(BAD_PAYLOAD, "the resume command needs approved: true or false")
     cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
     _owned(d, cid, client_id)
-    return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback"), client_id],
-                    correlation_id=cid)
+    add = doc.get("add_fuel", 0)
+    if add != 0 and (isinstance(add, bool) or not isinstance(add, int)
+                     or not 1 <= add <= INT32_MAX):
+        raise Rejected(BAD_PAYLOAD, f"add_fuel must be a whole number from 1 to {INT32_MAX}, "
+                                    f"got {add!r}"[:200])
+    return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback"), client_id]
+                    + ([add] if add else []), correlation_id=cid)
 
 
 def parse_cancel(msg: Incoming, d: Directory) -> TaskCall:

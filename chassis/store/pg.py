@@ -14,12 +14,14 @@ from typing import Any
 import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
+from chassis.store import quotas
 from chassis.store.rows import Row, Rows
 
 _STATE = """s AS (
   UPDATE orchestrator_state SET status = %(status)s, current_step = %(current_step)s,
     awaited_steps = %(awaited_steps)s,
     final_result = %(final_result)s, error = %(error)s, fuel_spent = %(fuel_spent)s,
+    fuel_budget = %(fuel_budget)s,
     saga = %(saga)s, version = %(version)s, updated_at = %(updated_at)s
   WHERE correlation_id = %(cid)s AND version = %(b_version)s
   RETURNING correlation_id)"""
@@ -32,11 +34,12 @@ _NEW = """s AS (
 
 _PARTS: dict[str, str] = {
     "ledger": """INSERT INTO fuel_ledger (correlation_id, client_id, step_name, action, amount,
-    idempotency_key, created_at)
+    idempotency_key, created_at, kind, held, model, usage)
   SELECT s.correlation_id, x.client_id, x.step_name, x.action, x.amount, x.idempotency_key,
-    x.created_at
+    x.created_at, x.kind, x.held, x.model, x.usage
   FROM s, jsonb_to_recordset(%(ledger)s) AS x(client_id text, step_name text, action text,
-    amount int, idempotency_key text, created_at timestamptz)""",
+    amount int, idempotency_key text, created_at timestamptz, kind text, held int,
+    model text, usage jsonb)""",
     "runs": """INSERT INTO step_runs (correlation_id, step_name, attempt, parent_step, action,
     status, request_id, dispatched_at, started_at, finished_at, due_at, sent_at, deadline,
     pending, output, error, error_type)
@@ -87,6 +90,8 @@ def _sql(head: str, parts: frozenset[str]) -> str:
     sql = _sql_cache.get((head, parts))
     if sql is None:
         ctes = [head] + [f"{name} AS ({_PARTS[name]})" for name in _PARTS if name in parts]
+        if "quota" in parts:  # (its RETURNING refuses, raising, past the quota)
+            ctes.append(f"quota AS ({quotas.PG_PART})")
         sql = "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM s"
         _sql_cache[(head, parts)] = sql
     return sql
@@ -104,6 +109,9 @@ def _run(conn: sa.Connection, head: str, params: dict[str, Any], rows: Rows) -> 
         if batch:
             parts.add(name)
             params[name] = _plain(batch)
+    if rows.quota:
+        parts.add("quota")
+        params.update(rows.quota)
     count = conn.exec_driver_sql(_sql(head, frozenset(parts)), params).scalar_one()
     return int(count) == 1
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from chassis import commands as cmd
 from chassis.state import StepStatus, WorkflowState
+from chassis.store import quotas
 
 Row = dict[str, Any]
 
@@ -38,15 +39,21 @@ class Rows:
     progress: list[Row] = field(default_factory=list)
     """Attempts of a step the decision changed: correlation_id, name, attempt, base,
     scheduled (replacing the row of that name)."""
+    quota: Row | None = None
+    """What the decision charges its client's quota window (PostgreSQL's parameters;
+    see chassis.store.quotas), when it charges anything."""
 
 
 def _later(ts: datetime, seconds: float | None) -> datetime | None:
     return None if seconds is None else ts + timedelta(seconds=seconds)
 
 
-def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) -> Rows:
+def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime,
+             fuel: tuple[int, int, int] = (0, 0, 0)) -> Rows:
     cid = s.correlation_id
     out = Rows()
+    if any(fuel):
+        out.quota = quotas.pg_params(s.client_id, fuel, ts)
     collected = s.collected_data
     out.collected = [{"correlation_id": cid, "name": n, "rev": collected.revs[n], "value": v}
                    for n, v in collected.written.items()]
@@ -87,7 +94,8 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime) ->
         if isinstance(c, cmd.Debit):
             out.ledger.append({"correlation_id": cid, "client_id": s.client_id,
                                "step_name": c.step, "action": c.action, "amount": c.amount,
-                               "idempotency_key": c.key, "created_at": ts})
+                               "idempotency_key": c.key, "created_at": ts, "kind": c.kind,
+                               "held": c.held, "model": c.model, "usage": c.usage})
         elif isinstance(c, cmd.RunStep):
             dispatched(c)
         elif isinstance(c, cmd.RunFanOut):

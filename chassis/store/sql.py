@@ -21,9 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from chassis import commands as cmd
 from chassis.errors import ChassisError, WorkflowNotFound
 from chassis.plan import Plan, parse_plan, plan_to_dict
-from chassis.state import Outputs, Progress, Status, StepStatus, WorkflowState
+from chassis.state import Outputs, Progress, Quota, Status, StepStatus, WorkflowState
 from chassis.store import attempts as at
 from chassis.store import pg
+from chassis.store import quotas as qt
 from chassis.store import responses as mr
 from chassis.store.breaker import CircuitBreakers
 from chassis.store.rows import rows_for
@@ -190,13 +191,19 @@ def _row_to_state(row: Any, outputs: Outputs, attempts: Progress) -> WorkflowSta
     return state
 
 
+def _fuel(decision: cmd.Decision) -> tuple[int, int, int]:
+    """What a decision charges its client's quota: (charged, released, forced)."""
+    return decision.charged, decision.released, decision.forced
+
+
 def _state_values(s: WorkflowState, version: int) -> dict[str, Any]:
     """The state's columns as saved at ``version`` (the values it set get that rev;
     they and the attempts it changed are rows of their own, see ``rows_for``)."""
     s.collected_data.stamp(version)
     return {"status": s.status.value, "current_step": s.current_step,
             "awaited_steps": s.awaited_steps, "final_result": s.final_result,
-            "error": s.error, "fuel_spent": s.fuel_spent, "saga": s.saga(),
+            "error": s.error, "fuel_spent": s.fuel_spent, "fuel_budget": s.fuel_budget,
+            "saga": s.saga(),
             "version": version}
 
 
@@ -328,13 +335,21 @@ class SqlStore:
         if self._claims is not None:  # PostgreSQL: one statement, one round trip
             with self.engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                if not pg.create(conn, values, rows_for(s, decision.commands, ts)):
+                try:
+                    created = pg.create(conn, values, rows_for(s, decision.commands, ts,
+                                                               _fuel(decision)))
+                except sa.exc.DBAPIError as exc:
+                    if qt.is_refusal(exc):
+                        raise qt.QuotaRace(s.client_id) from None
+                    raise
+                if not created:
                     return False
         else:
             try:
                 with self.engine.begin() as conn:
                     conn.execute(orchestrator_state.insert().values(**values))
                     self._apply(conn, s, decision.commands, ts)
+                    qt.charge(conn, s.client_id, _fuel(decision), ts)
             except IntegrityError:
                 if self.exists(s.correlation_id):
                     return False
@@ -437,12 +452,18 @@ class SqlStore:
         attempts to read with the state (others are read when the decision needs them;
         None: all of them)."""
         known = [state]
+        box: list[Quota | None] = [None]
+        decide = self._with_quota(decide, box)
 
         def once() -> cmd.Decision:
-            if self._claims is not None:
-                first, known[0] = known[0], None  # a retry reads afresh
-                return self._transition_pg(cid, decide, first, fan_out, names)
-            return self._transition_locked(cid, decide, fan_out, names)
+            try:
+                if self._claims is not None:
+                    first, known[0] = known[0], None  # a retry reads afresh
+                    return self._transition_pg(cid, decide, first, fan_out, names)
+                return self._transition_locked(cid, decide, fan_out, names)
+            except qt.QuotaRace as exc:
+                box[0] = self.quota(exc.client_id)
+                raise
 
         try:
             return self._retrying(cid, once)
@@ -463,8 +484,17 @@ class SqlStore:
                 .where(step_runs.c.correlation_id == cid, step_runs.c.step_name == step,
                        step_runs.c.attempt == attempt, step_runs.c.status.in_(statuses))
                 .values(status=step_runs.c.status).returning(step_runs.c.id))
+        box: list[Quota | None] = [None]
+        decide = self._with_quota(decide, box)
 
         def once() -> cmd.Decision:
+            try:
+                return locked_once()
+            except qt.QuotaRace as exc:
+                box[0] = self.quota(exc.client_id)
+                raise
+
+        def locked_once() -> cmd.Decision:
             with self.engine.begin() as conn:
                 pre = None
                 if parent is not None and fan_out is not None:
@@ -482,12 +512,34 @@ class SqlStore:
         return self._retrying(cid, once)
 
     @staticmethod
+    def _with_quota(decide: Decide, box: list[Quota | None]) -> Decide:
+        """``decide``, told the client's quota once a write found it exceeded."""
+        def decide_knowing(s: WorkflowState, p: Plan, *settled: Any) -> cmd.Decision:
+            s.quota = box[0]
+            return decide(s, p, *settled)
+        return decide_knowing
+
+    def quota(self, client_id: str) -> Quota | None:
+        """The client's quota and what is left of it now; None when it has none."""
+        with self.engine.connect() as conn:
+            return qt.read(conn, client_id, now())
+
+    def set_quota(self, client_id: str, per: str, fuel: int) -> None:
+        with self.engine.begin() as conn:
+            qt.set_quota(conn, client_id, per, fuel, now())
+
+    def remove_quota(self, client_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return qt.remove_quota(conn, client_id)
+
+    @staticmethod
     def _retrying(cid: str, once: Callable[[], cmd.Decision]) -> cmd.Decision:
-        """``once()``, again while another transition got there first (StaleState)."""
+        """``once()``, again while another transition got there first (StaleState), or
+        its charges met the client's quota (decided again knowing what is left)."""
         for tries in range(_MAX_RETRIES):
             try:
                 return once()
-            except StaleState as exc:
+            except (StaleState, qt.QuotaRace) as exc:
                 log.debug("transition of %s retried (%s), attempt %d", cid, exc, tries + 1,
                           extra={"correlation_id": cid})
         raise StaleState(f"workflow {cid}: too much contention, gave up after "
@@ -520,6 +572,7 @@ class SqlStore:
             decision = decide(state, plan, settled)
         if decision.changed:
             self._save(conn, decision, state.version)
+            qt.charge(conn, state.client_id, _fuel(decision), now())
         return decision
 
     @staticmethod
@@ -552,8 +605,14 @@ class SqlStore:
             if decision.changed:
                 s, ts = decision.state, now()
                 values = {**_state_values(s, state.version + 1), "updated_at": ts}
-                if not pg.write(conn, values, cid, state.version,
-                                rows_for(s, decision.commands, ts)):
+                try:
+                    written = pg.write(conn, values, cid, state.version,
+                                       rows_for(s, decision.commands, ts, _fuel(decision)))
+                except sa.exc.DBAPIError as exc:
+                    if qt.is_refusal(exc):
+                        raise qt.QuotaRace(s.client_id) from None
+                    raise
+                if not written:
                     raise StaleState(f"workflow {cid} moved past version {state.version}")
                 s.version = state.version + 1
                 self._saved(s)

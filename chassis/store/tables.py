@@ -159,8 +159,57 @@ fuel_ledger = sa.Table(
     sa.Column("idempotency_key", sa.String(600), nullable=False, unique=True),
     sa.Column("usage", JSONType),
     sa.Column("created_at", TS, nullable=False),
+    # 0007: debit, reserve, settle or release; ``amount`` charges (its sum is the spent
+    # fuel), ``held`` holds (+) or lets go (-) (its sum is the fuel reserved)
+    sa.Column("kind", sa.String(16), nullable=False, server_default="debit"),
+    sa.Column("held", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("model", sa.String(255)),  # the model an AI row was priced for
     sa.Index("idx_fuel_ledger_correlation_id", "correlation_id"),
     sa.Index("idx_fuel_ledger_created_at", "created_at"),  # 0005: recent debits (metrics)
+    sa.Index("idx_fuel_ledger_client_id", "client_id"),  # 0007: reports by client
+)
+
+#: 0007: a client's fuel quota per window (``per``: day, month or total).
+client_quotas = sa.Table(
+    "client_quotas",
+    metadata,
+    sa.Column("client_id", sa.String(255), primary_key=True),
+    sa.Column("per", sa.String(16), nullable=False),
+    sa.Column("fuel", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+#: 0007: fuel each window of a client's quota has charged (reservations and debits,
+#: less what was released), written in the transaction of each charge.
+client_usage = sa.Table(
+    "client_usage",
+    metadata,
+    sa.Column("client_id", sa.String(255), primary_key=True),
+    sa.Column("window_start", TS, primary_key=True),
+    sa.Column("fuel", sa.BigInteger, nullable=False),
+)
+
+#: 0007: a model's answer to one attempt, kept as soon as it arrives: a redelivered
+#: attempt uses it instead of calling (and paying) again.
+model_responses = sa.Table(
+    "model_responses",
+    metadata,
+    _workflow(primary_key=True),
+    sa.Column("step_name", sa.String(255), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("response", JSONType, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+#: 0007: one circuit breaker per AI provider, shared by every worker.
+circuit_breakers = sa.Table(
+    "circuit_breakers",
+    metadata,
+    sa.Column("provider", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # closed, open, half_open
+    sa.Column("failures", sa.Integer, nullable=False),  # in a row
+    sa.Column("opened_until", TS),
+    sa.Column("updated_at", TS, nullable=False),
 )
 
 outbox = sa.Table(

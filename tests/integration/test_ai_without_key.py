@@ -59,6 +59,7 @@ def test_by_default_the_offline_provider_answers(services: Services, client: Cli
     answer = doc["final_result"]["analyze_research"]
     assert answer["provider"] == "offline" and answer["model"] == "claude-haiku-5-5"
     assert "latest developments in durable workflow engines" in answer["text"]
-    [debit] = [e for e in client.ledger(cid) if e["step"] == "analyze_research"]
+    [debit] = [e for e in client.ledger(cid)
+               if e["step"] == "analyze_research" and e["kind"] == "settle"]
     assert debit["amount"] == 10 and debit["usage"] == answer["usage"]
     assert claude.requests == []

@@ -58,7 +58,7 @@ def test_linear_workflow_completes_with_outputs_by_step_name(client: Client, wor
     assert doc["status"] == "COMPLETED", doc
     assert doc["final_result"]["a"] == {"greeting": "hi"}
     assert doc["final_result"]["b"]["saw"] == ["a", "input"]
-    assert doc["fuel"] == {"budget": 10, "spent": 3, "remaining": 7}
+    assert doc["fuel"] == {"budget": 10, "spent": 3, "reserved": 0, "remaining": 7}
     assert ledger_sum(client, cid) == 3
     assert [(s["name"], s["status"], s["attempts"]) for s in doc["steps"]] == [
         ("a", "COMPLETED", 1), ("b", "COMPLETED", 1), ("done", "COMPLETED", 1)]

@@ -18,6 +18,7 @@ from chassis.policy import TIMEOUT_ERROR
 from chassis.state import Status, WorkflowState, request_id_for
 
 CID = "7d3c2b1a-0f9e-4d8c-b7a6-5e4d3c2b1a0f"
+AI = "ai_text_generate_claude_haiku"
 
 
 @st.composite
@@ -26,7 +27,7 @@ def plans(draw: st.DrawFn) -> Plan:
     steps: dict[str, Any] = {}
     for i in range(n):
         name = f"s{i}"
-        kind = draw(st.sampled_from(["celery", "agent", "fan_out"]))
+        kind = draw(st.sampled_from(["celery", "ai", "agent", "fan_out"]))
         retry: dict[str, Any] = {"max_attempts": draw(st.integers(1, 4)),
                                  "initial_interval": draw(st.sampled_from([0.1, 2.0, 60.0]))}
         if draw(st.booleans()):
@@ -35,10 +36,14 @@ def plans(draw: st.DrawFn) -> Plan:
                                 "next_step": f"s{i + 1}" if i + 1 < n else "end"}
         if kind == "agent":
             step["topic"] = f"agents.{name}"
+        elif kind == "ai":  # priced by tokens: reserved, then settled
+            step["action"] = AI
+            step["params"] = {"prompt": "p", "max_tokens": 200}
         elif kind == "fan_out":
             step["action"] = "fan_out"
             step["sub_tasks"] = [
-                {"step_name": f"{name}_{j}", "action": "work",
+                {"step_name": f"{name}_{j}", "action": draw(st.sampled_from(["work", AI])),
+                 "params": {"prompt": "p", "max_tokens": 200},
                  **({"topic": f"agents.{name}_{j}"} if draw(st.booleans()) else {})}
                 for j in range(draw(st.integers(1, 3)))]
         steps[name] = step
@@ -57,15 +62,20 @@ def in_flight(s: WorkflowState) -> list[tuple[str, int, bool]]:
 
 def outcome(plan: Plan, name: str, attempt: int, kind: str) -> co.Event:
     topic = plan.subtask(name)[1].topic if plan.subtask(name) else plan.steps[name].topic
+    output = {"n": attempt, "usage": {"input_tokens": 40 * attempt, "output_tokens": 9}}
     if kind == "ok":
         if topic:
-            return co.ResponseReceived(request_id_for(CID, name, attempt), True, {"n": attempt})
+            return co.ResponseReceived(request_id_for(CID, name, attempt), True, output)
         owned = plan.subtask(name)
         if owned:
-            return co.SubtasksSucceeded(owned[0], {name: {"n": attempt}}, {name: attempt})
-        return co.StepSucceeded(name, {"n": attempt}, attempt)
+            return co.SubtasksSucceeded(owned[0], {name: output}, {name: attempt})
+        return co.StepSucceeded(name, output, attempt)
+    if kind == "deferred" and not topic:
+        return co.StepFailed(name, "breaker open", attempt, (co.DEFERRED, "ActionError"),
+                             {"input_tokens": 0, "output_tokens": 0}, retry_after=5.0)
     types = {"fatal": ("Fatal", "Exception"), "timeout": (TIMEOUT_ERROR,),
-             "transient": ("Transient", "Exception")}[kind]
+             "transient": ("Transient", "Exception"),
+             "deferred": ("Transient", "Exception")}[kind]  # (an agent's: not deferred)
     if topic:
         return co.ResponseReceived(request_id_for(CID, name, attempt), False, error=kind,
                                    error_type=types[0])
@@ -97,13 +107,17 @@ def test_random_event_orders_keep_the_invariants(plan: Plan, data: st.DataObject
                 event = co.RetryDue(name, attempt)
             else:
                 kind = data.draw(st.sampled_from(["ok", "ok", "transient", "fatal",
-                                                  "timeout"]))
+                                                  "timeout", "deferred"]))
                 event = outcome(plan, name, attempt, kind)
         else:
             break
         before = copy.deepcopy(s)
         d = co.decide(s, plan, event)
         assert s == before, "decide mutated its input"
+        # what a decision charges the client's quota is what it moved into spent or held
+        assert d.charged + d.released + d.forced == (
+            d.state.fuel_spent + d.state.fuel_reserved - s.fuel_spent - s.fuel_reserved)
+        assert d.charged >= 0 and d.released <= 0 and d.forced >= 0
         if not d.changed:
             assert d.state is s and d.commands == []
         else:
@@ -140,7 +154,10 @@ def check(plan: Plan, s: WorkflowState, decisions: list[co.Decision]) -> None:
     keys = [c.key for c in debits]
     assert len(keys) == len(set(keys)), "an attempt was debited twice"
     assert sum(c.amount for c in debits) == s.fuel_spent, "ledger != spent"
-    assert s.fuel_spent <= s.fuel_budget
+    assert sum(c.held for c in debits) == s.fuel_reserved, "holds != reserved"
+    assert s.fuel_spent + s.fuel_reserved <= s.fuel_budget
+    if s.status.finished:
+        assert s.holds == {}, "a finished workflow holds fuel"
     for name, (attempt, base, _) in s.attempts.items():
         if name in plan.steps and plan.steps[name].action in ("fan_out", "complete_workflow"):
             continue

@@ -105,6 +105,16 @@ def test_resume_is_only_for_the_owner_of_an_existing_workflow(router: Router) ->
         "bad_payload"
 
 
+def test_a_resume_may_add_fuel_a_whole_number_from_1(router: Router) -> None:
+    topic = "system.commands.workflow.resume"
+    owner = {"correlation_id": CID, "client_id": "acme"}
+    call = router.call(topic, b'{"approved": true, "add_fuel": 20}', owner)
+    assert call.args == [CID, True, None, "acme", 20]
+    for bad in (-1, 1.5, "20", True, 2**31):
+        assert reason(router, topic, {"approved": True, "add_fuel": bad}, owner) == \
+            "bad_payload"
+
+
 def test_cancel_is_only_for_the_owner_of_an_existing_workflow(router: Router) -> None:
     topic = "system.commands.workflow.cancel"
     owner = {"correlation_id": CID, "client_id": "acme"}
