@@ -23,7 +23,7 @@ from typing import Any
 
 from celery import Celery
 
-from chassis import actions, config, validation
+from chassis import actions, config, pricing, validation
 from chassis import coordinator as co
 from chassis.celery_conf import celery_settings
 from chassis.engine import Engine
@@ -122,6 +122,7 @@ class Client:
             app = Celery("agentchassis-client", set_as_current=False)
             app.conf.update(celery_settings(self.settings))
         self.app = app
+        pricing.configure(self.settings)  # (the coordinator prices AI steps with these)
         self.store = SqlStore(make_engine(self.settings.database_url))
         self.engine = Engine(self.store, app, self.settings, in_worker=in_worker)
         self.registry = PlanRegistry(self.store.engine)
@@ -251,7 +252,8 @@ class Client:
         try:
             self.engine.resume(cid, approved, feedback, self.client_id, added)
         except InvalidTransition:
-            if self._answered(cid) != approved:
+            # the same answer given again is no error; one that adds fuel is no repeat
+            if added or self._answered(cid) != approved:
                 raise
             return {**self.status(cid), "resume": "already recorded"}
         return self.status(cid)
@@ -310,14 +312,16 @@ class Client:
         return self.quota(who)
 
     def quota(self, client: str) -> dict[str, Any]:
-        """``client``'s quota: {client_id, per, fuel, used, left} in the current window
-        (per and fuel None, left None, when it has none)."""
+        """``client``'s quota: {client_id, per, fuel, used, held, left}: ``used`` spent
+        in the current window, ``held`` by its AI attempts under way, ``left`` = fuel -
+        used - held (all None when it has none)."""
         who = check_name(client, "client")
         q = self.store.quota(who)
         if q is None:
-            return {"client_id": who, "per": None, "fuel": None, "used": None, "left": None}
-        return {"client_id": who, "per": q.per, "fuel": q.fuel, "used": q.fuel - q.left,
-                "left": q.left}
+            return {"client_id": who, "per": None, "fuel": None, "used": None, "held": None,
+                    "left": None}
+        return {"client_id": who, "per": q.per, "fuel": q.fuel, "used": q.used,
+                "held": q.held, "left": q.left}
 
     def remove_quota(self, client: str) -> bool:
         """Remove ``client``'s quota; False when it had none."""
@@ -327,7 +331,7 @@ class Client:
     def fuel_prices() -> dict[str, Any]:
         """The token prices in force (CHASSIS_FUEL_PRICES, or the defaults), and the
         table price of every other action."""
-        from chassis import fuel, pricing
+        from chassis import fuel
 
         table, tiers = pricing.in_force()
         return {**table.as_dict(), "tiers": dict(tiers), "actions": dict(fuel.COST_TABLE)}

@@ -154,6 +154,8 @@ class Decision:
     forced: int = 0
     """Fuel it charges that no quota refuses (≥ 0): compensations, and what an attempt
     consumed beyond its hold."""
+    held: int = 0
+    """How much the fuel held for AI attempts changed (reserved, less settled)."""
 
     def retries(self, step: str) -> bool:
         """True when this decision dispatches or schedules another attempt of ``step``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,6 +79,12 @@ COUNTDOWN_LIMIT = 10.0
 #: The error type of an attempt that did not run and asks to be sent again later
 #: (:class:`chassis.errors.AttemptDeferred`): it spends none of its step's attempts.
 DEFERRED = "AttemptDeferred"
+#: The ledger keys of an AI attempt's settlement and release: its debit key with these
+#: (a step name cannot hold "/", so no other step's key is one of them).
+SETTLE_SUFFIX = "/settle"
+#: The longest a deferred attempt waits before it is sent again.
+MAX_DEFERRAL = 86400.0
+RELEASE_SUFFIX = "/release"
 #: The usage of an attempt that called no model.
 NOTHING: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0}
 
@@ -123,7 +130,7 @@ def decide(state: WorkflowState, plan: Plan, event: Event,
     return Decision(then.state, first.commands + then.commands,
                     charged=first.charged + then.charged,
                     released=first.released + then.released,
-                    forced=first.forced + then.forced)
+                    forced=first.forced + then.forced, held=first.held + then.held)
 
 
 def open_fan_out(state: WorkflowState, plan: Plan) -> str | None:
@@ -262,7 +269,9 @@ def _on_response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision |
         _step_done(d, plan, name)
     else:
         error = event.error or "the agent reported failure without an error message"
-        types = (event.error_type,) if event.error_type else ()
+        # (an agent's answer is a failed attempt: only a worker's attempt is deferred)
+        types = (event.error_type,) if event.error_type and event.error_type != DEFERRED \
+            else ()
         _attempt_failed(d, plan, name, attempt, error, types)
     return None
 
@@ -327,6 +336,7 @@ def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
 
 def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
     s = d.state
+    s.budget_wait = None
     error = "Workflow cancelled" + (f": {event.reason}" if event.reason else "")
     revoke = _abandon(d, plan, "cancelled")
     if revoke:
@@ -496,7 +506,7 @@ def _attempt_failed(d: Decision, plan: Plan, name: str, attempt: int, error: str
                    force=undone is not None):
             owned = plan.subtask(name)
             _dispatch(d, plan, name, action, topic, params, attempt + 1,
-                      owned[0] if owned else None, max(0.0, retry_after or 0.0))
+                      owned[0] if owned else None, _deferral(retry_after))
         return
     used = attempt - progress[1]
     retryable = policy.retryable(error_types)
@@ -533,6 +543,13 @@ def _attempt_failed(d: Decision, plan: Plan, name: str, attempt: int, error: str
                                           "attempts": used})
         return
     _fail(d, plan, message, step=name)
+
+
+def _deferral(retry_after: float | None) -> float:
+    """Seconds until a deferred attempt is sent again: as asked, within [0, a day]."""
+    if retry_after is None or not math.isfinite(retry_after):
+        return MAX_DEFERRAL if retry_after is not None and retry_after > 0 else 0.0
+    return min(max(0.0, retry_after), MAX_DEFERRAL)
 
 
 def _go_on_failure(d: Decision, plan: Plan, handler: str, error: dict[str, Any]) -> None:
@@ -658,6 +675,7 @@ def _debit(d: Decision, plan: Plan, name: str, action: str, attempt: int) -> Non
                       price.floor]}
         d.commands.append(Debit(name, action, 0, key, kind="reserve", held=amount,
                                 model=model))
+        d.held += amount
     if forced:
         d.forced += amount
     else:
@@ -677,12 +695,13 @@ def _settle(d: Decision, name: str, attempt: int, usage: dict[str, Any] | None) 
     amount = price.of(usage)
     taken = min(amount, held)
     s.fuel_spent += amount
+    d.held -= held
     key = fuel.ledger_key(s.correlation_id, name, attempt)
     action, model = str(hold.get("action") or ""), hold.get("model")
-    d.commands.append(Debit(name, action, amount, key + ":settle", kind="settle",
+    d.commands.append(Debit(name, action, amount, key + SETTLE_SUFFIX, kind="settle",
                             held=-taken, model=model, usage=usage))
     if held > taken:
-        d.commands.append(Debit(name, action, 0, key + ":release", kind="release",
+        d.commands.append(Debit(name, action, 0, key + RELEASE_SUFFIX, kind="release",
                                 held=taken - held, model=model))
         d.released += amount - held
     else:
@@ -823,6 +842,8 @@ def _undone(d: Decision, plan: Plan, name: str, attempt: int, output: Any) -> No
     whole batch has settled."""
     s = d.state
     d.commands.append(FinishStep(name, StepStatus.COMPLETED, output=output, attempt=attempt))
+    usage = output.get("usage") if isinstance(output, dict) else None
+    _settle(d, name, attempt, usage if isinstance(usage, dict) else None)
     undone = compensated_step(name)
     if s.undo and undone in s.undo[0]:
         s.undo[0].remove(undone)

@@ -136,7 +136,8 @@ class AttemptDeferred(ActionError):
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
-        self.retry_after = max(0.0, float(retry_after))
+        seconds = float(retry_after)
+        self.retry_after = min(max(0.0, seconds), 86400.0) if seconds == seconds else 0.0
         self.usage = {"input_tokens": 0, "output_tokens": 0}
 
 

@@ -110,8 +110,9 @@ class PriceTable:
 
     def price(self, model: str) -> tuple[str, ModelPrice]:
         """(the entry used, its price) for a model id or a family name."""
-        if model in self.entries:
-            return model, self.entries[model]
+        for name in (model, model.lower()):
+            if name in self.entries:
+                return name, self.entries[name]
         family = family_of(model)
         if family is not None and family in self.entries:
             return family, self.entries[family]
@@ -137,15 +138,20 @@ def parse_prices(data: Any, source: str) -> PriceTable:
                           "floor}}")
     entries = dict(DEFAULT_PRICES)
     models: dict[str, Any] = data["models"]
+    seen: set[str] = set()
     # families first: a model id takes what it does not say from its family's new entry
-    for key in sorted(models, key=lambda k: k not in FAMILIES):
-        spec = models[key]
-        if not isinstance(key, str) or not key.strip() or len(key) > 255:
+    for raw_key in sorted(models, key=lambda k: str(k).lower() not in FAMILIES):
+        spec = models[raw_key]
+        if not isinstance(raw_key, str) or not raw_key.strip() or len(raw_key) > 255:
             raise ConfigError(f"{source}: model names are non-empty text of at most 255 "
-                              f"characters, got {key!r}")
+                              f"characters, got {raw_key!r}")
+        key = raw_key.strip().lower()  # (model ids are lower case; Sonnet is sonnet)
+        if key in seen:
+            raise ConfigError(f"{source}: {raw_key!r} names an entry given twice")
+        seen.add(key)
         family = key if key in FAMILIES else family_of(key)
         if family is None:
-            raise ConfigError(f"{source}: unknown model {key!r}: an entry is a family "
+            raise ConfigError(f"{source}: unknown model {raw_key!r}: an entry is a family "
                               f"({', '.join(FAMILIES)}) or a Claude model id naming one")
         if not isinstance(spec, dict) or not spec:
             raise ConfigError(f"{source}: models.{key} must be a mapping of "
@@ -209,16 +215,28 @@ def input_estimate(texts: list[str], data: Mapping[str, Any]) -> int:
     return min(MAX_INPUT_ESTIMATE, math.ceil(chars / CHARS_PER_TOKEN))
 
 
+#: (price file, haiku, sonnet, opus model ids) of the settings a Client was made with.
+_configured: list[tuple[str | None, ...]] = []
+
+
+def configure(settings: Any) -> None:
+    """Price with these settings (CHASSIS_FUEL_PRICES and the tier models) in this
+    process from now on: a :class:`chassis.api.Client` (and so every worker) does this
+    with its own settings."""
+    _configured[:] = [(settings.fuel_prices, settings.claude_haiku_model,
+                       settings.claude_sonnet_model, settings.claude_opus_model)]
+
+
 def in_force() -> tuple[PriceTable, Mapping[str, str]]:
-    """(the price table, the model id of each tier) of this process's environment
-    (CHASSIS_FUEL_PRICES, CHASSIS_CLAUDE_<TIER>_MODEL)."""
+    """(the price table, the model id of each tier) of this process: its Client's
+    settings, else its environment (CHASSIS_FUEL_PRICES, CHASSIS_CLAUDE_<TIER>_MODEL)."""
     import os
 
     from chassis import config
 
-    key = tuple(os.environ.get(v) for v in ("CHASSIS_FUEL_PRICES", "CHASSIS_CLAUDE_HAIKU_MODEL",
-                                           "CHASSIS_CLAUDE_SONNET_MODEL",
-                                           "CHASSIS_CLAUDE_OPUS_MODEL"))
+    key = _configured[0] if _configured else tuple(
+        os.environ.get(v) for v in ("CHASSIS_FUEL_PRICES", "CHASSIS_CLAUDE_HAIKU_MODEL",
+                                    "CHASSIS_CLAUDE_SONNET_MODEL", "CHASSIS_CLAUDE_OPUS_MODEL"))
     return _in_force(key, config)
 
 
@@ -242,6 +260,4 @@ def resolve(action: str, params: Mapping[str, Any]) -> tuple[str, ModelPrice]:
         raw = params.get("model")
         model = raw.strip() if isinstance(raw, str) and raw.strip() else ""
         model = tiers.get(model, model)
-    if model in table.entries:
-        return model, table.entries[model]
     return model or "-", table.price(model)[1]

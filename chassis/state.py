@@ -321,12 +321,15 @@ def request_id_for(correlation_id: str, step: str, attempt: int = 1,
 @dataclass(frozen=True)
 class Quota:
     """A client's quota as read in a transition: ``fuel`` per ``per`` (day, month,
-    total), of which ``left`` is left in the current window."""
+    total), of which ``left`` is left in the current window: ``used`` was spent in it
+    and ``held`` is held by AI attempts under way."""
 
     client_id: str
     per: str
     fuel: int
     left: int
+    used: int = 0
+    held: int = 0
 
 
 @dataclass

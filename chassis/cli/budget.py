@@ -120,4 +120,4 @@ def _print_quota(doc: dict[str, object]) -> None:
         console().print(f"{doc['client_id']}: no quota")
         return
     console().print(f"{doc['client_id']}: {doc['fuel']} fuel per {doc['per']}, "
-                    f"{doc['used']} used, {doc['left']} left")
+                    f"{doc['used']} used, {doc['held']} held, {doc['left']} left")

@@ -1,13 +1,20 @@
 """Client quotas: fuel per window (day, month, total), charged in the transaction of
 every reservation and debit.
 
-A transition's decision says what it charges its client (``charged``: prices and
+Each client whose charges are counted has one ``client_usage`` row: the fuel spent in
+its quota's current window (a new window starts from 0) and the fuel its AI attempts
+hold now. A transition's decision says what it charges (``charged``: prices and
 reservations a quota may refuse; ``released``: holds settled for less; ``forced``:
-compensations and consumption beyond a hold, never refused). The write adds them to
-the client's current window, if the client has a quota, and refuses the whole
-transition (:class:`QuotaRace`, nothing written) when the refusable part takes the
-window past the quota: the store then reads what is left and decides again, so any
-number of concurrent workflows of one client never exceed it.
+compensations and consumption beyond a hold, never refused) and how much its holds
+changed (``held``). The write adds the fuel spent to the window and the holds to
+``held``, in the same row, and refuses the whole transition (:class:`QuotaRace`,
+nothing written) when the refusable part takes spent + held past the quota: the store
+then reads what is left and decides again, so any number of concurrent workflows of
+one client never exceed it. A hold settled in a later window (or after the quota was
+set) is taken from ``held``, never from a window that did not count it.
+
+Rows are written for a client with a quota, and for any client whose holds change (so
+that a quota set later sees what is held); other transitions touch no shared row.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ WINDOWS = ("day", "month", "total")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: SQLSTATE of PostgreSQL's refusal (raised by chassis_quota_check, migration 0007).
 REFUSED = "CQ001"
+#: A decision's fuel as the quota sees it: (charged, released, forced, held).
+Fuel = tuple[int, int, int, int]
 
 
 class QuotaRace(Exception):
@@ -45,63 +54,81 @@ def window_starts(ts: datetime) -> dict[str, datetime]:
     return {"day": day, "month": day.replace(day=1), "total": EPOCH}
 
 
+def _same(a: datetime, b: datetime) -> bool:
+    return a.astimezone(UTC) == b.astimezone(UTC)
+
+
 def read(conn: sa.Connection, client_id: str, ts: datetime) -> Quota | None:
     """The client's quota and what is left of it in the window of ``ts``."""
     row = conn.execute(sa.select(client_quotas.c.per, client_quotas.c.fuel)
                        .where(client_quotas.c.client_id == client_id)).first()
     if row is None:
         return None
-    used = conn.execute(sa.select(client_usage.c.fuel).where(
-        client_usage.c.client_id == client_id,
-        client_usage.c.window_start == window_starts(ts)[row.per])).scalar() or 0
-    return Quota(client_id, row.per, int(row.fuel), int(row.fuel) - int(used))
+    usage = conn.execute(sa.select(client_usage.c.window_start, client_usage.c.fuel,
+                                   client_usage.c.held)
+                         .where(client_usage.c.client_id == client_id)).first()
+    used = held = 0
+    if usage is not None:
+        held = int(usage.held)
+        if _same(usage.window_start, window_starts(ts)[row.per]):
+            used = int(usage.fuel)
+    return Quota(client_id, row.per, int(row.fuel), int(row.fuel) - used - held, used, held)
 
 
-def charge(conn: sa.Connection, client_id: str, fuel: tuple[int, int, int],
-           ts: datetime) -> None:
-    """Add a decision's (charged, released, forced) fuel to the client's window, if it
-    has a quota; :class:`QuotaRace` when that takes it past the quota (the caller's
+def charge(conn: sa.Connection, client_id: str, fuel: Fuel, ts: datetime) -> None:
+    """Count a decision's fuel for its client (any database, in the caller's
+    transaction); :class:`QuotaRace` when that takes it past its quota (the caller's
     transaction must then be rolled back)."""
-    charged, released, forced = fuel
-    delta = charged + released + forced
-    if not delta:
-        return
+    charged, released, forced, held = fuel
+    spent = charged + released + forced - held
     quota = conn.execute(sa.select(client_quotas.c.per, client_quotas.c.fuel)
                          .where(client_quotas.c.client_id == client_id)).first()
-    if quota is None:
+    if quota is None and not held:
         return
-    start = window_starts(ts)[quota.per]
+    start = window_starts(ts)[quota.per] if quota is not None else EPOCH
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    ins = dialect.insert(client_usage).values(client_id=client_id, window_start=start,
-                                              fuel=delta)
-    used = conn.execute(ins.on_conflict_do_update(
-        index_elements=["client_id", "window_start"],
-        set_={"fuel": client_usage.c.fuel + ins.excluded.fuel})
-        .returning(client_usage.c.fuel)).scalar_one()
-    if charged > 0 and used - forced > quota.fuel:
+    ins = dialect.insert(client_usage).values(
+        client_id=client_id, window_start=start,
+        fuel=spent if quota is not None else 0, held=held)
+    t = client_usage.c
+    row = conn.execute(ins.on_conflict_do_update(
+        index_elements=["client_id"],
+        set_={"fuel": sa.case((t.window_start == ins.excluded.window_start, t.fuel),
+                              else_=0) + ins.excluded.fuel,
+              "window_start": ins.excluded.window_start,
+              "held": t.held + ins.excluded.held})
+        .returning(t.fuel, t.held)).one()
+    if quota is not None and charged > 0 and row.fuel + row.held - forced > quota.fuel:
         raise QuotaRace(client_id)
 
 
-def pg_params(client_id: str, fuel: tuple[int, int, int], ts: datetime) -> dict[str, Any]:
+def pg_params(client_id: str, fuel: Fuel, ts: datetime) -> dict[str, Any]:
     """Parameters of the ``quota`` part of PostgreSQL's one-statement write."""
     starts = window_starts(ts)
-    charged, released, forced = fuel
-    return {"q_client": client_id, "q_delta": charged + released + forced,
-            "q_charged": charged, "q_forced": forced, "q_day": starts["day"],
-            "q_month": starts["month"], "q_total": starts["total"]}
+    charged, released, forced, held = fuel
+    return {"q_client": client_id, "q_spent": charged + released + forced - held,
+            "q_held": held, "q_charged": charged, "q_forced": forced,
+            "q_day": starts["day"], "q_month": starts["month"], "q_total": starts["total"]}
 
 
-#: The quota part of PostgreSQL's write (see chassis.store.pg): the window's row
-#: upserted, and chassis_quota_check raising REFUSED (the statement, all of it, then
-#: writes nothing) when the refusable charges take it past the quota.
-PG_PART = """INSERT INTO client_usage (client_id, window_start, fuel)
-  SELECT q.client_id, CASE q.per WHEN 'day' THEN %(q_day)s::timestamptz
-    WHEN 'month' THEN %(q_month)s::timestamptz ELSE %(q_total)s::timestamptz END,
-    %(q_delta)s
-  FROM s, client_quotas q WHERE q.client_id = %(q_client)s
-  ON CONFLICT (client_id, window_start) DO UPDATE
-    SET fuel = client_usage.fuel + EXCLUDED.fuel
-  RETURNING chassis_quota_check(client_usage.fuel,
+#: The quota part of PostgreSQL's write (see chassis.store.pg): the client's row
+#: upserted (if it has a quota, or its holds change), and chassis_quota_check raising
+#: REFUSED (the statement, all of it, then writes nothing) when the refusable charges
+#: take spent + held past the quota. The row is locked by the upsert and RETURNING
+#: gives its new values: concurrent charges of one client are counted one after the
+#: other.
+PG_PART = """INSERT INTO client_usage AS u (client_id, window_start, fuel, held)
+  SELECT %(q_client)s,
+    CASE q.per WHEN 'day' THEN %(q_day)s::timestamptz
+      WHEN 'month' THEN %(q_month)s::timestamptz ELSE %(q_total)s::timestamptz END,
+    CASE WHEN q.per IS NULL THEN 0 ELSE %(q_spent)s END, %(q_held)s
+  FROM s LEFT JOIN client_quotas q ON q.client_id = %(q_client)s
+  WHERE q.client_id IS NOT NULL OR %(q_held)s <> 0
+  ON CONFLICT (client_id) DO UPDATE
+    SET fuel = CASE WHEN u.window_start = EXCLUDED.window_start THEN u.fuel ELSE 0 END
+               + EXCLUDED.fuel,
+      window_start = EXCLUDED.window_start, held = u.held + EXCLUDED.held
+  RETURNING chassis_quota_check(u.fuel + u.held,
     (SELECT fuel FROM client_quotas WHERE client_id = %(q_client)s),
     %(q_charged)s, %(q_forced)s) AS ok"""
 
@@ -110,7 +137,7 @@ PG_FUNCTION = """CREATE OR REPLACE FUNCTION chassis_quota_check(
     used bigint, quota bigint, charged bigint, forced bigint) RETURNS integer
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF charged > 0 AND used - forced > quota THEN
+  IF quota IS NOT NULL AND charged > 0 AND used - forced > quota THEN
     RAISE EXCEPTION 'agentchassis: client quota exceeded' USING ERRCODE = 'CQ001';
   END IF;
   RETURN 0;

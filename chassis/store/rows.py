@@ -49,7 +49,7 @@ def _later(ts: datetime, seconds: float | None) -> datetime | None:
 
 
 def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime,
-             fuel: tuple[int, int, int] = (0, 0, 0)) -> Rows:
+             fuel: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Rows:
     cid = s.correlation_id
     out = Rows()
     if any(fuel):

@@ -191,9 +191,9 @@ def _row_to_state(row: Any, outputs: Outputs, attempts: Progress) -> WorkflowSta
     return state
 
 
-def _fuel(decision: cmd.Decision) -> tuple[int, int, int]:
-    """What a decision charges its client's quota: (charged, released, forced)."""
-    return decision.charged, decision.released, decision.forced
+def _fuel(decision: cmd.Decision) -> qt.Fuel:
+    """What a decision charges its client: (charged, released, forced, held)."""
+    return decision.charged, decision.released, decision.forced, decision.held
 
 
 def _state_values(s: WorkflowState, version: int) -> dict[str, Any]:

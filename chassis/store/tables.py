@@ -179,14 +179,16 @@ client_quotas = sa.Table(
     sa.Column("updated_at", TS, nullable=False),
 )
 
-#: 0007: fuel each window of a client's quota has charged (reservations and debits,
-#: less what was released), written in the transaction of each charge.
+#: 0007: one row per client whose charges are counted: the fuel spent in its quota's
+#: current window (``window_start``; a new window starts from 0) and the fuel its AI
+#: attempts hold now (whatever the window), written in the transaction of each charge.
 client_usage = sa.Table(
     "client_usage",
     metadata,
     sa.Column("client_id", sa.String(255), primary_key=True),
-    sa.Column("window_start", TS, primary_key=True),
+    sa.Column("window_start", TS, nullable=False),
     sa.Column("fuel", sa.BigInteger, nullable=False),
+    sa.Column("held", sa.BigInteger, nullable=False),
 )
 
 #: 0007: a model's answer to one attempt, kept as soon as it arrives: a redelivered

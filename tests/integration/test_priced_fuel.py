@@ -115,7 +115,7 @@ def test_a_quota_holds_against_ten_concurrent_workflows(
     set_ = chassis(services, "quota", "set", who, "--fuel", "30", "--per", "day", "--json")
     assert set_.returncode == 0, set_.stderr
     assert json.loads(set_.stdout) == {"client_id": who, "per": "day", "fuel": 30, "used": 0,
-                                       "left": 30}
+                                       "held": 0, "left": 30}
     mine = Client(config.load(services.env), client_id=who)
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         cids = list(pool.map(lambda _: mine.start(six_fuel_plan(), fuel_budget=6), range(10)))
@@ -135,7 +135,8 @@ def test_a_quota_holds_against_ten_concurrent_workflows(
                             .where(client_usage.c.client_id == who)).scalar_one()
     assert used == charged == 30  # 60 asked for, never more than 30 charged
     show = chassis(services, "quota", "show", who)
-    assert show.returncode == 0 and f"{who}: 30 fuel per day, 30 used, 0 left" in show.stdout
+    assert show.returncode == 0
+    assert f"{who}: 30 fuel per day, 30 used, 0 held, 0 left" in show.stdout
 
 
 def test_pause_for_fuel_then_fuel_add_and_approve_completes(
@@ -188,7 +189,7 @@ def test_bad_amounts_and_windows_are_refused_and_change_nothing(
         assert says in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     assert client.quota(who) == {"client_id": who, "per": None, "fuel": None, "used": None,
-                                 "left": None}
+                                 "held": None, "left": None}
     cid = client.start(six_fuel_plan(), client_id="acme", fuel_budget=100)
     before = client.status(cid)["fuel"]["budget"]
     for amount in ("-5", "0", "1.5", "ten", "99999999999"):

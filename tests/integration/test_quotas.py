@@ -62,7 +62,7 @@ def test_a_charge_past_the_quota_fails_the_step_and_writes_no_more(
     who = "acme"
     client = client_for(db_url, tmp_path, who)
     assert client.set_quota(who, 4, "total") == {"client_id": who, "per": "total", "fuel": 4,
-                                                  "used": 0, "left": 4}
+                                                  "used": 0, "held": 0, "left": 4}
     plan = echo_plan(2)  # s0, s1 and done: 3 fuel
     a = client.start(plan, fuel_budget=100, check_actions=False)
     b = client.start(plan, fuel_budget=100, check_actions=False)
@@ -163,3 +163,47 @@ def test_concurrent_transitions_of_one_client_never_exceed_its_quota(
                 f"quota exceeded for client '{who}'")
     assert spent == 25
     assert statuses.count("COMPLETED") <= 4
+
+
+def test_a_hold_settled_in_a_later_window_is_taken_from_what_is_held(db_url: str) -> None:
+    """A reservation made on day D and settled on D+1 counts what it spent in D+1's
+    window and frees its hold: no window is credited what it did not count."""
+    from datetime import UTC, datetime
+
+    from chassis.store import quotas
+
+    engine = make_engine(db_url)
+    day, next_day = datetime(2026, 3, 17, 23, 59, 59, tzinfo=UTC), datetime(
+        2026, 3, 18, 0, 0, 1, tzinfo=UTC)
+    with engine.begin() as conn:
+        quotas.set_quota(conn, "acme", "day", 100, day)
+        quotas.charge(conn, "acme", (81, 0, 0, 81), day)  # reserve 81
+        assert quotas.read(conn, "acme", day).left == 19
+        quotas.charge(conn, "acme", (0, -71, 0, -81), next_day)  # settle 10, release 71
+        q = quotas.read(conn, "acme", next_day)
+    assert (q.used, q.held, q.left) == (10, 0, 90)
+    # held before the client had a quota: a quota set later sees the hold, and the
+    # settlement takes it back from what is held, not from the window
+    with engine.begin() as conn:
+        quotas.charge(conn, "globex", (81, 0, 0, 81), day)  # no quota: only held counted
+        quotas.set_quota(conn, "globex", "total", 50, day)
+        assert quotas.read(conn, "globex", day).left == 50 - 81
+        quotas.charge(conn, "globex", (0, -71, 0, -81), next_day)
+        q = quotas.read(conn, "globex", next_day)
+    assert (q.used, q.held, q.left) == (10, 0, 40)
+    # a charge the quota does not allow is refused, in the caller's transaction
+    with pytest.raises(quotas.QuotaRace), engine.begin() as conn:
+        quotas.charge(conn, "globex", (41, 0, 0, 0), next_day)
+    with engine.connect() as conn:
+        assert quotas.read(conn, "globex", next_day).used == 10  # rolled back
+
+
+def test_resume_adding_fuel_to_a_workflow_not_paused_is_refused(
+        db_url: str, tmp_path: Path) -> None:
+    from chassis.errors import InvalidTransition
+
+    client = client_for(db_url, tmp_path, "acme")
+    cid = client.start(echo_plan(1), fuel_budget=10, check_actions=False)
+    with pytest.raises(InvalidTransition, match="not paused"):
+        client.resume(cid, True, add_fuel=500)
+    assert client.status(cid)["fuel"]["budget"] == 10

@@ -118,6 +118,7 @@ def test_random_event_orders_keep_the_invariants(plan: Plan, data: st.DataObject
         assert d.charged + d.released + d.forced == (
             d.state.fuel_spent + d.state.fuel_reserved - s.fuel_spent - s.fuel_reserved)
         assert d.charged >= 0 and d.released <= 0 and d.forced >= 0
+        assert d.held == d.state.fuel_reserved - s.fuel_reserved
         if not d.changed:
             assert d.state is s and d.commands == []
         else:

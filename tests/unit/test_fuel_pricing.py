@@ -283,3 +283,94 @@ def test_plans_accept_only_fail_or_pause() -> None:
         parse_plan({"on_budget_exhausted": "wait", "start_step": "a",
                     "steps": {"a": {"action": "echo"}}})
     assert "on_budget_exhausted: must be fail or pause, got 'wait'" in e.value.problems
+
+
+# ------------------------------------------------------------------ review findings
+
+
+def test_an_ai_compensation_is_settled_and_a_compensated_workflow_holds_nothing() -> None:
+    plan = parse_plan({"start_step": "a", "steps": {
+        "a": {"action": "echo", "next_step": "b",
+              "compensate": {"action": "ai_text_generate_claude_haiku",
+                             "params": {"prompt": "undo", "max_tokens": 100}}},
+        "b": {"action": "fail"}}})
+    d0 = co.decide(state("a"), plan, co.Start())
+    d1 = co.decide(d0.state, plan, co.StepSucceeded("a", {}, 1))
+    d2 = co.decide(d1.state, plan, co.StepFailed("b", "boom", 1))
+    assert d2.state.status is Status.COMPENSATING and d2.state.fuel_reserved == 10
+    d3 = co.decide(d2.state, plan, co.StepSucceeded(
+        "a/compensate", {"text": "undone", "usage": {"input_tokens": 5, "output_tokens": 5}},
+        1))
+    assert d3.state.status is Status.COMPENSATED
+    assert d3.state.fuel_reserved == 0 and d3.state.holds == {}
+    assert [c.kind for c in of(d3, co.Debit)] == ["settle"]  # the floor: all it held
+    ledger_ok([d0, d1, d2, d3])
+
+
+def test_settle_and_release_keys_cannot_be_another_steps() -> None:
+    plan = Plan("w", {"w": Step("ai_text_generate_claude_haiku", params={"prompt": "p"},
+                                next_step="w:settle"),
+                      "w:settle": Step("complete_workflow")})
+    start = co.decide(state("w"), plan, co.Start())
+    done = co.decide(start.state, plan, co.StepSucceeded(
+        "w", {"usage": {"input_tokens": 1, "output_tokens": 1}}, 1))
+    keys = [c.key for d in (start, done) for c in of(d, co.Debit)]
+    assert keys == [f"{CID}:w", f"{CID}:w/settle", f"{CID}:w/release", f"{CID}:w:settle"]
+    assert done.state.status is Status.COMPLETED
+
+
+def test_an_agent_cannot_defer_its_attempt_to_escape_the_retry_policy() -> None:
+    plan = parse_plan({"start_step": "w", "steps": {
+        "w": {"action": "work", "topic": "agents.w", "retry": {"max_attempts": 1}}}})
+    d = co.decide(state("w"), plan, co.Start())
+    rid = d.state.awaited_steps[0]
+    d = co.decide(d.state, plan, co.ResponseReceived(rid, False, error="later",
+                                                     error_type="AttemptDeferred"))
+    assert d.state.status is Status.FAILED
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), 1e12, float("nan"), -5.0])
+def test_a_deferral_waits_at_most_a_day(seconds: float) -> None:
+    plan = ai_plan()
+    d = co.decide(state("write"), plan, co.Start())
+    d = co.decide(d.state, plan, co.StepFailed("write", "later", 1, ("AttemptDeferred",),
+                                               {"input_tokens": 0, "output_tokens": 0},
+                                               retry_after=seconds))
+    delays = [c.delay for c in d.commands if isinstance(c, co.ScheduleStep | co.RunStep)]
+    assert len(delays) == 1 and 0.0 <= delays[0] <= co.MAX_DEFERRAL
+
+
+def test_a_cancelled_workflow_is_no_longer_paused_for_fuel() -> None:
+    plan = pausing_plan()
+    start = co.decide(state("a", fuel=3), plan, co.Start())
+    paused = co.decide(start.state, plan, co.StepSucceeded("a", {}, 1))
+    assert paused.state.budget_wait is not None
+    cancelled = co.decide(paused.state, plan, co.Cancel("no"))
+    assert cancelled.state.status is Status.CANCELLED
+    assert cancelled.state.budget_wait is None
+
+
+def test_price_file_families_are_matched_whatever_their_case(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text("models:\n  Sonnet: {output: 1}\n")
+    assert pricing.load_prices(str(f)).price("claude-sonnet-4-5")[1].output == 1
+    twice = tmp_path / "twice.yaml"  # (a file is read once per process)
+    twice.write_text("models:\n  Sonnet: {output: 1}\n  sonnet: {output: 2}\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        pricing.load_prices(str(twice))
+
+
+def test_a_clients_settings_choose_the_prices(tmp_path: Path) -> None:
+    from chassis import config
+
+    f = tmp_path / "p.json"
+    f.write_text('{"models": {"haiku": {"output": 100000}}}')
+    try:
+        pricing.configure(config.load({"CHASSIS_FUEL_PRICES": str(f),
+                                       "CHASSIS_CLAUDE_HAIKU_MODEL": "claude-haiku-x",
+                                       "CHASSIS_HOME": str(tmp_path)}))
+        model, price = pricing.resolve("ai_text_generate_claude_haiku", {})
+        assert (model, price.output) == ("claude-haiku-x", 100000)
+    finally:
+        pricing._configured.clear()
+    assert pricing.resolve("ai_text_generate_claude_haiku", {})[1].output == 5000

@@ -12,7 +12,7 @@ Create Date: 2026-12-02
   sum is the fuel reserved. ``model`` is the model an AI row was priced for. Existing
   rows are debits.
 - ``client_quotas``: a client's fuel per window (day, month, total);
-  ``client_usage``: what each window has charged.
+  ``client_usage``: what its current window has spent, and what its AI attempts hold.
 - ``model_responses``: a model's answer to an attempt, kept as soon as it arrives, so
   a redelivered attempt does not call (and pay) again.
 - ``circuit_breakers``: one per provider, shared by every worker.
@@ -52,8 +52,9 @@ def upgrade() -> None:
     op.create_table(
         "client_usage",
         sa.Column("client_id", sa.String(255), primary_key=True),
-        sa.Column("window_start", TS, primary_key=True),
-        sa.Column("fuel", sa.BigInteger, nullable=False))
+        sa.Column("window_start", TS, nullable=False),
+        sa.Column("fuel", sa.BigInteger, nullable=False),
+        sa.Column("held", sa.BigInteger, nullable=False))
     op.create_table(
         "model_responses",
         sa.Column("correlation_id", UUID_TYPE,
