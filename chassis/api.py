@@ -248,7 +248,8 @@ class Client:
         if not isinstance(approved, bool):
             raise InputError(f"approved must be true or false, got {approved!r}"[:80])
         feedback = check_json(feedback, "feedback", self.limits)
-        added = 0 if add_fuel in (0, None) else check_count(add_fuel, "fuel to add")
+        added = 0 if add_fuel is None or (type(add_fuel) is int and add_fuel == 0) \
+            else check_count(add_fuel, "fuel to add")
         try:
             self.engine.resume(cid, approved, feedback, self.client_id, added)
         except InvalidTransition:

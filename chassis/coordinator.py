@@ -124,13 +124,11 @@ def decide(state: WorkflowState, plan: Plan, event: Event,
         fan, {n: out for n, (_, out) in settled.items()},  # type: ignore[union-attr]
         {n: a for n, (a, _) in settled.items()}))  # type: ignore[union-attr]
     _check_allowed(first.state, event)  # (the fan-in may have moved the workflow on)
-    then = _decide(first.state, plan, event)
+    then = _decide(first.state, plan, event, first if first.changed else None)
     if not first.changed:
         return then
-    return Decision(then.state, first.commands + then.commands,
-                    charged=first.charged + then.charged,
-                    released=first.released + then.released,
-                    forced=first.forced + then.forced, held=first.held + then.held)
+    return Decision(then.state, first.commands + then.commands, charged=then.charged,
+                    released=then.released, forced=then.forced, held=then.held)
 
 
 def open_fan_out(state: WorkflowState, plan: Plan) -> str | None:
@@ -143,7 +141,10 @@ def open_fan_out(state: WorkflowState, plan: Plan) -> str | None:
     return None
 
 
-def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
+def _decide(state: WorkflowState, plan: Plan, event: Event,
+            before: Decision | None = None) -> Decision:
+    """``before``: a decision this one follows in the same transition (its charges
+    count against the quota too)."""
     handler = _HANDLERS[type(event)]
     if state.status.finished and not isinstance(event, Retry | AddFuel):
         return Decision(state, changed=False)
@@ -155,6 +156,9 @@ def _decide(state: WorkflowState, plan: Plan, event: Event) -> Decision:
     new.undo = [list(b) for b in state.undo]
     new.holds = dict(state.holds)
     d = Decision(new)
+    if before is not None:
+        d.charged, d.released = before.charged, before.released
+        d.forced, d.held = before.forced, before.held
     answer = handler(d, plan, event)
     if answer is not None:  # nothing to do: the state as it was
         return Decision(state, changed=False)

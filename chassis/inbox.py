@@ -67,7 +67,8 @@ def resume(engine: Engine, correlation_id: Any, approved: Any, feedback: Any = N
     if not isinstance(approved, bool):
         raise InputError("approved must be true or false")
     feedback = check_json(feedback, "feedback", engine.settings.limits)
-    added = 0 if add_fuel in (0, None) else check_count(add_fuel, "add_fuel")
+    added = 0 if add_fuel is None or (type(add_fuel) is int and add_fuel == 0) \
+        else check_count(add_fuel, "add_fuel")
     try:
         return _done(engine.resume(cid, approved, feedback, actor, added))
     except InvalidTransition as exc:

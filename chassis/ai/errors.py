@@ -36,13 +36,15 @@ class MissingAPIKey(NothingConsumed):
     """The anthropic provider was chosen but ANTHROPIC_API_KEY is not set."""
 
 
-class ClaudeAPIError(NothingConsumed):
+class ClaudeAPIError(AIError):
     """The Messages API refused the request or kept failing. ``status_code`` is None when
-    no HTTP answer came (a timeout or a connection error)."""
+    no HTTP answer came (a timeout or a connection error): then the model may have run
+    (and been billed) and its usage is unknown; an error answer billed nothing."""
 
     def __init__(self, message: str, *, status_code: int | None, error_type: str | None,
                  request_id: str | None, attempts: int) -> None:
         super().__init__(message)
+        self.usage = NO_TOKENS if status_code is not None else None
         self.status_code = status_code
         self.error_type = error_type
         self.request_id = request_id

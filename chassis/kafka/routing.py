@@ -281,9 +281,9 @@ def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
     cid = _uuid_header(msg, "correlation_id")
     client_id = _header(msg, "client_id")
     _owned(d, cid, client_id)
-    add = doc.get("add_fuel", 0)
-    if add != 0 and (isinstance(add, bool) or not isinstance(add, int)
-                     or not 1 <= add <= INT32_MAX):
+    add = doc.get("add_fuel")
+    add = 0 if add is None else add  # (null or absent: none added)
+    if type(add) is not int or not (add == 0 or 1 <= add <= INT32_MAX):
         raise Rejected(BAD_PAYLOAD, f"add_fuel must be a whole number from 1 to {INT32_MAX}, "
                                     f"got {add!r}"[:200])
     return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback"), client_id]

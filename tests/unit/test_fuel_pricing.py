@@ -374,3 +374,15 @@ def test_a_clients_settings_choose_the_prices(tmp_path: Path) -> None:
     finally:
         pricing._configured.clear()
     assert pricing.resolve("ai_text_generate_claude_haiku", {})[1].output == 5000
+
+
+def test_an_api_error_billed_nothing_but_a_lost_answer_is_unknown() -> None:
+    from chassis.ai.errors import ClaudeAPIError
+
+    refused = ClaudeAPIError("500", status_code=500, error_type="api_error", request_id=None,
+                             attempts=1)
+    timed_out = ClaudeAPIError("timed out", status_code=None, error_type=None,
+                               request_id=None, attempts=5)
+    assert refused.usage == {"input_tokens": 0, "output_tokens": 0}  # settles 0
+    assert timed_out.usage is None  # settles the floor
+

@@ -110,7 +110,9 @@ def test_a_resume_may_add_fuel_a_whole_number_from_1(router: Router) -> None:
     owner = {"correlation_id": CID, "client_id": "acme"}
     call = router.call(topic, b'{"approved": true, "add_fuel": 20}', owner)
     assert call.args == [CID, True, None, "acme", 20]
-    for bad in (-1, 1.5, "20", True, 2**31):
+    for none in (b'{"approved": true, "add_fuel": null}', b'{"approved": true, "add_fuel": 0}'):
+        assert router.call(topic, none, owner).args == [CID, True, None, "acme"]
+    for bad in (-1, 1.5, 0.0, "20", True, False, 2**31):
         assert reason(router, topic, {"approved": True, "add_fuel": bad}, owner) == \
             "bad_payload"
 
