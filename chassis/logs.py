@@ -1,5 +1,6 @@
 """Logging context: every record about a workflow carries correlation_id, step and the
-Celery task id; ``CHASSIS_LOG_FORMAT=json`` writes JSON lines.
+Celery task id; ``CHASSIS_LOG_FORMAT=json`` writes JSON lines (python-json-logger) that
+keep every ``extra`` field and carry trace_id/span_id inside an OpenTelemetry span.
 
 The library only adds context (a contextvar and a filter); handlers are installed by
 the CLI and by the worker's logging signals, never on import.
@@ -14,7 +15,10 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cache, partial
 from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
 _context: contextvars.ContextVar[dict[str, str | None] | None] = contextvars.ContextVar(
     "chassis_log_context", default=None)
@@ -71,19 +75,68 @@ def _celery_task_id(name: str) -> str | None:
     return getattr(request, "id", None)
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+def _text(value: object) -> str:
+    """What a value that JSON cannot hold becomes: its str (its repr if str fails)."""
+    try:
+        return str(value)
+    except Exception:  # a log line must not fail
+        try:
+            return repr(value)
+        except Exception:
+            return f"<unprintable {type(value).__name__}>"
 
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-        }
+
+@cache
+def _otel_trace() -> Any:
+    """``opentelemetry.trace``, imported on first use; None when opentelemetry-api is not
+    installed."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return None
+    return trace
+
+
+class JsonFormatter(_BaseJsonFormatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message``,
+    ``correlation_id``, ``step``, ``task_id``, every ``extra`` field of the record,
+    ``exc`` for a traceback, and ``trace_id``/``span_id`` inside a valid span."""
+
+    def __init__(self) -> None:
+        super().__init__(["levelname", "name", "message", *FIELDS],
+                         rename_fields={"levelname": "level", "name": "logger",
+                                        "exc_info": "exc"},
+                         json_default=_text,
+                         json_serializer=partial(json.dumps, allow_nan=False))
+
+    def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
+        try:
+            return super().jsonify_log_record(log_data)
+        except (TypeError, ValueError):  # NaN, a dict with tuple keys, a cycle: its str
+            safe: dict[str, Any] = {}
+            for key, value in log_data.items():
+                try:
+                    super().jsonify_log_record({"v": value})
+                except (TypeError, ValueError):
+                    value = _text(value)
+                safe[_text(key)] = value
+            return super().jsonify_log_record(safe)
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord,
+                   message_dict: dict[str, Any]) -> None:
+        log_data["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat()
+        super().add_fields(log_data, record, message_dict)
+        if isinstance(record.msg, dict):  # logger.info({...}): its keys are fields too
+            log_data["message"] = record.getMessage()
         for name in FIELDS:
-            doc[name] = getattr(record, name, "-")
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+            if log_data.get(name) is None:
+                log_data[name] = "-"
+        trace = _otel_trace()
+        if trace is not None:  # inside a valid span (nothing when tracing is off)
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
+                log_data["trace_id"] = format(span.trace_id, "032x")
+                log_data["span_id"] = format(span.span_id, "016x")
 
 
 TEXT_FORMAT = ("%(asctime)s %(levelname)s %(name)s [cid=%(correlation_id)s step=%(step)s "
