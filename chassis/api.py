@@ -292,6 +292,15 @@ class Client:
         self.engine.retry(cid, self.client_id)
         return self.status(cid)
 
+    def events(self, correlation_id: str) -> list[dict[str, Any]]:
+        """The workflow's event history, oldest first: each ``{at, kind, step, attempt,
+        actor, version, data}`` (``actor``: the client that asked, or the worker that ran
+        an attempt; ``version``: the workflow version its transition wrote)."""
+        cid = self._own(correlation_id)
+        return [{"at": _iso(r["at"]), "kind": r["kind"], "step": r["step"],
+                 "attempt": r["attempt"], "actor": r["actor"], "version": r["version"],
+                 "data": r["data"]} for r in self.store.events(cid)]
+
     def add_fuel(self, correlation_id: str, amount: object) -> dict[str, Any]:
         """Add ``amount`` fuel (a whole number from 1) to the budget of a workflow that
         has not finished, or of a FAILED one; returns its status. A workflow paused for

@@ -81,23 +81,27 @@ def _register(app: Celery) -> None:
     @app.task(name=STEP_TASK, **_ATTEMPT)
     def step(self: Task, payload: dict[str, Any]) -> str:
         """Run one attempt of a step, record its outcome, dispatch what comes next."""
-        return engine(app).run_step(payload, self.request.id).report()
+        return engine(app).run_step(payload, self.request.id,
+                                    self.request.hostname).report()
 
     @app.task(name=AI_STEP_TASK, **_ATTEMPT)
     def ai_step(self: Task, payload: dict[str, Any]) -> str:
         """``chassis.step`` for an AI action, on the chassis.ai queue; its own name carries
         the AI rate limit (CHASSIS_AI_RATE_LIMIT)."""
-        return engine(app).run_step(payload, self.request.id).report()
+        return engine(app).run_step(payload, self.request.id,
+                                    self.request.hostname).report()
 
     @app.task(name=SUBTASK_TASK, **_ATTEMPT)
     def subtask(self: Task, payload: dict[str, Any]) -> str:
         """Run one attempt of a fan-out sub-task; the last one to succeed fans in."""
-        return engine(app).run_step(payload, self.request.id).report()
+        return engine(app).run_step(payload, self.request.id,
+                                    self.request.hostname).report()
 
     @app.task(name=AI_SUBTASK_TASK, **_ATTEMPT)
     def ai_subtask(self: Task, payload: dict[str, Any]) -> str:
         """``chassis.subtask`` for an AI action (rate-limited like ``chassis.ai_step``)."""
-        return engine(app).run_step(payload, self.request.id).report()
+        return engine(app).run_step(payload, self.request.id,
+                                    self.request.hostname).report()
 
     @app.task(name=CANCEL_TASK, **_CONTRACT)
     def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None,

@@ -128,6 +128,18 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Note:
+    """A line of the workflow's event history that no other command tells of (started,
+    resumed by whom, cancel asked by whom, retried, fuel added)."""
+
+    kind: str
+    step: str | None = None
+    attempt: int | None = None
+    actor: str | None = None
+    data: Any = None
+
+
+@dataclass(frozen=True)
 class Revoke:
     """Revoke these Celery task ids (terminating them where the pool allows it)."""
 
@@ -135,7 +147,7 @@ class Revoke:
 
 
 Command = (Debit | RunStep | RunFanOut | ScheduleStep | SendRequest | Emit | FinishStep
-           | RecordStep | Usage | Revoke)
+           | RecordStep | Usage | Revoke | Note)
 
 
 @dataclass
@@ -170,5 +182,5 @@ class Decision:
 
 __all__ = [
     "Debit", "RunStep", "RunFanOut", "ScheduleStep", "SendRequest", "Emit", "FinishStep",
-    "RecordStep", "Usage", "Revoke", "Decision", "Command",
+    "RecordStep", "Usage", "Revoke", "Note", "Decision", "Command",
 ]

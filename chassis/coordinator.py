@@ -31,6 +31,7 @@ from chassis.commands import (
     Decision,
     Emit,
     FinishStep,
+    Note,
     RecordStep,
     Revoke,
     RunFanOut,
@@ -222,6 +223,9 @@ Handler = Callable[[Decision, Plan, Any], Decision | None]
 def _on_start(d: Decision, plan: Plan, event: Start) -> Decision | None:
     if d.state.status is not Status.RUNNING or d.state.awaited_steps:
         return _unchanged(d)
+    s = d.state
+    d.commands.append(Note("started", s.current_step, actor=s.client_id,
+                           data={"plan": plan.name, "fuel_budget": s.fuel_budget}))
     _advance(d, plan)
     return None
 
@@ -282,6 +286,11 @@ def _on_response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision |
 
 def _on_resume(d: Decision, plan: Plan, event: Resume) -> Decision | None:
     s = d.state
+    d.commands.append(Note("resumed" if event.approved else "rejected", s.current_step,
+                           actor=event.client_id,
+                           data={"feedback": _small(s, event.feedback),
+                                 "add_fuel": event.add_fuel} if event.add_fuel
+                           else {"feedback": _small(s, event.feedback)}))
     s.fuel_budget += event.add_fuel
     if s.budget_wait is not None:  # paused for fuel: the same step, once more
         wait, s.budget_wait = s.budget_wait, None
@@ -341,6 +350,8 @@ def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
 def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
     s = d.state
     s.budget_wait = None
+    d.commands.append(Note("cancel_requested", s.current_step or None, actor=event.client_id,
+                           data={"reason": event.reason, "compensate": event.compensate}))
     error = "Workflow cancelled" + (f": {event.reason}" if event.reason else "")
     revoke = _abandon(d, plan, "cancelled")
     if revoke:
@@ -358,6 +369,7 @@ def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
 
 def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
     s = d.state
+    d.commands.append(Note("retried", s.current_step or None, actor=event.client_id))
     for progress in s.attempts.values():  # a fresh retry budget for every step
         progress[1] = progress[0]
         progress[2] = 0
@@ -386,6 +398,8 @@ def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
 
 def _on_add_fuel(d: Decision, plan: Plan, event: AddFuel) -> Decision | None:
     d.state.fuel_budget += event.amount
+    d.commands.append(Note("fuel_added", actor=event.client_id,
+                           data={"amount": event.amount, "budget": d.state.fuel_budget}))
     return None
 
 
@@ -1066,7 +1080,8 @@ def _request(s: WorkflowState, step: str, action: str, topic: str, attempt: int,
 __all__ = [
     "CANCEL_TOPIC", "COUNTDOWN_LIMIT", "NOTIFICATION_TOPIC", "PAUSED_FOR_BUDGET",
     "REJECTED_ERROR", "RESUME_TOPIC", "AddFuel",
-    "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "RecordStep",
+    "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "Note",
+    "RecordStep",
     "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
     "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",
     "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip", "not_found",

@@ -196,7 +196,8 @@ class Engine:
                         extra={"correlation_id": cid, "step": step})
             return None
 
-    def run_step(self, payload: dict[str, Any], task_id: str | None) -> Outcome:
+    def run_step(self, payload: dict[str, Any], task_id: str | None,
+                 worker: str | None = None) -> Outcome:
         """Body of the step and sub-task tasks: claim the attempt, run its action under
         a lease, record the outcome (a sub-task's success: its own row, then the fan-in
         when it was the last)."""
@@ -208,7 +209,7 @@ class Engine:
         names = plan.neighbours(step) if plan is not None else [step]
         claim = infra.persist(lambda: self.store.claim(
             cid, step, attempt, task_id, lease=self.settings.lease_seconds, timeout=timeout,
-            names=names), f"claiming step {step}", correlation_id=cid)
+            names=names, worker=worker), f"claiming step {step}", correlation_id=cid)
         if claim is None:
             log.info("step %s attempt %d finished, cancelled or running elsewhere: "
                      "duplicate delivery ignored", step, attempt)
@@ -226,7 +227,7 @@ class Engine:
         parent = payload.get("parent")
         if parent and isinstance(event, co.StepSucceeded):
             recorded, pending = infra.persist(
-                lambda: self.store.record_subtask(cid, step, attempt, event.output),
+                lambda: self.store.record_subtask(cid, step, attempt, event.output, worker),
                 f"recording sub-task {step}", correlation_id=cid)
             if not recorded:
                 log.info("sub-task %s attempt %d is no longer awaited: result ignored",

@@ -144,7 +144,9 @@ def prune_command(days: float, dry_run: bool, batch: int, as_json: bool) -> None
         verb = "would remove" if dry_run else "removed"
         click.echo(f"{verb} {report.workflows} finished workflow(s) unchanged since "
                    f"{report.cutoff:%Y-%m-%d %H:%M:%S} UTC: {report.step_runs} step run(s), "
-                   f"{report.ledger_rows} ledger row(s), {report.outbox_rows} outbox row(s)")
+                   f"{report.ledger_rows} ledger row(s), {report.outbox_rows} outbox row(s), "
+                   f"{report.events} history event(s), {report.model_responses} recorded "
+                   "model answer(s)")
         if report.kept_unpublished:
             click.echo(f"kept {report.kept_unpublished} whose events Kafka has not got yet "
                        "(is `chassis relay` running?)")

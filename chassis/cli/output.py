@@ -133,6 +133,21 @@ def print_ledger(entries: list[dict[str, Any]], fuel: dict[str, int]) -> None:
               f"remaining {fuel['budget'] - fuel['spent'] - reserved}")
 
 
+def print_events(entries: list[dict[str, Any]]) -> None:
+    """The event history: one line per event, oldest first."""
+    t = Table(title="events", title_justify="left")
+    for col in ("at", "event", "step", "attempt", "by", "details"):
+        t.add_column(col, justify="right" if col == "attempt" else "left")
+    for e in entries:
+        data = e.get("data")
+        details = "" if not data else json.dumps(data, separators=(", ", ": "),
+                                                  default=str)
+        t.add_row(_time(e["at"]), escape(e["kind"]), escape(e["step"] or "-"),
+                  "" if e["attempt"] is None else str(e["attempt"]),
+                  escape(e["actor"] or "-"), escape(details[:160]))
+    console().print(t)
+
+
 def print_fuel_report(groups: list[dict[str, Any]]) -> None:
     """Fuel spent and tokens by day, client, plan and model, with a total line."""
     t = Table(title="fuel spent", title_justify="left")

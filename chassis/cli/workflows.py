@@ -27,6 +27,7 @@ from chassis.cli.errors import describe
 from chassis.cli.output import (
     ProgressPrinter,
     console,
+    print_events,
     print_json,
     print_ledger,
     print_list,
@@ -355,6 +356,22 @@ def ledger(correlation_id: str, client_id: str, as_json: bool) -> None:
             print_json(entries)
         else:
             print_ledger(entries, client.status(correlation_id)["fuel"])
+        return 0
+
+    _run_guarded(go)
+
+
+@main.command()
+@click.argument("correlation_id")
+@client_option
+@click.option("--json", "as_json", is_flag=True, help="Print the events as a JSON list.")
+def events(correlation_id: str, client_id: str, as_json: bool) -> None:
+    """Show a workflow's event history, oldest first: started, each attempt dispatched,
+    started (by which worker), succeeded or failed, retries scheduled, fuel charged,
+    pauses, resumes and cancels (by which client), compensation, the end."""
+    def go() -> int:
+        entries = _client(client_id).events(correlation_id)
+        print_json(entries) if as_json else print_events(entries)
         return 0
 
     _run_guarded(go)

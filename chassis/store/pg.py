@@ -77,6 +77,11 @@ _PARTS: dict[str, str] = {
   FROM s, jsonb_to_recordset(%(collected)s) AS x(name text, rev int, value jsonb)
   ON CONFLICT (correlation_id, name) DO UPDATE SET rev = EXCLUDED.rev,
     value = EXCLUDED.value""",
+    "history": """INSERT INTO workflow_events (correlation_id, version, at, kind, step,
+    attempt, actor, data)
+  SELECT s.correlation_id, x.version, x.at, x.kind, x.step, x.attempt, x.actor, x.data
+  FROM s, jsonb_to_recordset(%(history)s) AS x(version int, at timestamptz, kind text,
+    step text, attempt int, actor text, data jsonb)""",
     "messages": """INSERT INTO outbox (correlation_id, topic, key, headers, payload, dedup_key,
     created_at)
   SELECT s.correlation_id, x.topic, x.key, x.headers, x.payload, x.dedup_key, x.created_at

@@ -33,6 +33,7 @@ from chassis.store.tables import (
     orchestrator_state,
     outbox,
     step_runs,
+    workflow_events,
 )
 
 FINISHED = tuple(s.value for s in Status if s.finished)
@@ -51,6 +52,8 @@ class PruneReport:
     ledger_rows: int = 0
     outbox_rows: int = 0
     model_responses: int = 0
+    events: int = 0
+    """Lines of the workflows' event history."""
     kept_unpublished: int = 0
     """Finished workflows old enough, kept because Kafka has not got their events yet."""
     batches: int = field(default=0, repr=False)
@@ -59,7 +62,7 @@ class PruneReport:
         return {"cutoff": self.cutoff.isoformat(), "dry_run": self.dry_run,
                 "workflows": self.workflows, "step_runs": self.step_runs,
                 "ledger_rows": self.ledger_rows, "outbox_rows": self.outbox_rows,
-                "model_responses": self.model_responses,
+                "model_responses": self.model_responses, "events": self.events,
                 "kept_unpublished": self.kept_unpublished}
 
 
@@ -123,6 +126,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
             cids = [str(r.correlation_id) for r in page]
             runs, ledger = _count(conn, step_runs, cids), _count(conn, fuel_ledger, cids)
             answers = _count(conn, model_responses, cids)
+            history = _count(conn, workflow_events, cids)
             if dry_run:
                 gone = cids
             else:
@@ -134,9 +138,11 @@ def prune(engine: sa.Engine, older_than: timedelta, *, kafka: bool, dry_run: boo
                     runs, ledger = runs - _count(conn, step_runs, cids), \
                         ledger - _count(conn, fuel_ledger, cids)
                     answers -= _count(conn, model_responses, cids)
+                    history -= _count(conn, workflow_events, cids)
             report.step_runs += runs
             report.ledger_rows += ledger
             report.model_responses += answers
+            report.events += history
             if dry_run:
                 report.outbox_rows += _count(conn, outbox, gone)
             elif gone:

@@ -39,6 +39,8 @@ class Rows:
     progress: list[Row] = field(default_factory=list)
     """Attempts of a step the decision changed: correlation_id, name, attempt, base,
     scheduled (replacing the row of that name)."""
+    history: list[Row] = field(default_factory=list)
+    """The event history's rows of what the decision did (see :func:`history`)."""
     quota: Row | None = None
     """What the decision charges its client's quota window (PostgreSQL's parameters;
     see chassis.store.quotas), when it charges anything."""
@@ -49,9 +51,11 @@ def _later(ts: datetime, seconds: float | None) -> datetime | None:
 
 
 def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime,
-             fuel: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Rows:
+             fuel: tuple[int, int, int, int] = (0, 0, 0, 0),
+             version: int | None = None) -> Rows:
     cid = s.correlation_id
     out = Rows()
+    out.history = history(cid, commands, ts, s.version if version is None else version)
     if any(fuel):
         out.quota = quotas.pg_params(s.client_id, fuel, ts)
     collected = s.collected_data
@@ -129,3 +133,71 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime,
         elif isinstance(c, cmd.Usage):
             out.usage.append({"b_key": c.key, "usage": c.usage})
     return out
+
+
+#: The event history's kind of a workflow notification (its event_type).
+_EMITTED = {"WORKFLOW_COMPLETED": "completed", "WORKFLOW_FAILED": "workflow_failed",
+            "WORKFLOW_CANCELLED": "cancelled", "WORKFLOW_COMPENSATING": "compensating",
+            "WORKFLOW_COMPENSATED": "compensated",
+            "WORKFLOW_PAUSED_FOR_APPROVAL": "paused_for_approval",
+            "WORKFLOW_PAUSED_FOR_BUDGET": "paused_for_fuel"}
+#: Notification fields the history leaves out (the workflow's, or large).
+_LEFT_OUT = frozenset({"event_type", "correlation_id", "project_id", "client_id",
+                       "final_result", "data_for_review", "message"})
+_FINISHED = {StepStatus.COMPLETED: "succeeded", StepStatus.FAILED: "failed",
+             StepStatus.CANCELLED: "abandoned"}
+
+
+def history(cid: str, commands: Sequence[cmd.Command], ts: datetime,
+            version: int) -> list[Row]:
+    """The event history's rows of a decision's commands, in their order: what was
+    dispatched, scheduled, finished, charged, announced, and the coordinator's notes."""
+    rows: list[Row] = []
+
+    def add(kind: str, step: str | None = None, attempt: int | None = None,
+            actor: str | None = None, data: Any = None) -> None:
+        rows.append({"correlation_id": cid, "version": version, "at": ts, "kind": kind,
+                     "step": step, "attempt": attempt, "actor": actor, "data": data})
+
+    def dispatched(c: cmd.RunStep) -> None:
+        data: dict[str, Any] = {"action": c.action}
+        if c.parent_step:
+            data["parent"] = c.parent_step
+        if c.delay:
+            data["delay"] = c.delay
+        add("sent" if c.scheduled else "dispatched", c.step, c.attempt, data=data)
+
+    for c in commands:
+        if isinstance(c, cmd.Note):
+            add(c.kind, c.step, c.attempt, c.actor, c.data)
+        elif isinstance(c, cmd.RunStep):
+            dispatched(c)
+        elif isinstance(c, cmd.RunFanOut):
+            for t in c.subtasks:
+                dispatched(t)
+        elif isinstance(c, cmd.ScheduleStep):
+            add("retry_scheduled", c.step, c.attempt,
+                data={"action": c.action, "due_in": c.delay})
+        elif isinstance(c, cmd.SendRequest):
+            add("sent" if c.scheduled else "dispatched", c.step, c.attempt,
+                data={"action": c.action, "topic": c.topic})
+        elif isinstance(c, cmd.FinishStep):
+            data = {k: v for k, v in (("error", c.error), ("error_type", c.error_type))
+                    if v is not None}
+            add(_FINISHED.get(c.status, c.status.value.lower()), c.step, c.attempt,
+                data=data or None)
+        elif isinstance(c, cmd.RecordStep) and c.action == "fan_out":
+            add("fanned_out", c.step, c.attempt, data={"celery_subtasks": c.pending})
+        elif isinstance(c, cmd.Debit):
+            fuel: dict[str, Any] = {"action": c.action, "amount": c.amount}
+            if c.held:
+                fuel["held"] = c.held
+            if c.model:
+                fuel["model"] = c.model
+            add(f"fuel_{c.kind}", c.step, data=fuel)
+        elif isinstance(c, cmd.Emit):
+            kind = _EMITTED.get(str(c.payload.get("event_type")))
+            if kind is not None:
+                add(kind, c.payload.get("step"), data={
+                    k: v for k, v in c.payload.items() if k not in _LEFT_OUT} or None)
+    return rows

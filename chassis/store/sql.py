@@ -35,6 +35,7 @@ from chassis.store.tables import (
     step_attempts,
     step_outputs,
     step_runs,
+    workflow_events,
 )
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ _SAVE = orchestrator_state.update().where(
 _INSERT_LEDGER = fuel_ledger.insert()
 _INSERT_RUNS = step_runs.insert()
 _INSERT_OUTBOX = outbox.insert()
+_INSERT_EVENTS = workflow_events.insert()
 _INSERT_OUTPUTS = step_outputs.insert()
 _DELETE_OUTPUT = step_outputs.delete().where(
     step_outputs.c.correlation_id == sa.bindparam("b_cid"),
@@ -274,6 +276,17 @@ _LOCK_SUBTASKS = (step_runs.update()
                                       step_runs.c.output)).label("output")))
 
 _CLAIMED = at.CLAIM.cte("claimed")
+#: The history's line of a claim (PostgreSQL: written by the claim's one statement).
+_CLAIM_EVENT = workflow_events.insert().from_select(
+    ["correlation_id", "at", "kind", "step", "attempt", "actor", "data"],
+    sa.select(sa.cast(sa.bindparam("b_cid", type_=sa.String), postgresql.UUID(as_uuid=False)),
+              sa.bindparam("b_now", type_=workflow_events.c.at.type),
+              sa.literal("attempt_started"), sa.bindparam("b_step", type_=sa.String),
+              sa.bindparam("b_attempt", type_=sa.Integer),
+              sa.bindparam("b_worker", type_=sa.String),
+              sa.func.jsonb_build_object("delivery", _CLAIMED.c.deliveries,
+                                         "task_id", sa.bindparam("b_task", type_=sa.String)))
+    .select_from(_CLAIMED)).cte("started")
 #: PostgreSQL's claim: the attempt taken, the workflow's row, the attempts of the steps
 #: named (where it may go next), and the values of collected data written since the
 #: version this process has (b_seen): one round trip, whatever the workflow's length.
@@ -292,7 +305,8 @@ _CLAIM_AND_READ = (
                step_outputs.c.rev > sa.bindparam("b_seen"))
         .scalar_subquery().label("x_outputs"))
     .select_from(_CLAIMED.join(orchestrator_state, sa.true()))
-    .where(orchestrator_state.c.correlation_id == sa.bindparam("b_cid")))
+    .where(orchestrator_state.c.correlation_id == sa.bindparam("b_cid"))
+    .add_cte(_CLAIM_EVENT))
 
 
 def _json_rows(value: Any) -> list[Any]:
@@ -337,7 +351,7 @@ class SqlStore:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 try:
                     created = pg.create(conn, values, rows_for(s, decision.commands, ts,
-                                                               _fuel(decision)))
+                                                               _fuel(decision), 1))
                 except sa.exc.DBAPIError as exc:
                     if qt.is_refusal(exc):
                         raise qt.QuotaRace(s.client_id) from None
@@ -348,7 +362,7 @@ class SqlStore:
             try:
                 with self.engine.begin() as conn:
                     conn.execute(orchestrator_state.insert().values(**values))
-                    self._apply(conn, s, decision.commands, ts)
+                    self._apply(conn, s, decision.commands, ts, 1)
                     qt.charge(conn, s.client_id, _fuel(decision), ts)
             except IntegrityError:
                 if self.exists(s.correlation_id):
@@ -360,7 +374,8 @@ class SqlStore:
         return True
 
     def claim(self, cid: str, step: str, attempt: int, task_id: str | None, *,
-              lease: float, timeout: float, names: Sequence[str] = ()) -> Claim | None:
+              lease: float, timeout: float, names: Sequence[str] = (),
+              worker: str | None = None) -> Claim | None:
         """Mark an attempt RUNNING for this delivery, with a lease of ``lease`` seconds
         and a deadline ``timeout`` seconds from now. None when the attempt is not to be
         run here: it finished, it was cancelled, its workflow is not running, or another
@@ -376,7 +391,7 @@ class SqlStore:
         ts = now()
         params = {"b_cid": cid, "b_step": step, "b_attempt": attempt, "b_now": ts,
                   "b_task": task_id, "b_lease": ts + timedelta(seconds=lease),
-                  "b_deadline": ts + timedelta(seconds=timeout)}
+                  "b_deadline": ts + timedelta(seconds=timeout), "b_worker": worker}
         if self._claims is not None:  # one round trip: autocommit, no flush wait
             seen, revs, values = self._recent.get(cid)
             with self._claims.connect() as conn:
@@ -393,10 +408,15 @@ class SqlStore:
                          _row_to_state(row, Outputs.read(revs, values), attempts))
         with self.engine.begin() as conn:
             row = conn.execute(at.CLAIM, params).first()
+            if row is not None:  # (PostgreSQL's claim writes it in its one statement)
+                conn.execute(_INSERT_EVENTS, {
+                    "correlation_id": cid, "at": ts, "kind": "attempt_started", "step": step,
+                    "attempt": attempt, "actor": worker, "version": None,
+                    "data": {"delivery": row.deliveries, "task_id": task_id}})
         return None if row is None else Claim(row.id, row.deliveries)
 
-    def record_subtask(self, cid: str, step: str, attempt: int,
-                       output: Any) -> tuple[bool, int | None]:
+    def record_subtask(self, cid: str, step: str, attempt: int, output: Any,
+                       worker: str | None = None) -> tuple[bool, int | None]:
         """A sub-task's success, recorded by itself: (recorded, Celery sub-tasks its
         fan-out still waits for). Not recorded when the attempt is no longer RUNNING
         (cancelled, timed out, abandoned: a late result). The count is None when the
@@ -408,6 +428,10 @@ class SqlStore:
             parent = conn.execute(at.RECORD, params).scalar()
             if parent is None:
                 return False, None
+            conn.execute(_INSERT_EVENTS, {
+                "correlation_id": cid, "at": params["b_now"], "kind": "succeeded",
+                "step": step, "attempt": attempt, "actor": worker, "version": None,
+                "data": {"parent": parent}})
             pending = conn.execute(at.COUNT_DOWN, {"b_cid": cid, "b_parent": parent}).scalar()
         return True, pending
 
@@ -607,7 +631,8 @@ class SqlStore:
                 values = {**_state_values(s, state.version + 1), "updated_at": ts}
                 try:
                     written = pg.write(conn, values, cid, state.version,
-                                       rows_for(s, decision.commands, ts, _fuel(decision)))
+                                       rows_for(s, decision.commands, ts, _fuel(decision),
+                                                state.version + 1))
                 except sa.exc.DBAPIError as exc:
                     if qt.is_refusal(exc):
                         raise qt.QuotaRace(s.client_id) from None
@@ -724,9 +749,9 @@ class SqlStore:
         self._apply(conn, s, decision.commands, ts)
 
     def _apply(self, conn: sa.Connection, s: WorkflowState, commands: Sequence[cmd.Command],
-               ts: datetime) -> None:
+               ts: datetime, version: int | None = None) -> None:
         """Write the rows the commands call for (sending happens after commit)."""
-        rows = rows_for(s, commands, ts)
+        rows = rows_for(s, commands, ts, version=version)
         cid = {"b_cid": s.correlation_id}
         for stmt, params in ((_DELETE_OUTPUT, [{**cid, "b_name": r["name"]}
                                                for r in rows.collected]),
@@ -738,7 +763,8 @@ class SqlStore:
                              (_LEDGER_USAGE, rows.usage),
                              (_SENT, [{**cid, **p} for p in rows.sent]),
                              (_FINISH, [{**cid, **p} for p in rows.finished]),
-                             (_INSERT_OUTBOX, rows.messages)):
+                             (_INSERT_OUTBOX, rows.messages),
+                             (_INSERT_EVENTS, rows.history)):
             if params:
                 conn.execute(stmt, params)
 
@@ -791,6 +817,13 @@ class SqlStore:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(fuel_ledger).where(fuel_ledger.c.correlation_id == cid)
                                 .order_by(fuel_ledger.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def events(self, cid: str) -> list[dict[str, Any]]:
+        """The workflow's event history, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(workflow_events).where(
+                workflow_events.c.correlation_id == cid).order_by(workflow_events.c.id)).all()
         return [dict(r._mapping) for r in rows]
 
     def refused_messages(self, cid: str) -> list[dict[str, Any]]:

@@ -245,3 +245,22 @@ plans = sa.Table(
     sa.Column("created_at", TS, nullable=False),
     sa.UniqueConstraint("name", "content_hash", name="uq_plans_name_content_hash"),
 )
+
+#: 0008: what happened to each workflow, in order (append-only; written in the
+#: transaction of the transition, claim or record it tells of): ``kind`` (started,
+#: dispatched, attempt_started, succeeded, failed, paused, resumed, ...), the step and
+#: attempt it is about, who did it (a client, or a worker) and a few details.
+workflow_events = sa.Table(
+    "workflow_events",
+    metadata,
+    _id(),
+    _workflow(),
+    sa.Column("version", sa.Integer),  # the workflow version its transition wrote
+    sa.Column("at", TS, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("step", sa.String(255)),
+    sa.Column("attempt", sa.Integer),
+    sa.Column("actor", sa.String(255)),
+    sa.Column("data", JSONType),
+    sa.Index("idx_workflow_events_correlation_id", "correlation_id", "id"),
+)

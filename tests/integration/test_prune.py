@@ -29,6 +29,7 @@ from chassis.store.tables import (
     step_attempts,
     step_outputs,
     step_runs,
+    workflow_events,
 )
 from tests.integration.conftest import ROOT
 
@@ -55,7 +56,7 @@ def rows(store: SqlStore, cid: str) -> dict[str, int]:
         return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)
                                      .where(t.c.correlation_id == cid)).scalar_one()
                 for t in (orchestrator_state, step_runs, fuel_ledger, outbox, step_outputs,
-                          step_attempts)}
+                          step_attempts, workflow_events)}
 
 
 @pytest.fixture
@@ -68,9 +69,10 @@ def test_finished_workflows_go_with_their_rows_and_others_stay(store: SqlStore) 
     failed = started(store, WORK)
     store.transition(failed, lambda s, p: co.decide(s, p, co.StepFailed("a", "boom", 1)))
     paused, running = started(store, PAUSE), started(store, WORK)
+    # (events: started, the debit, completed)
     assert rows(store, completed[0]) == {"orchestrator_state": 1, "step_runs": 1,
                                          "fuel_ledger": 1, "outbox": 1, "step_outputs": 0,
-                                         "step_attempts": 1}
+                                         "step_attempts": 1, "workflow_events": 3}
     assert rows(store, failed)["step_outputs"] == 0 and rows(store, failed)["step_attempts"]
     seen: list[int] = []
     dry = prune(store.engine, timedelta(0), kafka=False, dry_run=True, batch=3)
