@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from opentelemetry import trace
 
-from chassis import actions, config, pricing, validation
+from chassis import actions, config, pricing, tracing, validation
 from chassis import coordinator as co
 from chassis.celery_conf import celery_settings
 from chassis.engine import Engine
@@ -131,7 +132,8 @@ class Client:
               fuel_budget: object = DEFAULT_FUEL, correlation_id: str | None = None,
               project_id: str | None = None, request_id: str | None = None,
               known_actions: Collection[str] | None = None, check_actions: bool = True,
-              plan_name: str | None = None, plan_version: int | None = None) -> str:
+              plan_name: str | None = None, plan_version: int | None = None,
+              traceparent: str | None = None) -> str:
         """Start a workflow for ``client_id`` (default: this client's) and return its
         correlation_id. Bad input raises before anything is written.
 
@@ -148,6 +150,9 @@ class Client:
 
         ``check_actions=False`` accepts actions this process does not know (the
         worker has them); ``known_actions`` adds names to the registry's.
+
+        Traced (OTEL_TRACES_EXPORTER set), the workflow's root span starts here, a child
+        of ``traceparent`` (a W3C trace context the start request came with) if given.
         """
         actor = self.client_id if client_id is None else client_id
         if not isinstance(actor, str) or not actor.strip():
@@ -168,11 +173,27 @@ class Client:
             known |= {t.resolved_action for s in p.steps.values() for t in s.sub_tasks}
             known |= {c.action for c in p.compensations()}
         validation.check(p, known)
+        root, traceparent = tracing.start_workflow(
+            cid, plan_name or p.name, actor, traceparent or tracing.caller())
+        try:
+            with trace.use_span(root):
+                return self._start(cid, actor, p, input, budget, project_id, request_id,
+                                   plan_name, plan_version, traceparent)
+        except BaseException as exc:
+            tracing.end(root, exc)
+            raise
+        finally:
+            if root.is_recording():
+                tracing.end(root)
+
+    def _start(self, cid: str, actor: str, p: Plan, input: Any, budget: int,
+               project_id: str | None, request_id: str | None, plan_name: str | None,
+               plan_version: int | None, traceparent: str | None) -> str:
         state = WorkflowState(correlation_id=cid, client_id=actor,
                               status=Status.RUNNING, current_step=p.start_step,
                               fuel_budget=budget, initial_request_data=input,
                               project_id=project_id, request_id=request_id,
-                              nonce=secrets.token_hex(16))
+                              nonce=secrets.token_hex(16), traceparent=traceparent)
         for _ in range(20):
             decision = co.decide(state, p, co.Start())
             try:

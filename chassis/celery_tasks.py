@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
 from typing import Any
 
@@ -22,10 +22,12 @@ from celery.signals import (
     task_prerun,
     task_revoked,
     worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
 )
 from kombu import Queue
 
-from chassis import config, inbox, infra, logs, runtime
+from chassis import config, inbox, infra, logs, runtime, tracing
 from chassis.celery_conf import (
     AI_STEP_TASK,
     AI_SUBTASK_TASK,
@@ -81,27 +83,27 @@ def _register(app: Celery) -> None:
     @app.task(name=STEP_TASK, **_ATTEMPT)
     def step(self: Task, payload: dict[str, Any]) -> str:
         """Run one attempt of a step, record its outcome, dispatch what comes next."""
-        return engine(app).run_step(payload, self.request.id,
-                                    self.request.hostname).report()
+        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+                                    _traceparent(self.request)).report()
 
     @app.task(name=AI_STEP_TASK, **_ATTEMPT)
     def ai_step(self: Task, payload: dict[str, Any]) -> str:
         """``chassis.step`` for an AI action, on the chassis.ai queue; its own name carries
         the AI rate limit (CHASSIS_AI_RATE_LIMIT)."""
-        return engine(app).run_step(payload, self.request.id,
-                                    self.request.hostname).report()
+        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+                                    _traceparent(self.request)).report()
 
     @app.task(name=SUBTASK_TASK, **_ATTEMPT)
     def subtask(self: Task, payload: dict[str, Any]) -> str:
         """Run one attempt of a fan-out sub-task; the last one to succeed fans in."""
-        return engine(app).run_step(payload, self.request.id,
-                                    self.request.hostname).report()
+        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+                                    _traceparent(self.request)).report()
 
     @app.task(name=AI_SUBTASK_TASK, **_ATTEMPT)
     def ai_subtask(self: Task, payload: dict[str, Any]) -> str:
         """``chassis.subtask`` for an AI action (rate-limited like ``chassis.ai_step``)."""
-        return engine(app).run_step(payload, self.request.id,
-                                    self.request.hostname).report()
+        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+                                    _traceparent(self.request)).report()
 
     @app.task(name=CANCEL_TASK, **_CONTRACT)
     def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None,
@@ -230,7 +232,7 @@ def own_app(settings: Settings) -> Celery:
 
 # ------------------------------------------------------------- worker signals
 
-_bound: dict[str, AbstractContextManager[None]] = {}
+_bound: dict[str, AbstractContextManager[Any]] = {}
 
 
 def workflow_ids(task: str, args: Any, kwargs: Any) -> tuple[str | None, str | None]:
@@ -245,13 +247,24 @@ def workflow_ids(task: str, args: Any, kwargs: Any) -> tuple[str | None, str | N
     return cid, (kwargs or {}).get("step")
 
 
+def _traceparent(request: Any) -> str | None:
+    """The trace context (W3C traceparent) a task's message brought in its headers."""
+    found = getattr(request, "traceparent", None)
+    if found is None:
+        headers = getattr(request, "headers", None)
+        found = headers.get("traceparent") if isinstance(headers, dict) else None
+    return found if isinstance(found, str) and len(found) <= 128 else None
+
+
 @task_prerun.connect
 def _bind(task_id: str, task: Any, args: Any = None, kwargs: Any = None, **_: Any) -> None:
     """Every record logged while a task runs (Celery's own "succeeded" line included)
-    carries the workflow's correlation_id, the step and the Celery task id."""
+    carries the workflow's correlation_id, the step and the Celery task id; the trace
+    context its message brought is the caller's (chassis.tracing.caller)."""
     cid, step = workflow_ids(task.name, args, kwargs)
-    ctx = logs.bind(correlation_id=cid, step=step, task_id=task_id)
-    ctx.__enter__()
+    ctx = ExitStack()
+    ctx.enter_context(logs.bind(correlation_id=cid, step=step, task_id=task_id))
+    ctx.enter_context(tracing.incoming(_traceparent(getattr(task, "request", None))))
     _bound[task_id] = ctx
 
 
@@ -282,6 +295,14 @@ def _revoked(sender: Any = None, request: Any = None, terminated: bool = False,
     except Exception:  # a signal handler must not break the worker's loop
         log.exception("could not record the revoked task %s",
                       getattr(request, "id", None))
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _flush_spans(**_: Any) -> None:
+    """A pool process (or the worker) ending sends the spans it still buffers (a forked
+    pool process ends without the exit hooks that would)."""
+    tracing.flush()
 
 
 @worker_process_init.connect

@@ -919,6 +919,8 @@ def base_headers(s: WorkflowState) -> dict[str, str]:
                "project_id": s.project_id or "", fuel.FUEL_HEADER: str(s.fuel_remaining)}
     if s.request_id:
         headers["causation_id"] = s.request_id
+    if s.traceparent:  # (the workflow's trace: an agent that propagates it joins it)
+        headers["traceparent"] = s.traceparent
     return headers
 
 

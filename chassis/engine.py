@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ from celery import Celery, group
 from celery.exceptions import Retry
 from kombu.utils.url import maybe_sanitize_url
 
-from chassis import actions, infra
+from chassis import actions, fuel, hooks, infra, tracing
 from chassis import coordinator as co
 from chassis.celery_conf import step_task_for, subtask_task_for
 from chassis.config import Settings
@@ -36,7 +37,7 @@ from chassis.errors import BrokerUnavailable, DatabaseUnavailable, StepAttemptFa
 from chassis.heartbeat import Heartbeat
 from chassis.plan import FAN_OUT, Plan
 from chassis.policy import TIMEOUT_ERROR
-from chassis.state import WorkflowState, json_copy
+from chassis.state import Status, WorkflowState, json_copy
 from chassis.store import SqlStore, Stuck
 from chassis.store.db import mask_url
 
@@ -197,14 +198,29 @@ class Engine:
             return None
 
     def run_step(self, payload: dict[str, Any], task_id: str | None,
-                 worker: str | None = None) -> Outcome:
+                 worker: str | None = None, traceparent: str | None = None) -> Outcome:
         """Body of the step and sub-task tasks: claim the attempt, run its action under
         a lease, record the outcome (a sub-task's success: its own row, then the fan-in
-        when it was the last)."""
+        when it was the last), all inside the attempt's hooks (:mod:`chassis.hooks`:
+        the log context, the attempt's span, yours). ``traceparent``: the trace context
+        the task's message brought."""
+        charged = payload.get("fuel")
+        info = hooks.Attempt(
+            str(payload["cid"]), str(payload["step"]), str(payload.get("action") or ""),
+            int(payload.get("attempt") or 1), payload.get("parent"), task_id, worker,
+            traceparent, charged if isinstance(charged, int) else None)
+        with hooks.around(info):
+            out = self._run_step(payload, task_id, worker, info)
+            info.outcome = ("skipped" if not out.ran else "succeeded" if out.error is None
+                            else "retrying" if out.retrying else "failed")
+            info.error = out.error
+        return out
+
+    def _run_step(self, payload: dict[str, Any], task_id: str | None, worker: str | None,
+                  info: hooks.Attempt) -> Outcome:
         cid, step = payload["cid"], payload["step"]
         attempt = int(payload.get("attempt") or 1)
         timeout = float(payload.get("timeout") or self.settings.step_timeout)
-        # the worker's log context (tasks/log_context.py) already carries cid/step/task
         plan = self.store.cached_plan(cid)
         names = plan.neighbours(step) if plan is not None else [step]
         claim = infra.persist(lambda: self.store.claim(
@@ -224,6 +240,8 @@ class Engine:
             # a copy: an action changing its input must not change the workflow's data
             # (the claim's state is written back by the transition that follows)
             event = run_action(payload, json_copy(state.step_data(step)), timeout)
+        if isinstance(event, co.StepFailed):
+            info.error_type = event.error_types[0] if event.error_types else None
         parent = payload.get("parent")
         if parent and isinstance(event, co.StepSucceeded):
             recorded, pending = infra.persist(
@@ -236,6 +254,9 @@ class Engine:
                 self.fan_in(cid, parent)
             return Outcome(cid, step, attempt)
         decision = self.apply(cid, event, claim.state, names)
+        settled = fuel.ledger_key(cid, step, attempt) + co.SETTLE_SUFFIX
+        info.settled = next((c.amount for c in decision.commands
+                             if isinstance(c, co.Debit) and c.key == settled), None)
         if isinstance(event, co.StepFailed):
             return Outcome(cid, step, attempt, error=event.error,
                            retrying=decision.retries(step))
@@ -261,17 +282,46 @@ class Engine:
             {n: a for n, (a, _) in done.items()}))
 
     def resume(self, cid: str, approved: bool, feedback: Any = None,
-               client_id: str | None = None, add_fuel: int = 0) -> co.Decision:
+               client_id: str | None = None, add_fuel: int = 0,
+               traceparent: str | None = None) -> co.Decision:
         """``client_id`` approves (feedback kept as human_feedback) or rejects a paused
         workflow, adding ``add_fuel`` to its budget first. Raises WorkflowNotFound
         (another client's too) or InvalidTransition, having changed nothing."""
-        return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel))
+        with self._command_span("resume", cid, client_id, traceparent,
+                                {"chassis.approved": approved, "chassis.add_fuel": add_fuel}):
+            return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel))
+
+    def respond(self, cid: str, response: co.ResponseReceived) -> co.Decision:
+        """An external agent's answer (in the workflow's trace, linked to the agent's
+        span when its message brought one)."""
+        with self._command_span("response", cid, response.client_id, None,
+                                {"chassis.success": response.success}):
+            return self.apply(cid, response)
+
+    @contextmanager
+    def _command_span(self, what: str, cid: str, client_id: str | None,
+                      traceparent: str | None,
+                      attributes: dict[str, Any] | None = None) -> Iterator[None]:
+        """A command's span in the workflow's trace (linked to the caller's, when its
+        message brought one): the resume a pause waited for, a cancel, a retry."""
+        traceparent = traceparent or tracing.caller()
+        if not tracing.active():
+            yield
+            return
+        root = self._db(lambda: self.store.traceparent(cid), "reading the workflow", cid)
+        with tracing.span(f"{what} workflow", under=root or traceparent,
+                          links=tracing.link(traceparent) if root else None,
+                          attributes={tracing.CID: cid, "chassis.client_id": client_id,
+                                      **(attributes or {})}):
+            yield
 
     def cancel(self, cid: str, reason: str | None = None, client_id: str | None = None,
                compensate: bool = False) -> co.Decision:
         """``client_id`` cancels a workflow that has not finished (InvalidTransition
         otherwise); with ``compensate``, its completed steps are undone first."""
-        return self.apply(cid, co.Cancel(reason, client_id, compensate))
+        with self._command_span("cancel", cid, client_id, None,
+                                {"chassis.compensate": compensate}):
+            return self.apply(cid, co.Cancel(reason, client_id, compensate))
 
     def retry(self, cid: str, client_id: str | None = None) -> co.Decision:
         """``client_id`` retries a FAILED workflow from its failed step (InvalidTransition
@@ -283,21 +333,32 @@ class Engine:
         if step is not None and step.action == FAN_OUT:
             outputs = self._db(lambda: self.store.completed_subtasks(cid, state.current_step),
                                "reading sub-task outputs", cid)
-        return self.apply(cid, co.Retry({n: o for n, (_, o) in outputs.items()},
-                                        {n: a for n, (a, _) in outputs.items()}, client_id))
+        with self._command_span("retry", cid, client_id, None):
+            return self.apply(cid, co.Retry({n: o for n, (_, o) in outputs.items()},
+                                            {n: a for n, (a, _) in outputs.items()},
+                                            client_id))
 
     # -------------------------------------------------------------- sending
 
     def dispatch(self, decision: co.Decision) -> None:
         """Send the Celery tasks (and revokes) a committed decision calls for."""
         s = decision.state
+        charges = {c.key: c.amount + c.held for c in decision.commands
+                   if isinstance(c, co.Debit) and c.kind in ("debit", "reserve")}
         for c in decision.commands:
             if isinstance(c, co.RunStep):
-                self._publish(partial(self._send, s, c), s.correlation_id)
+                self._publish(partial(self._send, s, c, charges), s.correlation_id)
             elif isinstance(c, co.RunFanOut):
-                self._publish(partial(self._group, s, c), s.correlation_id)
+                self._publish(partial(self._group, s, c, charges), s.correlation_id)
             elif isinstance(c, co.Revoke):
                 self._revoke(s.correlation_id, c.task_ids)
+        if decision.state.status is Status.PAUSED_FOR_HUMAN_INPUT and any(
+                isinstance(c, co.Emit) for c in decision.commands):
+            # a pause keeps no span open: a mark in the trace, the resume another
+            with tracing.span(f"pause {s.current_step}", under=s.traceparent, attributes={
+                    tracing.CID: s.correlation_id, tracing.STEP: s.current_step,
+                    "chassis.pause": "fuel" if s.budget_wait else "approval"}):
+                pass
 
     def resend(self, row: Stuck) -> None:
         """Send an attempt again, as it was first sent (the sweep's re-send; the claim
@@ -308,24 +369,33 @@ class Engine:
         self._send(state, co.RunStep(row.step, row.action, dict(params), row.request_id or "",
                                      row.parent_step, row.attempt, plan.timeout(row.step)))
 
-    def _send(self, s: WorkflowState, c: co.RunStep) -> None:
+    def _send(self, s: WorkflowState, c: co.RunStep,
+              charges: dict[str, int] | None = None) -> None:
         name = subtask_task_for(c.action) if c.parent_step else step_task_for(c.action)
-        self.app.send_task(name, args=[message(s, c)], task_id=c.request_id,
+        self.app.send_task(name, args=[message(s, c, charges)], task_id=c.request_id,
                            countdown=c.delay or None, ignore_result=True,
                            time_limit=self._hard_limit(c), argsrepr=_repr(s, c),
-                           kwargsrepr="{}", shadow=shown_name(name, c.action))
+                           kwargsrepr="{}", shadow=shown_name(name, c.action),
+                           headers=_trace_headers(s.traceparent))
 
-    def _group(self, s: WorkflowState, c: co.RunFanOut) -> None:
-        sigs = [self.app.signature(
-            subtask_task_for(t.action) if t.parent_step else step_task_for(t.action),
-            args=[message(s, t)],
-            options={"task_id": t.request_id, "ignore_result": True,
-                     "time_limit": self._hard_limit(t), "argsrepr": _repr(s, t),
-                     "kwargsrepr": "{}",
-                     "shadow": shown_name(subtask_task_for(t.action) if t.parent_step
-                                          else step_task_for(t.action), t.action)})
-                for t in c.subtasks]
-        group(sigs, app=self.app).apply_async(add_to_parent=False)
+    def _group(self, s: WorkflowState, c: co.RunFanOut,
+               charges: dict[str, int] | None = None) -> None:
+        """The fan-out's sub-tasks as one Celery group; traced, a span of the fan-out
+        whose children their attempts' spans are."""
+        with tracing.span(f"fan_out {c.step}", under=s.traceparent, attributes={
+                tracing.CID: s.correlation_id, tracing.STEP: c.step,
+                "chassis.subtasks": len(c.subtasks)}) as fan:
+            headers = _trace_headers(tracing.traceparent_of(fan) or s.traceparent)
+            sigs = [self.app.signature(
+                subtask_task_for(t.action) if t.parent_step else step_task_for(t.action),
+                args=[message(s, t, charges)],
+                options={"task_id": t.request_id, "ignore_result": True,
+                         "time_limit": self._hard_limit(t), "argsrepr": _repr(s, t),
+                         "kwargsrepr": "{}", "headers": headers,
+                         "shadow": shown_name(subtask_task_for(t.action) if t.parent_step
+                                              else step_task_for(t.action), t.action)})
+                    for t in c.subtasks]
+            group(sigs, app=self.app).apply_async(add_to_parent=False)
 
     def _hard_limit(self, c: co.RunStep) -> float:
         return (c.timeout or self.settings.step_timeout) + HARD_LIMIT_GRACE
@@ -402,9 +472,19 @@ def _repr(s: WorkflowState, c: co.RunStep) -> str:
     return f"({s.correlation_id}/{c.step}#{c.attempt}: {c.action})"
 
 
-def message(s: WorkflowState, c: co.RunStep) -> dict[str, Any]:
+def message(s: WorkflowState, c: co.RunStep,
+            charges: dict[str, int] | None = None) -> dict[str, Any]:
     """The task payload of one attempt: what it runs, not the data it sees (the worker
     reads that with its claim), so a message stays the same size however much the
-    workflow has collected."""
-    return {"cid": s.correlation_id, "step": c.step, "action": c.action, "params": c.params,
-            "parent": c.parent_step, "attempt": c.attempt, "timeout": c.timeout}
+    workflow has collected; and the fuel charged (or reserved) for it, when known."""
+    out = {"cid": s.correlation_id, "step": c.step, "action": c.action, "params": c.params,
+           "parent": c.parent_step, "attempt": c.attempt, "timeout": c.timeout}
+    charged = (charges or {}).get(fuel.ledger_key(s.correlation_id, c.step, c.attempt))
+    if charged is not None:
+        out["fuel"] = charged
+    return out
+
+
+def _trace_headers(traceparent: str | None) -> dict[str, str] | None:
+    """Celery message headers carrying the trace context (W3C traceparent), if any."""
+    return {tracing.TRACEPARENT: traceparent} if traceparent else None

@@ -110,7 +110,7 @@ def respond(engine: Engine, correlation_id: Any, request_id: Any, success: Any,
                                        and len(error_type) <= ERROR_NAME_MAX
                                        and ERROR_NAME.match(error_type)):
         raise InputError("error_type must be an error type name such as RateLimited")
-    engine.apply(cid, co.ResponseReceived(rid, success, data, error, error_type, actor))
+    engine.respond(cid, co.ResponseReceived(rid, success, data, error, error_type, actor))
 
 
 __all__ = ["cancel", "respond", "resume", "retry", "status"]

@@ -43,8 +43,11 @@ _SUMMARY = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 
 
 def _celery_received(record: logging.LogRecord) -> dict[str, str | None]:
-    """Celery logs "Task ... received" before the task runs, outside any context, with
-    the task's id and argument summary in ``record.data``: take the ids from there."""
+    """Celery logs "Task ... received" before the task runs, outside any context (and
+    before any signal or hook: its task_received signal comes after the line), with the
+    task's id and argument summary in ``record.data``: take the ids from there (the
+    summary is the engine's own, see chassis.engine._repr). Everything logged while an
+    attempt runs has its context from the attempt's hooks (chassis.hooks)."""
     data = getattr(record, "data", None)
     if not isinstance(data, dict) or "id" not in data:
         return {}

@@ -352,6 +352,10 @@ class WorkflowState:
     project_id: str | None = None
     request_id: str | None = None
     version: int = 0
+    traceparent: str | None = None
+    """The trace context (W3C traceparent) of the workflow's root span, when traced:
+    every later span of the workflow is in its trace, and every outgoing message
+    carries it."""
     nonce: str | None = None
     """A secret of the workflow's, mixed into its request ids so that nobody who knows
     the workflow's id can forge an answer to one of its requests."""

@@ -85,6 +85,8 @@ def main() -> None:
         headers = {"correlation_id": h.get("correlation_id", ""),
                    "causation_id": h.get("request_id", ""),
                    "client_id": h.get("client_id", ""), "project_id": h.get("project_id", "")}
+        if h.get("traceparent"):  # the workflow's trace: the answer goes on in it
+            headers["traceparent"] = h["traceparent"]
         producer.produce(args.responses, key=msg.key(), value=json.dumps(answer(msg.value())),
                          headers=[(k, v.encode()) for k, v in headers.items()])
         producer.flush(30)

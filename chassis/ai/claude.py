@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+from opentelemetry.trace import SpanKind
 
+from chassis import tracing
 from chassis.actions import current_attempt
 from chassis.ai.breaker import CircuitBreaker, counts
 from chassis.ai.errors import ClaudeAPIError, EmbeddingsNotSupported, EmptyAnswer, MissingAPIKey
@@ -156,7 +158,22 @@ class ClaudeProvider:
             # not in the current SDK's typed signature (newer models reject values other
             # than the default): in the body only when a plan sets it
             kwargs["extra_body"] = {"temperature": request.temperature}
-        return self.client.messages.create(**kwargs)
+        # one span per request (a retry is another), as the GenAI conventions have it
+        with tracing.span(f"chat {request.model}", kind=SpanKind.CLIENT, attributes={
+                "gen_ai.system": "anthropic", "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": request.model,
+                "gen_ai.request.max_tokens": request.max_tokens,
+                "gen_ai.request.temperature": request.temperature,
+                "server.address": self.options.base_url}) as span:
+            message = self.client.messages.create(**kwargs)
+            if span.is_recording():
+                span.set_attributes({
+                    "gen_ai.response.model": message.model,
+                    "gen_ai.response.id": message.id,
+                    "gen_ai.response.finish_reasons": [message.stop_reason or ""],
+                    "gen_ai.usage.input_tokens": message.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": message.usage.output_tokens})
+            return message
 
     def breaker(self) -> CircuitBreaker | None:
         """This provider's circuit breaker, in ``breakers`` or else in the running

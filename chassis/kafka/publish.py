@@ -6,7 +6,9 @@ with Celery's own protocol-2 builder (``app.amqp.as_task_v2``), sends it straigh
 its queue by name (the default exchange, as a worker's queue binding does), and
 publishes a whole Kafka batch in one kombu publish batch: one Redis pipeline. The
 messages are exactly what ``send_task`` would send, except that the
-``before/after_task_publish`` signals are not fired for them.
+``before/after_task_publish`` signals are not fired for them; the trace context a Kafka
+message brought (its ``traceparent`` header) goes on in the Celery message's headers,
+where the worker takes it from.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class TaskPublisher:
                 m = amqp.as_task_v2(call.task_id or str(uuid.uuid4()), call.task, call.args,
                                     {}, argsrepr=call.summary, kwargsrepr="{}",
                                     ignore_result=True, origin=self.origin)
+                if call.traceparent:  # (the trace context, as Celery's own headers carry it)
+                    m.headers["traceparent"] = call.traceparent
                 producer.publish(m.body, exchange="", routing_key=self.queue(call.task),
                                  serializer=serializer, headers=m.headers, declare=None,
                                  retry=False, delivery_mode=PERSISTENT, **m.properties)

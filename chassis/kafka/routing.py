@@ -23,6 +23,7 @@ system.responses.*)                                     [error_type]}; correlati
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -79,6 +80,10 @@ class Rejected(Exception):
         self.detail = detail
 
 
+#: A W3C traceparent header (version 00): the only form carried on.
+TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
 @dataclass(frozen=True)
 class TaskCall:
     """A Celery task to publish for one message."""
@@ -87,6 +92,9 @@ class TaskCall:
     args: list[Any]
     task_id: str | None = None
     correlation_id: str | None = None
+    traceparent: str | None = None
+    """The trace context the Kafka message brought (its W3C ``traceparent`` header),
+    carried on in the Celery message's headers."""
 
     @property
     def summary(self) -> str:
@@ -391,8 +399,12 @@ class Router:
                                        "different values")
         route, m = found
         try:
-            return route.parse(Incoming(topic, value, headers, m, self.limits),
+            call = route.parse(Incoming(topic, value, headers, m, self.limits),
                                self.directory)
+            tp = headers.get("traceparent")
+            if isinstance(tp, str) and TRACEPARENT.match(tp):  # (anything else: ignored)
+                call = dataclasses.replace(call, traceparent=tp)
+            return call
         except (Rejected, MemoryError):
             raise
         except Exception as exc:

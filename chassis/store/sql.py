@@ -187,7 +187,8 @@ def _row_to_state(row: Any, outputs: Outputs, attempts: Progress) -> WorkflowSta
         initial_request_data=m["initial_request_data"], final_result=m["final_result"],
         error=m["error"], fuel_spent=m["fuel_spent"], project_id=m["project_id"],
         request_id=m["request_id"], version=m["version"], created_at=m["created_at"],
-        updated_at=m["updated_at"], attempts=attempts, nonce=m["nonce"])
+        updated_at=m["updated_at"], attempts=attempts, nonce=m["nonce"],
+        traceparent=m["traceparent"])
     state.load_saga(m["saga"])
     return state
 
@@ -344,7 +345,7 @@ class SqlStore:
                   "project_id": s.project_id, "request_id": s.request_id,
                   "plan": plan_to_dict(plan), "plan_name": plan_name,
                   "plan_version": plan_version, "fuel_budget": s.fuel_budget,
-                  "nonce": s.nonce,
+                  "nonce": s.nonce, "traceparent": s.traceparent,
                   "created_at": ts, "updated_at": ts}
         if self._claims is not None:  # PostgreSQL: one statement, one round trip
             with self.engine.connect() as conn:
@@ -818,6 +819,13 @@ class SqlStore:
             rows = conn.execute(sa.select(fuel_ledger).where(fuel_ledger.c.correlation_id == cid)
                                 .order_by(fuel_ledger.c.id)).all()
         return [dict(r._mapping) for r in rows]
+
+    def traceparent(self, cid: str) -> str | None:
+        """The trace context of the workflow's root span (None: not traced, or no such
+        workflow)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(orchestrator_state.c.traceparent).where(
+                orchestrator_state.c.correlation_id == cid)).scalar()
 
     def events(self, cid: str) -> list[dict[str, Any]]:
         """The workflow's event history, oldest first."""

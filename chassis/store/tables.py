@@ -81,6 +81,8 @@ orchestrator_state = sa.Table(
     sa.Column("nonce", sa.String(64)),
     # 0004: the saga's progress (see WorkflowState.saga)
     sa.Column("saga", JSONType),
+    # 0008: the trace context of the workflow's root span (W3C traceparent), if traced
+    sa.Column("traceparent", sa.String(64)),
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),

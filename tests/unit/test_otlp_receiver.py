@@ -12,27 +12,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-# the exporter (and the protobuf classes it brings) is not among the test extras
-pytest.importorskip("opentelemetry.sdk.trace")
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-
-from google.protobuf import json_format  # noqa: E402
-from google.rpc import status_pb2  # noqa: E402
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.exporter.otlp.proto.http import Compression  # noqa: E402
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: E402
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter,
 )
-from opentelemetry.sdk.resources import Resource  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import (  # noqa: E402
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
 )
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode  # noqa: E402
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from tests.fakes.otlp_receiver import OTLPReceiver, Span  # noqa: E402
+from tests.fakes.otlp_receiver import OTLPReceiver, Span
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,4 @@
-"""The event history: what happened to each workflow, in order.
+"""The event history: what happened to each workflow, in order; and its trace.
 
 Revision ID: 0008
 Revises: 0007
@@ -7,7 +7,8 @@ Create Date: 2026-12-02
 ``workflow_events`` is append-only: each transition (and each claim of an attempt by a
 worker, and each sub-task's own record of its success) adds the rows of what it did,
 in its own transaction. Workflows started before this migration have history from
-then on.
+then on. ``orchestrator_state.traceparent``: the trace context of the workflow's root
+span (OpenTelemetry), when tracing is on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("orchestrator_state") as t:
+        t.add_column(sa.Column("traceparent", sa.String(64)))
     op.create_table(
         "workflow_events",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
@@ -50,3 +53,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("idx_workflow_events_correlation_id", "workflow_events")
     op.drop_table("workflow_events")
+    with op.batch_alter_table("orchestrator_state") as t:
+        t.drop_column("traceparent")
