@@ -246,6 +246,9 @@ def _fuel_prices(env: Mapping[str, str]) -> str | None:
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = os.environ if env is None else env
+    from chassis import tracing
+
+    tracing.check(env)  # (OTEL_* it cannot honour: one line now, not failed steps later)
     home = Path(env.get("CHASSIS_HOME") or Path.cwd() / ".chassis").resolve()
     database_url = normalize_database_url(
         env.get("CHASSIS_DATABASE_URL") or f"sqlite:///{home / 'chassis.db'}"

@@ -73,6 +73,9 @@ def trace_attempt(attempt: Attempt) -> Iterator[None]:
     """A span per attempt (``step <name>``), child of the context its message brought;
     its attributes: the workflow's and the step's ids, the action, the attempt, the fuel
     charged, and once recorded the outcome (a failure marks the span as an error)."""
+    if not tracing.active():  # (tracing off: nothing at all)
+        yield
+        return
     with tracing.span(f"step {attempt.step}", under=attempt.traceparent, attributes={
             tracing.CID: attempt.correlation_id, tracing.STEP: attempt.step,
             tracing.ACTION: attempt.action, tracing.ATTEMPT: attempt.attempt,

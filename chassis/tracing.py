@@ -97,17 +97,27 @@ def setup() -> None:
 _ours: list[Any] = [None]
 
 
-def _exporter(name: str) -> Any:
-    if name in ("", "none"):
-        return None
-    if name == "otlp":
-        protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                    or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
-        if protocol.strip() != "http/protobuf":
-            from chassis.errors import ConfigError
+def check(env: Mapping[str, str]) -> None:
+    """ConfigError (one line) for OTEL_* settings agentchassis cannot honour: an unknown
+    exporter, or OTLP over anything but HTTP/protobuf. (Read with the settings, so a
+    misconfigured process stops at once instead of failing its steps.)"""
+    from chassis.errors import ConfigError
 
-            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} is not supported: "
-                              "agentchassis exports OTLP over HTTP (http/protobuf)")
+    if not enabled(env):
+        return
+    for name in (env.get("OTEL_TRACES_EXPORTER") or "").split(","):
+        if name.strip().lower() not in ("", "none", "otlp", "console"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER {name.strip()[:40]!r} is not supported: "
+                              "otlp, console or none")
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+    if protocol != "http/protobuf":
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol[:40]!r} is not supported: "
+                          "agentchassis exports OTLP over HTTP (http/protobuf)")
+
+
+def _exporter(name: str) -> Any:
+    if name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
@@ -115,9 +125,7 @@ def _exporter(name: str) -> Any:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    from chassis.errors import ConfigError
-
-    raise ConfigError(f"OTEL_TRACES_EXPORTER {name!r} is not supported: otlp, console or none")
+    return None  # (none, or refused by check() when the settings were read)
 
 
 def active() -> bool:

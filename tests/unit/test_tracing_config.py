@@ -1,0 +1,42 @@
+"""Tracing is configured by the standard OTEL_* variables: off unless an exporter is
+named; settings agentchassis cannot honour are refused when the settings are read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chassis import config, tracing
+from chassis.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize(("env", "on"), [
+    ({}, False), ({"OTEL_TRACES_EXPORTER": "none"}, False),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, True), ({"OTEL_TRACES_EXPORTER": "console,otlp"}, True),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
+])
+def test_on_only_when_an_exporter_is_named(env: dict[str, str], on: bool) -> None:
+    assert tracing.enabled(env) is on
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER 'zipkin' is not supported"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+     "OTEL_EXPORTER_OTLP_PROTOCOL 'grpc' is not supported"),
+])
+def test_what_it_cannot_honour_is_refused_with_the_settings(
+        env: dict[str, str], says: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=says):
+        config.load({**env, "CHASSIS_HOME": str(tmp_path)})
+    config.load({**env, "OTEL_SDK_DISABLED": "true", "CHASSIS_HOME": str(tmp_path)})
+
+
+def test_trace_context_round_trips_and_junk_is_no_parent() -> None:
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert tracing.parent(tp) is not None
+    assert tracing.link(tp)[0].context.trace_id == 0x0af7651916cd43dd8448eb211c80319c
+    for junk in (None, "", "garbage", "00-0-0-01"):
+        assert tracing.parent(junk) is None and tracing.link(junk) == []
