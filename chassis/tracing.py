@@ -63,34 +63,40 @@ def setup() -> None:
     pid = os.getpid()
     if _configured_pid and _configured_pid[0] == pid:
         return
-    with _lock:
+    with _lock:  # (others wait here until the provider is in place)
         if _configured_pid and _configured_pid[0] == pid:
             return
-        _configured_pid[:] = [pid]
-        if not enabled():
-            return
-        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        try:
+            _install()
+        finally:
+            _configured_pid[:] = [pid]
 
-        current = trace.get_tracer_provider()
-        if isinstance(current, TracerProvider) and current is not _ours[0]:
-            return  # the process's own (an application's, a test's)
-        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
-                                    or "agentchassis"}).merge(OTELResourceDetector().detect())
-        provider = TracerProvider(resource=resource)
-        for name in (os.environ.get("OTEL_TRACES_EXPORTER") or "").split(","):
-            exporter = _exporter(name.strip().lower())
-            if exporter is not None:
-                provider.add_span_processor(BatchSpanProcessor(exporter))
-        if current is _ours[0] and current is not None:
-            # inherited through a fork: the API takes a provider once, so replace it
-            # where the API keeps it
-            from opentelemetry.util._once import Once
 
-            trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
-        trace.set_tracer_provider(provider)
-        _ours[0] = provider
+def _install() -> None:
+    if not enabled():
+        return
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider) and current is not _ours[0]:
+        return  # the process's own (an application's, a test's)
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
+                                or "agentchassis"}).merge(OTELResourceDetector().detect())
+    provider = TracerProvider(resource=resource)
+    for name in (os.environ.get("OTEL_TRACES_EXPORTER") or "").split(","):
+        exporter = _exporter(name.strip().lower())
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+    if current is _ours[0] and current is not None:
+        # inherited through a fork: the API takes a provider once, so replace it
+        # where the API keeps it
+        from opentelemetry.util._once import Once
+
+        trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+    trace.set_tracer_provider(provider)
+    _ours[0] = provider
 
 
 #: The provider :func:`setup` installed, if any.

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from chassis import commands as cmd
+from chassis.plan import PAUSE
 from chassis.state import StepStatus, WorkflowState
 from chassis.store import quotas
 
@@ -139,8 +140,8 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime,
 _EMITTED = {"WORKFLOW_COMPLETED": "completed", "WORKFLOW_FAILED": "workflow_failed",
             "WORKFLOW_CANCELLED": "cancelled", "WORKFLOW_COMPENSATING": "compensating",
             "WORKFLOW_COMPENSATED": "compensated",
-            "WORKFLOW_PAUSED_FOR_APPROVAL": "paused_for_approval",
             "WORKFLOW_PAUSED_FOR_BUDGET": "paused_for_fuel"}
+#: (a pause for approval is told by its step's record, which names the step)
 #: Notification fields the history leaves out (the workflow's, or large).
 _LEFT_OUT = frozenset({"event_type", "correlation_id", "project_id", "client_id",
                        "final_result", "data_for_review", "message"})
@@ -188,6 +189,8 @@ def history(cid: str, commands: Sequence[cmd.Command], ts: datetime,
                 data=data or None)
         elif isinstance(c, cmd.RecordStep) and c.action == "fan_out":
             add("fanned_out", c.step, c.attempt, data={"celery_subtasks": c.pending})
+        elif isinstance(c, cmd.RecordStep) and c.action == PAUSE:
+            add("paused_for_approval", c.step, c.attempt)
         elif isinstance(c, cmd.Debit):
             fuel: dict[str, Any] = {"action": c.action, "amount": c.amount}
             if c.held:

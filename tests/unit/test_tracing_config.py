@@ -40,3 +40,28 @@ def test_trace_context_round_trips_and_junk_is_no_parent() -> None:
     assert tracing.link(tp)[0].context.trace_id == 0x0af7651916cd43dd8448eb211c80319c
     for junk in (None, "", "garbage", "00-0-0-01"):
         assert tracing.parent(junk) is None and tracing.link(junk) == []
+
+
+def test_threads_starting_at_once_all_see_the_provider(tmp_path: Path) -> None:
+    """The first spans of a 512-thread worker start together: none may find tracing
+    half set up (and go unrecorded). In a process of its own (a provider is set once)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threading\n"
+        "from chassis import tracing\n"
+        "seen = []\n"
+        "go = threading.Barrier(16)\n"
+        "def one():\n"
+        "    go.wait()\n"
+        "    seen.append(tracing.active())\n"
+        "ts = [threading.Thread(target=one) for _ in range(16)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "print(sorted(seen))\n")
+    env = {"OTEL_TRACES_EXPORTER": "console", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([True] * 16)
