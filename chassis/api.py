@@ -173,22 +173,25 @@ class Client:
             known |= {t.resolved_action for s in p.steps.values() for t in s.sub_tasks}
             known |= {c.action for c in p.compensations()}
         validation.check(p, known)
+        if traceparent is not None and not isinstance(traceparent, str):
+            raise InputError(f"traceparent must be text (a W3C trace context), got "
+                             f"{type(traceparent).__name__}")
         root, traceparent = tracing.start_workflow(
             cid, plan_name or p.name, actor, traceparent or tracing.caller())
         try:
-            with trace.use_span(root):
-                return self._start(cid, actor, p, input, budget, project_id, request_id,
-                                   plan_name, plan_version, traceparent)
+            with trace.use_span(root, record_exception=False, set_status_on_exception=False):
+                created = self._start(cid, actor, p, input, budget, project_id, request_id,
+                                      plan_name, plan_version, traceparent)
         except BaseException as exc:
             tracing.end(root, exc)
             raise
-        finally:
-            if root.is_recording():
-                tracing.end(root)
+        if created:  # (a repeated start: its span is dropped, never ended nor sent)
+            tracing.end(root)
+        return cid
 
     def _start(self, cid: str, actor: str, p: Plan, input: Any, budget: int,
                project_id: str | None, request_id: str | None, plan_name: str | None,
-               plan_version: int | None, traceparent: str | None) -> str:
+               plan_version: int | None, traceparent: str | None) -> bool:
         state = WorkflowState(correlation_id=cid, client_id=actor,
                               status=Status.RUNNING, current_step=p.start_step,
                               fuel_budget=budget, initial_request_data=input,
@@ -204,7 +207,7 @@ class Client:
                 continue
             if not created:
                 self._same_start(cid, actor, p, input, budget)
-            return cid
+            return created
         raise StaleState(f"workflow {cid}: too much contention on client {actor!r}'s "
                          "quota; nothing was written, try again", correlation_id=cid)
 

@@ -93,6 +93,8 @@ class Outcome:
     """False for a duplicate delivery (the attempt finished, or runs elsewhere)."""
     error: str | None = None
     retrying: bool = False
+    ignored: bool = False
+    """It ran, but its result was no longer awaited (cancelled, timed out meanwhile)."""
 
     def report(self) -> str:
         """Tell Celery (and Flower) the truth: a success returns a one-line summary (the
@@ -211,7 +213,8 @@ class Engine:
             traceparent, charged if isinstance(charged, int) else None)
         with hooks.around(info):
             out = self._run_step(payload, task_id, worker, info)
-            info.outcome = ("skipped" if not out.ran else "succeeded" if out.error is None
+            info.outcome = ("skipped" if not out.ran else "ignored" if out.ignored
+                            else "succeeded" if out.error is None
                             else "retrying" if out.retrying else "failed")
             info.error = out.error
         return out
@@ -250,7 +253,8 @@ class Engine:
             if not recorded:
                 log.info("sub-task %s attempt %d is no longer awaited: result ignored",
                          step, attempt)
-            elif pending is not None and pending <= 0:
+                return Outcome(cid, step, attempt, ignored=True)
+            if pending is not None and pending <= 0:
                 self.fan_in(cid, parent)
             return Outcome(cid, step, attempt)
         decision = self.apply(cid, event, claim.state, names)
@@ -259,8 +263,8 @@ class Engine:
                              if isinstance(c, co.Debit) and c.key == settled), None)
         if isinstance(event, co.StepFailed):
             return Outcome(cid, step, attempt, error=event.error,
-                           retrying=decision.retries(step))
-        return Outcome(cid, step, attempt)
+                           retrying=decision.retries(step), ignored=not decision.changed)
+        return Outcome(cid, step, attempt, ignored=not decision.changed)
 
     def _attempt(self, cid: str, step: str, attempt: int) -> actions.Attempt:
         """What an action learns of its attempt: a model response kept by an earlier

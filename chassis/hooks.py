@@ -22,12 +22,15 @@ The log context and tracing are hooks themselves (:data:`DEFAULT`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from chassis import logs, tracing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,8 +50,9 @@ class Attempt:
     """Fuel charged (or reserved) for the attempt when it was dispatched."""
     outcome: str | None = None
     """Once recorded: ``succeeded``, ``failed``, ``retrying`` (failed, another attempt
-    follows) or ``skipped`` (a duplicate delivery: the attempt finished or runs
-    elsewhere)."""
+    follows), ``skipped`` (a duplicate delivery: the attempt finished or runs elsewhere)
+    or ``ignored`` (it ran, but its result came too late: the workflow was cancelled or
+    had moved on)."""
     error: str | None = None
     error_type: str | None = None
     settled: int | None = None
@@ -108,11 +112,40 @@ def unregister(hook: Hook) -> None:
 
 
 @contextmanager
+def _guarded(hook: Hook, attempt: Attempt) -> Iterator[None]:
+    """``hook`` around the attempt; a hook that raises is logged and left out (a broken
+    metrics hook must not stop the attempts it measures)."""
+    try:
+        cm = hook(attempt)
+        cm.__enter__()
+    except Exception:  # noqa: BLE001
+        log.exception("hook %s failed before step %s: left out", _name(hook), attempt.step)
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            cm.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception:  # noqa: BLE001
+            log.exception("hook %s failed after step %s", _name(hook), attempt.step)
+        raise
+    try:
+        cm.__exit__(None, None, None)
+    except Exception:  # noqa: BLE001
+        log.exception("hook %s failed after step %s", _name(hook), attempt.step)
+
+
+def _name(hook: Hook) -> str:
+    return getattr(hook, "__qualname__", None) or repr(hook)
+
+
+@contextmanager
 def around(attempt: Attempt) -> Iterator[Attempt]:
-    """Run the hooks around an attempt."""
+    """Run the hooks around an attempt (each one's failure is its own)."""
     with ExitStack() as stack:
         for hook in list(_hooks):
-            stack.enter_context(hook(attempt))
+            stack.enter_context(_guarded(hook, attempt))
         yield attempt
 
 

@@ -23,6 +23,7 @@ pause.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,7 @@ CID, STEP, ACTION, ATTEMPT = ("chassis.correlation_id", "chassis.step", "chassis
                               "chassis.attempt")
 
 _propagator = TraceContextTextMapPropagator()
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _configured_pid: list[int] = []
 
@@ -68,6 +70,8 @@ def setup() -> None:
             return
         try:
             _install()
+        except Exception:  # noqa: BLE001  (tracing must never fail the work it traces)
+            log.exception("tracing could not be set up: this process goes on untraced")
         finally:
             _configured_pid[:] = [pid]
 
@@ -120,6 +124,20 @@ def check(env: Mapping[str, str]) -> None:
     if protocol != "http/protobuf":
         raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol[:40]!r} is not supported: "
                           "agentchassis exports OTLP over HTTP (http/protobuf)")
+    numbers = {}
+    for name, default in (("OTEL_BSP_SCHEDULE_DELAY", 5000), ("OTEL_BSP_EXPORT_TIMEOUT", 30000),
+                          ("OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+                          ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)):
+        raw = (env.get(name) or "").strip()
+        try:
+            numbers[name] = int(raw) if raw else default
+        except ValueError:
+            numbers[name] = -1
+        if numbers[name] <= 0:
+            raise ConfigError(f"{name} must be a positive whole number, got {raw[:40]!r}")
+    if numbers["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] > numbers["OTEL_BSP_MAX_QUEUE_SIZE"]:
+        raise ConfigError("OTEL_BSP_MAX_EXPORT_BATCH_SIZE must not be more than "
+                          "OTEL_BSP_MAX_QUEUE_SIZE")
 
 
 def _exporter(name: str) -> Any:
@@ -190,7 +208,10 @@ def incoming(traceparent: str | None) -> Iterator[None]:
 
 
 def caller() -> str | None:
-    """The trace context of the message being handled, if it brought one."""
+    """The trace context of the message being handled, if it brought one, and no span
+    of this process is current (an action starting a workflow: its step's span is)."""
+    if trace.get_current_span().get_span_context().is_valid:
+        return None
     return _incoming.get()
 
 
@@ -223,7 +244,9 @@ def start_workflow(cid: str, plan: str | None, client_id: str,
                             kind=SpanKind.INTERNAL,
                             attributes={CID: cid, "chassis.plan": plan or "",
                                         "chassis.client_id": client_id})
-    return s, traceparent_of(s)
+    # (not recorded, e.g. tracing off: the API's span carries its parent's context,
+    # which is not the workflow's to keep)
+    return s, traceparent_of(s) if s.is_recording() else None
 
 
 def end(s: Span, error: BaseException | None = None) -> None:

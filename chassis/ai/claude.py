@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import anthropic
 from opentelemetry.trace import SpanKind
@@ -164,7 +165,7 @@ class ClaudeProvider:
                 "gen_ai.request.model": request.model,
                 "gen_ai.request.max_tokens": request.max_tokens,
                 "gen_ai.request.temperature": request.temperature,
-                "server.address": self.options.base_url}) as span:
+                "server.address": urlsplit(self.options.base_url).hostname}) as span:
             message = self.client.messages.create(**kwargs)
             if span.is_recording():
                 span.set_attributes({

@@ -142,7 +142,8 @@ def print_events(entries: list[dict[str, Any]]) -> None:
         data = e.get("data")
         details = "" if not data else json.dumps(data, separators=(", ", ": "),
                                                   default=str)
-        t.add_row(_time(e["at"]), escape(e["kind"]), escape(e["step"] or "-"),
+        t.add_row(escape((e["at"] or "")[:23].replace("T", " ")), escape(e["kind"]),
+                  escape(e["step"] or "-"),
                   "" if e["attempt"] is None else str(e["attempt"]),
                   escape(e["actor"] or "-"), escape(details[:160]))
     console().print(t)

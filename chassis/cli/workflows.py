@@ -153,6 +153,9 @@ def _leave_now(exc: Exception) -> None:
         click.echo(f"error: {line}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    from chassis import tracing
+
+    tracing.flush()  # (os._exit runs no exit hook: the spans buffered would be lost)
     os._exit(status)
 
 

@@ -895,8 +895,18 @@ class SqlStore:
     def mark_resent(self, row: at.Stuck) -> bool:
         """Record that the sweep sends ``row`` again, if it is still as it was seen;
         False when another sweep (or the worker) got there first."""
+        ts = now()
         with self.engine.begin() as conn:
-            return at.mark_resent(conn, row, now())
+            if not at.mark_resent(conn, row, ts):
+                return False
+            why = ("its worker was lost" if row.status == StepStatus.RUNNING.value
+                   else "it was not taken" if row.status == StepStatus.DISPATCHED.value
+                   else "it was due")
+            conn.execute(_INSERT_EVENTS, {
+                "correlation_id": row.correlation_id, "at": ts, "kind": "resent",
+                "step": row.step, "attempt": row.attempt, "actor": "sweep", "version": None,
+                "data": {"why": why, "was": row.status, "sends": row.sends + 1}})
+            return True
 
     def list(self, status: str | None = None, limit: int = 50,
              client_id: str | None = None) -> list[WorkflowState]:

@@ -100,3 +100,27 @@ def test_failures_retries_and_cancels_are_told() -> None:
     assert lines[1][2]["attempt"] == 2 and lines[1][2]["data"]["due_in"] > 0
     assert kinds(lines[2]) == ["cancel_requested", "abandoned", "cancelled"]
     assert lines[2][0]["actor"] == "acme" and lines[2][0]["data"]["reason"] == "stop"
+
+
+def test_the_sweeps_resend_is_in_the_history(db_url: str) -> None:
+    """An attempt nobody took is sent again by the sweep: the history says so, in the
+    transaction that marks it."""
+    import uuid as _uuid
+    from datetime import timedelta
+
+    from chassis.store import SqlStore
+    from chassis.store.db import make_engine
+    from chassis.store.sql import now
+
+    store = SqlStore(make_engine(db_url))
+    plan = parse_plan({"start_step": "a", "steps": {"a": {"action": "echo"}}})
+    cid = str(_uuid.uuid4())
+    s = WorkflowState(correlation_id=cid, client_id="acme", status=Status.RUNNING,
+                      current_step="a", fuel_budget=10)
+    assert store.create(co.decide(s, plan, co.Start()), plan)
+    [row] = store.unclaimed(now() + timedelta(seconds=1), 10)
+    assert store.mark_resent(row)
+    assert not store.mark_resent(row)  # (another sweep got there first: no second line)
+    resent = [e for e in store.events(cid) if e["kind"] == "resent"]
+    assert len(resent) == 1 and resent[0]["actor"] == "sweep"
+    assert resent[0]["data"] == {"why": "it was not taken", "was": "DISPATCHED", "sends": 1}

@@ -150,3 +150,50 @@ def test_a_failed_attempt_is_an_error_span_and_hooks_see_the_outcome(
     assert [s.attributes["chassis.outcome"] for s in steps] == ["retrying", "failed"]
     assert all(s.status.status_code is trace.StatusCode.ERROR for s in steps)
     assert [o for _, o, _ in seen] == ["retrying", "failed"]
+
+
+def test_a_hook_that_raises_is_left_out_and_the_workflow_goes_on(
+        exporter: InMemorySpanExporter, client: Client) -> None:
+    def broken(attempt: hooks.Attempt) -> Any:
+        raise ValueError("Incorrect label count")
+
+    hooks.register(broken)
+    try:
+        cid = client.start({"start_step": "a", "steps": {"a": {"action": "echo"}}})
+        assert client.wait(cid, timeout=60)["status"] == "COMPLETED"
+    finally:
+        hooks.unregister(broken)
+
+
+def test_a_late_result_is_ignored_not_succeeded_and_a_repeated_start_adds_no_root(
+        exporter: InMemorySpanExporter, client: Client) -> None:
+    from contextlib import contextmanager
+
+    seen: list[str | None] = []
+
+    @contextmanager
+    def mine(attempt: hooks.Attempt) -> Iterator[None]:
+        yield
+        seen.append(attempt.outcome)
+
+    hooks.register(mine)
+    try:
+        exporter.clear()
+        plan = {"name": "slow", "start_step": "s",
+                "steps": {"s": {"action": "sleep", "params": {"seconds": 1.5}}}}
+        cid = client.start(plan)
+        assert client.start(plan, correlation_id=cid) == cid  # the same start again
+        from tests.helpers import wait_until
+
+        wait_until(lambda: any(e["kind"] == "attempt_started" for e in client.events(cid)),
+                   timeout=30, message="the step did not start")
+        client.cancel(cid, "enough")
+        wait_until(lambda: seen, timeout=30, message="the attempt did not end")
+    finally:
+        hooks.unregister(mine)
+    assert seen == ["ignored"]
+    spans = [s for s in exporter.get_finished_spans()
+             if s.attributes.get("chassis.correlation_id") == cid]
+    assert len([s for s in spans if s.name == "workflow slow"]) == 1
+    [step] = [s for s in spans if s.name == "step s"]
+    assert step.attributes["chassis.outcome"] == "ignored"

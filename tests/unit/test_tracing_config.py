@@ -65,3 +65,28 @@ def test_threads_starting_at_once_all_see_the_provider(tmp_path: Path) -> None:
                           text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str([True] * 16)
+
+
+def test_bad_batch_settings_are_refused_with_the_settings(tmp_path: Path) -> None:
+    base = {"OTEL_TRACES_EXPORTER": "console", "CHASSIS_HOME": str(tmp_path)}
+    with pytest.raises(ConfigError, match="OTEL_BSP_MAX_QUEUE_SIZE must be a positive"):
+        config.load({**base, "OTEL_BSP_MAX_QUEUE_SIZE": "-1"})
+    with pytest.raises(ConfigError, match="OTEL_BSP_SCHEDULE_DELAY must be a positive"):
+        config.load({**base, "OTEL_BSP_SCHEDULE_DELAY": "soon"})
+    with pytest.raises(ConfigError, match="must not be more than OTEL_BSP_MAX_QUEUE_SIZE"):
+        config.load({**base, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"})
+
+
+def test_tracing_off_keeps_no_trace_context_and_a_current_span_beats_the_callers() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    span, kept = tracing.start_workflow("c", "p", "acme", tp)  # the API's no-op tracer
+    assert kept is None  # tracing off: the caller's context is not the workflow's
+    with tracing.incoming(tp):
+        assert tracing.caller() == tp
+        local = TracerProvider().get_tracer("t")
+        with local.start_as_current_span("step s"):
+            assert trace.get_current_span().get_span_context().is_valid
+            assert tracing.caller() is None  # (a span of this process is current)
