@@ -78,91 +78,93 @@ _CONTRACT = {**_REFUSABLE, "ignore_result": False}
 
 
 def _register(app: Celery) -> None:
-    """Define the tasks on ``app`` (their bodies use its engine)."""
+    """Define the tasks on ``app``. Their bodies use the engine of the app running them
+    (``self.app``), not of the app they were first defined on: Celery shares a task with
+    every app made after it in a process."""
 
     @app.task(name=STEP_TASK, **_ATTEMPT)
     def step(self: Task, payload: dict[str, Any]) -> str:
         """Run one attempt of a step, record its outcome, dispatch what comes next."""
-        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+        return engine(self.app).run_step(payload, self.request.id, self.request.hostname,
                                     _traceparent(self.request)).report()
 
     @app.task(name=AI_STEP_TASK, **_ATTEMPT)
     def ai_step(self: Task, payload: dict[str, Any]) -> str:
         """``chassis.step`` for an AI action, on the chassis.ai queue; its own name carries
         the AI rate limit (CHASSIS_AI_RATE_LIMIT)."""
-        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+        return engine(self.app).run_step(payload, self.request.id, self.request.hostname,
                                     _traceparent(self.request)).report()
 
     @app.task(name=SUBTASK_TASK, **_ATTEMPT)
     def subtask(self: Task, payload: dict[str, Any]) -> str:
         """Run one attempt of a fan-out sub-task; the last one to succeed fans in."""
-        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+        return engine(self.app).run_step(payload, self.request.id, self.request.hostname,
                                     _traceparent(self.request)).report()
 
     @app.task(name=AI_SUBTASK_TASK, **_ATTEMPT)
     def ai_subtask(self: Task, payload: dict[str, Any]) -> str:
         """``chassis.subtask`` for an AI action (rate-limited like ``chassis.ai_step``)."""
-        return engine(app).run_step(payload, self.request.id, self.request.hostname,
+        return engine(self.app).run_step(payload, self.request.id, self.request.hostname,
                                     _traceparent(self.request)).report()
 
-    @app.task(name=CANCEL_TASK, **_CONTRACT)
-    def cancel(correlation_id: str, reason: str | None = None, client_id: str | None = None,
-               compensate: bool = False) -> dict[str, Any]:
+    @app.task(name=CANCEL_TASK, bind=True, **_CONTRACT)
+    def cancel(self: Task, correlation_id: str, reason: str | None = None,
+               client_id: str | None = None, compensate: bool = False) -> dict[str, Any]:
         """``client_id`` cancels a workflow (sent by other apps and the Kafka bridge); with
         ``compensate``, its completed steps are undone first (COMPENSATING, then CANCELLED).
         Cancelling one that has already finished changes nothing and is not an error here."""
-        return inbox.cancel(engine(app), correlation_id, reason, client_id, compensate)
+        return inbox.cancel(engine(self.app), correlation_id, reason, client_id, compensate)
 
-    @app.task(name=RETRY_TASK, **_CONTRACT)
-    def retry(correlation_id: str, client_id: str | None = None) -> dict[str, Any]:
+    @app.task(name=RETRY_TASK, bind=True, **_CONTRACT)
+    def retry(self: Task, correlation_id: str, client_id: str | None = None) -> dict[str, Any]:
         """``client_id`` retries a FAILED workflow from its failed step."""
-        return inbox.retry(engine(app), correlation_id, client_id)
+        return inbox.retry(engine(self.app), correlation_id, client_id)
 
-    @app.task(name=RESUME_TASK, **_CONTRACT)
-    def resume(correlation_id: str, approved: bool, feedback: Any = None,
+    @app.task(name=RESUME_TASK, bind=True, **_CONTRACT)
+    def resume(self: Task, correlation_id: str, approved: bool, feedback: Any = None,
                client_id: str | None = None, add_fuel: int = 0) -> dict[str, Any]:
         """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge),
         adding ``add_fuel`` to its budget first. A resume of a workflow no longer paused (a
         duplicate command) changes nothing and is not an error."""
-        return inbox.resume(engine(app), correlation_id, approved, feedback, client_id,
+        return inbox.resume(engine(self.app), correlation_id, approved, feedback, client_id,
                             add_fuel)
 
-    @app.task(name=START_TASK, **_CONTRACT)
-    def start(payload: dict[str, Any]) -> dict[str, Any]:
+    @app.task(name=START_TASK, bind=True, **_CONTRACT)
+    def start(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         """Start a registered plan for a start request (from Kafka or another app;
         idempotent by correlation_id; an unreachable database is waited for): the
         workflow's id and status."""
         cid = payload.get("correlation_id") if isinstance(payload, dict) else None
-        started = infra.persist(lambda: runtime.client(app).start_request(payload),
+        started = infra.persist(lambda: runtime.client(self.app).start_request(payload),
                                 "starting a workflow", correlation_id=cid if isinstance(cid, str)
                                 else None)
         return {"correlation_id": started,
-                "status": engine(app).store.get(started).status.value}
+                "status": engine(self.app).store.get(started).status.value}
 
-    @app.task(name=STATUS_TASK, **_CONTRACT)
-    def status(correlation_id: str, client_id: str | None = None) -> dict[str, Any]:
+    @app.task(name=STATUS_TASK, bind=True, **_CONTRACT)
+    def status(self: Task, correlation_id: str, client_id: str | None = None) -> dict[str, Any]:
         """``client_id``'s workflow's status document (as ``chassis status --json``)."""
-        return inbox.status(engine(app), correlation_id, client_id)
+        return inbox.status(engine(self.app), correlation_id, client_id)
 
-    @app.task(name=RESPOND_TASK, **_REFUSABLE)
-    def respond(correlation_id: str, request_id: str, success: bool, data: Any = None,
+    @app.task(name=RESPOND_TASK, bind=True, **_REFUSABLE)
+    def respond(self: Task, correlation_id: str, request_id: str, success: bool, data: Any = None,
                 error: str | None = None, error_type: str | None = None,
                 client_id: str | None = None) -> None:
         """An external agent's TaskResponse to request ``request_id`` (its causation_id),
         for the workflow's client ``client_id``; ``error_type`` is matched against the
         step's ``retry.non_retryable``."""
-        inbox.respond(engine(app), correlation_id, request_id, success, data, error, error_type,
-                      client_id)
+        inbox.respond(engine(self.app), correlation_id, request_id, success, data, error,
+                      error_type, client_id)
 
     @app.task(name=RELAY_TASK, **_ALWAYS, ignore_result=True)
     def relay() -> int:
         """Publish the outbox to Kafka (beat's fallback for `chassis relay`)."""
         return relay_outbox()
 
-    @app.task(name=SWEEP_TASK, **_ALWAYS)
-    def sweep() -> dict[str, int]:
+    @app.task(name=SWEEP_TASK, bind=True, **_ALWAYS)
+    def sweep(self: Task) -> dict[str, int]:
         """Re-dispatch or fail steps and workflows stuck past their time."""
-        return Sweeper(runtime.engine(app), config.load()).sweep().counts()
+        return Sweeper(runtime.engine(self.app), config.load()).sweep().counts()
 
     @app.task(name=PRUNE_TASK, **_ALWAYS)
     def prune(days: float) -> dict[str, object]:

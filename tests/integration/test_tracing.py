@@ -63,6 +63,16 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
 
         settings = config.load(env)
         upgrade(settings.database_url)
+        # another app of this process first (a Client, a test before): Celery shares
+        # tasks with the apps made after it; this one's tasks must still run here
+        other = config.load({"CHASSIS_HOME": str(tmp / "other")})
+        from chassis import runtime
+
+        first = own_app(other)
+        first.finalize()
+        monkeypatch.setenv("CHASSIS_HOME", str(tmp / "other"))
+        runtime.engine(first)
+        monkeypatch.setenv("CHASSIS_HOME", str(tmp / ".chassis"))
         app = own_app(settings)
         with embedded_worker(app, concurrency=4):
             yield Client(settings, client_id="acme", app=app)
