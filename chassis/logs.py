@@ -129,6 +129,9 @@ class JsonFormatter(_BaseJsonFormatter):
                    message_dict: dict[str, Any]) -> None:
         log_data["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat()
         super().add_fields(log_data, record, message_dict)
+        # the record's own fields win over an extra of the same name
+        log_data["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat()
+        log_data["level"], log_data["logger"] = record.levelname, record.name
         if isinstance(record.msg, dict):  # logger.info({...}): its keys are fields too
             log_data["message"] = record.getMessage()
         for name in FIELDS:

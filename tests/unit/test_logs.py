@@ -130,3 +130,17 @@ def test_json_without_opentelemetry_installed_has_no_ids(
         logger.info("inside", extra={"model": "m"})
     line = json.loads(stream.getvalue())
     assert "trace_id" not in line and "span_id" not in line and line["model"] == "m"
+
+
+def test_an_extra_cannot_pass_for_the_records_own_fields() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logs.install(handler, "json")
+    logger = logging.getLogger("test.logs.reserved")
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    logger.warning("real", extra={"level": "FAKE", "ts": "fake", "logger": "fake"})
+    line = json.loads(stream.getvalue())
+    assert (line["level"], line["logger"], line["message"]) == (
+        "WARNING", "test.logs.reserved", "real")
+    assert line["ts"].startswith("20")
