@@ -21,7 +21,13 @@ def client(app: Celery) -> Client:
     """A :class:`Client` that starts workflows from inside a worker of ``app``."""
     c = _clients.get(id(app))
     if c is None:
-        c = _clients[id(app)] = Client(config.load(), app=app, in_worker=True)
+        settings = config.load()
+        # the embedded file-system broker: a task published from a worker thread through
+        # the very app whose worker consumes in this process is not taken until the
+        # sweep sends it again (20 s and more, measured): it sends through an app of
+        # its own
+        c = _clients[id(app)] = Client(settings, app=None if settings.embedded_broker
+                                       else app, in_worker=True)
     return c
 
 

@@ -123,3 +123,16 @@ def test_embedded_cancel_of_queued_work(tmp_path: Path) -> None:
     # a worker that finds the queued step later does not run it
     proc = chassis(tmp_path, "run", str(plan), "--correlation-id", cid, "--wait", "--json")
     assert json.loads(proc.stdout)["status"] == "CANCELLED"
+
+
+def test_embedded_steps_run_as_sent_not_when_the_sweep_sends_them_again(
+        tmp_path: Path) -> None:
+    """A step dispatched from inside the in-process worker is taken at once (a send
+    through the worker's own app once waited for the sweep's re-send)."""
+    (tmp_path / "three.yaml").write_text(
+        "start_step: a\nsteps:\n  a: {action: echo, next_step: b}\n"
+        "  b: {action: echo, next_step: c}\n  c: {action: echo}\n")
+    proc = chassis(tmp_path, "run", "three.yaml", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "COMPLETED" in proc.stdout
+    assert "sent again" not in proc.stdout + proc.stderr
