@@ -472,9 +472,10 @@ def get_status(correlation_id: str) -> dict[str, Any]:
     return _client().status(correlation_id)
 
 
-def resume_workflow(correlation_id: str, approved: bool, feedback: Any = None) -> dict[str, Any]:
+def resume_workflow(correlation_id: str, approved: bool, feedback: Any = None,
+                    add_fuel: object = 0) -> dict[str, Any]:
     """Approve or reject a paused workflow (see :meth:`Client.resume`)."""
-    return _client().resume(correlation_id, approved, feedback)
+    return _client().resume(correlation_id, approved, feedback, add_fuel=add_fuel)
 
 
 def cancel_workflow(correlation_id: str, reason: str | None = None,

@@ -247,8 +247,8 @@ def status(correlation_id: str, client_id: str, as_json: bool) -> None:
 @main.command()
 @click.argument("correlation_id")
 @client_option
-@click.option("--approve", "decision", flag_value="approve", help="Approve and continue.")
-@click.option("--reject", "decision", flag_value="reject",
+@click.option("--approve", "approve", is_flag=True, help="Approve and continue.")
+@click.option("--reject", "reject", is_flag=True,
               help="Reject: the workflow fails (its completed steps that have a compensate "
                    "are undone: COMPENSATED).")
 @click.option("--feedback", metavar="JSON|@FILE", help="Feedback, kept as human_feedback.")
@@ -259,15 +259,17 @@ def status(correlation_id: str, client_id: str, as_json: bool) -> None:
 @click.option("--timeout", type=float, default=None, callback=_seconds,
               help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def resume(correlation_id: str, client_id: str, decision: str | None, feedback: str | None,
+def resume(correlation_id: str, client_id: str, approve: bool, reject: bool,
+           feedback: str | None,
            add_fuel: str, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Resume a workflow paused for human input (--approve or --reject).
 
     Resuming an unknown workflow, or one that is not paused, is an error that changes
     nothing; the same answer again, once recorded, is reported as such (exit 0).
     """
-    if decision is None:
-        raise click.UsageError("say --approve or --reject")
+    if approve == reject:
+        raise click.UsageError("say --approve or --reject" + (", not both" if approve else ""))
+    decision = "approve" if approve else "reject"
     fb = _parse_json_arg(feedback, "--feedback")
 
     def go() -> int:

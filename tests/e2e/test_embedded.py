@@ -136,3 +136,11 @@ def test_embedded_steps_run_as_sent_not_when_the_sweep_sends_them_again(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "COMPLETED" in proc.stdout
     assert "sent again" not in proc.stdout + proc.stderr
+
+
+def test_resume_takes_one_answer(tmp_path: Path) -> None:
+    cid = "3e59cf62-79f3-4579-9f62-f9be4c5ba074"
+    both = chassis(tmp_path, "resume", cid, "--approve", "--reject")
+    assert both.returncode == 2 and "say --approve or --reject, not both" in both.stderr
+    neither = chassis(tmp_path, "resume", cid)
+    assert neither.returncode == 2 and "say --approve or --reject" in neither.stderr
