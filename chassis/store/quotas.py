@@ -79,6 +79,8 @@ def charge(conn: sa.Connection, client_id: str, fuel: Fuel, ts: datetime) -> Non
     """Count a decision's fuel for its client (any database, in the caller's
     transaction); :class:`QuotaRace` when that takes it past its quota (the caller's
     transaction must then be rolled back)."""
+    if not any(fuel):  # (a transition that charges nothing reads no quota)
+        return
     charged, released, forced, held = fuel
     spent = charged + released + forced - held
     quota = conn.execute(sa.select(client_quotas.c.per, client_quotas.c.fuel)
