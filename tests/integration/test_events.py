@@ -20,16 +20,10 @@ from chassis.plan import parse_plan
 from chassis.state import Status, WorkflowState
 from chassis.store.rows import history
 from tests.integration.conftest import ROOT, Services, Worker
+from tests.integration.test_cli import chassis
 
 pytestmark = pytest.mark.timeout(120)
 CHASSIS = [sys.executable, "-m", "chassis"]
-
-
-def chassis(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASSIS_")}
-    return subprocess.run([*CHASSIS, *args], cwd=ROOT,
-                          env={**env, **services.env, "CHASSIS_CLIENT_ID": "acme"},
-                          capture_output=True, text=True, timeout=90)
 
 
 def kinds(events: list[dict[str, Any]]) -> list[str]:
