@@ -13,6 +13,7 @@ never the user's action code::
 
 from __future__ import annotations
 
+import copy
 import secrets
 import time
 import uuid
@@ -127,6 +128,24 @@ class Client:
         self.store = SqlStore(make_engine(self.settings.database_url))
         self.engine = Engine(self.store, app, self.settings, in_worker=in_worker)
         self.registry = PlanRegistry(self.store.engine)
+        self.admin = False
+        self.by: str | None = None
+
+    def acting_as(self, client_id: str, *, admin: bool = False,
+                  by: str | None = None) -> Client:
+        """This client's store, broker and registry, acting for ``client_id`` (cheap:
+        nothing is opened). ``admin``: every client's workflows are in its reach (it
+        starts for ``client_id`` unless told another). ``by``: who acts, recorded in
+        the event history instead of the client (e.g. ``acme via key 3f9a...``)."""
+        other = copy.copy(self)
+        other.client_id = check_name(client_id, "client_id").strip()
+        other.admin, other.by = admin, by
+        return other
+
+    @property
+    def _acts_for(self) -> str | None:
+        """The client a command is checked against (None: an admin, any workflow)."""
+        return None if self.admin else self.client_id
 
     def start(self, plan: PlanSource, input: Any = None, *, client_id: str | None = None,
               fuel_budget: object = DEFAULT_FUEL, correlation_id: str | None = None,
@@ -198,7 +217,7 @@ class Client:
                               project_id=project_id, request_id=request_id,
                               nonce=secrets.token_hex(16), traceparent=traceparent)
         for _ in range(20):
-            decision = co.decide(state, p, co.Start())
+            decision = co.decide(state, p, co.Start(self.by))
             try:
                 created = self.engine.create(decision, p, plan_name=plan_name,
                                              plan_version=plan_version)
@@ -250,7 +269,8 @@ class Client:
     def _own(self, correlation_id: str) -> str:
         """The workflow's id, when this client owns it (WorkflowNotFound otherwise)."""
         cid = _correlation_id(correlation_id)
-        if self.store.owner(cid) != self.client_id:
+        owner = self.store.owner(cid)
+        if owner is None or (owner != self.client_id and not self.admin):
             raise WorkflowNotFound(co.not_found(cid), correlation_id=cid)
         return cid
 
@@ -275,7 +295,7 @@ class Client:
         added = 0 if add_fuel is None or (type(add_fuel) is int and add_fuel == 0) \
             else check_count(add_fuel, "fuel to add")
         try:
-            self.engine.resume(cid, approved, feedback, self.client_id, added)
+            self.engine.resume(cid, approved, feedback, self._acts_for, added, by=self.by)
         except InvalidTransition:
             # the same answer given again is no error; one that adds fuel is no repeat
             if added or self._answered(cid) != approved:
@@ -305,7 +325,7 @@ class Client:
             reason = check_text(reason, "reason")
         if not isinstance(compensate, bool):
             raise InputError(f"compensate must be true or false, got {compensate!r}"[:80])
-        self.engine.cancel(cid, reason or None, self.client_id, compensate)
+        self.engine.cancel(cid, reason or None, self._acts_for, compensate, by=self.by)
         return self.status(cid)
 
     def retry(self, correlation_id: str) -> dict[str, Any]:
@@ -313,7 +333,7 @@ class Client:
         every completed output and the ledger; anything else raises InvalidTransition.
         Returns the status after the decision."""
         cid = _correlation_id(correlation_id)
-        self.engine.retry(cid, self.client_id)
+        self.engine.retry(cid, self._acts_for, by=self.by)
         return self.status(cid)
 
     def events(self, correlation_id: str) -> list[dict[str, Any]]:
@@ -331,7 +351,7 @@ class Client:
         fuel goes on once approved (:meth:`resume`)."""
         cid = _correlation_id(correlation_id)
         amount = check_count(amount, "fuel to add")
-        self.engine.apply(cid, co.AddFuel(amount, self.client_id))
+        self.engine.apply(cid, co.AddFuel(amount, self._acts_for, self.by))
         return self.status(cid)
 
     def set_quota(self, client: str, fuel: object, per: str) -> dict[str, Any]:

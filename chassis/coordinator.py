@@ -224,7 +224,7 @@ def _on_start(d: Decision, plan: Plan, event: Start) -> Decision | None:
     if d.state.status is not Status.RUNNING or d.state.awaited_steps:
         return _unchanged(d)
     s = d.state
-    d.commands.append(Note("started", s.current_step, actor=s.client_id,
+    d.commands.append(Note("started", s.current_step, actor=event.by or s.client_id,
                            data={"plan": plan.name, "fuel_budget": s.fuel_budget}))
     _advance(d, plan)
     return None
@@ -287,7 +287,7 @@ def _on_response(d: Decision, plan: Plan, event: ResponseReceived) -> Decision |
 def _on_resume(d: Decision, plan: Plan, event: Resume) -> Decision | None:
     s = d.state
     d.commands.append(Note("resumed" if event.approved else "rejected", s.current_step,
-                           actor=event.client_id,
+                           actor=event.by or event.client_id,
                            data={"feedback": _small(s, event.feedback),
                                  "add_fuel": event.add_fuel} if event.add_fuel
                            else {"feedback": _small(s, event.feedback)}))
@@ -350,7 +350,8 @@ def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
 def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
     s = d.state
     s.budget_wait = None
-    d.commands.append(Note("cancel_requested", s.current_step or None, actor=event.client_id,
+    d.commands.append(Note("cancel_requested", s.current_step or None,
+                           actor=event.by or event.client_id,
                            data={"reason": event.reason, "compensate": event.compensate}))
     error = "Workflow cancelled" + (f": {event.reason}" if event.reason else "")
     revoke = _abandon(d, plan, "cancelled")
@@ -369,7 +370,8 @@ def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
 
 def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
     s = d.state
-    d.commands.append(Note("retried", s.current_step or None, actor=event.client_id))
+    d.commands.append(Note("retried", s.current_step or None,
+                           actor=event.by or event.client_id))
     for progress in s.attempts.values():  # a fresh retry budget for every step
         progress[1] = progress[0]
         progress[2] = 0
@@ -398,7 +400,7 @@ def _on_retry(d: Decision, plan: Plan, event: Retry) -> Decision | None:
 
 def _on_add_fuel(d: Decision, plan: Plan, event: AddFuel) -> Decision | None:
     d.state.fuel_budget += event.amount
-    d.commands.append(Note("fuel_added", actor=event.client_id,
+    d.commands.append(Note("fuel_added", actor=event.by or event.client_id,
                            data={"amount": event.amount, "budget": d.state.fuel_budget}))
     return None
 

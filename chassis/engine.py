@@ -287,13 +287,13 @@ class Engine:
 
     def resume(self, cid: str, approved: bool, feedback: Any = None,
                client_id: str | None = None, add_fuel: int = 0,
-               traceparent: str | None = None) -> co.Decision:
+               traceparent: str | None = None, by: str | None = None) -> co.Decision:
         """``client_id`` approves (feedback kept as human_feedback) or rejects a paused
         workflow, adding ``add_fuel`` to its budget first. Raises WorkflowNotFound
         (another client's too) or InvalidTransition, having changed nothing."""
         with self._command_span("resume", cid, client_id, traceparent,
                                 {"chassis.approved": approved, "chassis.add_fuel": add_fuel}):
-            return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel))
+            return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel, by))
 
     def respond(self, cid: str, response: co.ResponseReceived) -> co.Decision:
         """An external agent's answer (in the workflow's trace, linked to the agent's
@@ -320,14 +320,15 @@ class Engine:
             yield
 
     def cancel(self, cid: str, reason: str | None = None, client_id: str | None = None,
-               compensate: bool = False) -> co.Decision:
+               compensate: bool = False, by: str | None = None) -> co.Decision:
         """``client_id`` cancels a workflow that has not finished (InvalidTransition
         otherwise); with ``compensate``, its completed steps are undone first."""
         with self._command_span("cancel", cid, client_id, None,
                                 {"chassis.compensate": compensate}):
-            return self.apply(cid, co.Cancel(reason, client_id, compensate))
+            return self.apply(cid, co.Cancel(reason, client_id, compensate, by))
 
-    def retry(self, cid: str, client_id: str | None = None) -> co.Decision:
+    def retry(self, cid: str, client_id: str | None = None,
+              by: str | None = None) -> co.Decision:
         """``client_id`` retries a FAILED workflow from its failed step (InvalidTransition
         otherwise); sub-tasks of a failed fan-out that had succeeded are kept."""
         state = self._db(lambda: self.store.get(cid), "reading the workflow", cid)
@@ -340,7 +341,7 @@ class Engine:
         with self._command_span("retry", cid, client_id, None):
             return self.apply(cid, co.Retry({n: o for n, (_, o) in outputs.items()},
                                             {n: a for n, (a, _) in outputs.items()},
-                                            client_id))
+                                            client_id, by))
 
     # -------------------------------------------------------------- sending
 

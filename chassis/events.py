@@ -14,7 +14,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Start:
-    """The workflow was just created."""
+    """The workflow was just created (``by``: who asked, recorded in the event history
+    when not the workflow's client itself, e.g. an API key)."""
+
+    by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class Resume:
     client_id: str | None = None
     add_fuel: int = 0
     """Fuel added to the budget first (a workflow paused for fuel goes on with it)."""
+    by: str | None = None
+    """Who took it, recorded in the event history (an API key); else ``client_id``."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ class AddFuel:
 
     amount: int
     client_id: str | None = None
+    by: str | None = None
+    """Who took it, recorded in the event history (an API key); else ``client_id``."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ class Cancel:
     reason: str | None = None
     client_id: str | None = None
     compensate: bool = False
+    by: str | None = None
+    """Who took it, recorded in the event history (an API key); else ``client_id``."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,8 @@ class Retry:
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     client_id: str | None = None
+    by: str | None = None
+    """Who took it, recorded in the event history (an API key); else ``client_id``."""
 
 
 @dataclass(frozen=True)

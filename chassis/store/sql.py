@@ -5,6 +5,7 @@ unique (workflow, step) step runs, unique ledger keys, a version column."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import threading
@@ -777,6 +778,15 @@ class SqlStore:
             return conn.execute(sa.select(orchestrator_state.c.client_id).where(
                 orchestrator_state.c.correlation_id == cid)).scalar()
 
+    def plan_ref(self, cid: str) -> tuple[str | None, int | None]:
+        """(registered plan name, version) the workflow started from; Nones for a plan
+        given as a document or file."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(orchestrator_state.c.plan_name,
+                                         orchestrator_state.c.plan_version).where(
+                orchestrator_state.c.correlation_id == cid)).first()
+        return (row.plan_name, row.plan_version) if row else (None, None)
+
     def exists(self, cid: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(orchestrator_state.c.version).where(
@@ -922,6 +932,39 @@ class SqlStore:
                               Progress(complete=False,
                                        loader=self._progress_reader(str(r.correlation_id))))
                 for r in rows]
+
+    def runs(self, *, client_id: str | None = None, status: str | None = None,
+             plan: str | None = None, since: datetime | None = None,
+             after: tuple[datetime, str] | None = None,
+             limit: int = 50) -> builtins.list[dict[str, Any]]:
+        """A page of workflows, newest first, as summaries (no outputs nor attempts):
+        of ``client_id`` only, in ``status``, of registered plan (or plan name)
+        ``plan``, started at ``since`` or later; ``after``: (created_at,
+        correlation_id) of the last row of the page before."""
+        t = orchestrator_state.c
+        q = sa.select(t.correlation_id, t.client_id, t.project_id, t.status, t.current_step,
+                      t.error, t.plan_name, t.plan_version, t.plan["name"].label("plan_title"),
+                      t.fuel_budget, t.fuel_spent, t.created_at, t.updated_at, t.version) \
+            .order_by(t.created_at.desc(), t.correlation_id.desc()).limit(limit)
+        if client_id is not None:
+            q = q.where(t.client_id == client_id)
+        if status:
+            q = q.where(t.status == status)
+        if plan:
+            q = q.where(sa.or_(t.plan_name == plan,
+                               sa.and_(t.plan_name.is_(None),
+                                       t.plan["name"].as_string() == plan)))
+        if since is not None:
+            q = q.where(t.created_at >= since)
+        if after is not None:
+            q = q.where(sa.or_(t.created_at < after[0],
+                               sa.and_(t.created_at == after[0],
+                                       t.correlation_id < after[1])))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [{**r, "correlation_id": str(r["correlation_id"]),
+                 "plan_title": r["plan_title"] if isinstance(r["plan_title"], str)
+                 else None} for r in rows]
 
     def _lazy_outputs(self, cid: str, version: int) -> Outputs:
         return Outputs(source=lambda: self._outputs_of(cid, version))

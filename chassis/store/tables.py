@@ -266,3 +266,20 @@ workflow_events = sa.Table(
     sa.Column("data", JSONType),
     sa.Index("idx_workflow_events_correlation_id", "correlation_id", "id"),
 )
+
+#: 0009: API keys of the HTTP API and web console (``chassis keys``): the key's id (shown
+#: in lists and the event history), the client it acts for (``admin``: every client's
+#: workflows), the SHA-256 of its secret (the key itself is shown once, never stored),
+#: and when it was made, last used and revoked.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(255)),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("last_used_at", TS),
+    sa.Column("revoked_at", TS),
+)

@@ -183,6 +183,26 @@ def test_resume_rejected_fails() -> None:
     assert of(d, co.FinishStep)[0].status is StepStatus.FAILED
 
 
+def test_who_acted_is_noted_and_an_admin_reaches_any_clients_workflow() -> None:
+    """A key's action (``by``) names the key in the history; the client is still checked
+    against the owner (None: an admin key, any owner)."""
+    by = "test_client_123 via key 0123456789ab"
+    d = co.decide(paused(), RESUME_PLAN, co.Resume(True, None, "test_client_123", 0, by))
+    (note,) = [n for n in of(d, co.Note) if n.kind == "resumed"]
+    assert note.actor == by
+    admin = "ops via key ba9876543210"
+    d = co.decide(paused(), RESUME_PLAN, co.Cancel("stop", None, False, admin))
+    assert [n.actor for n in of(d, co.Note) if n.kind == "cancel_requested"] == [admin]
+    d = co.decide(state("s"), Plan("s", {"s": Step("echo")}), co.Start(by))
+    assert [n.actor for n in of(d, co.Note) if n.kind == "started"] == [by]
+    plain = co.decide(state("s"), Plan("s", {"s": Step("echo")}), co.Start())
+    assert [n.actor for n in of(plain, co.Note)] == ["test_client_123"]
+    from chassis.errors import WorkflowNotFound
+
+    with pytest.raises(WorkflowNotFound):  # another client's key: as an unknown id
+        co.decide(paused(), RESUME_PLAN, co.Resume(True, None, "other", 0, "other via key x"))
+
+
 def test_resume_of_a_workflow_not_paused_is_an_error() -> None:
     with pytest.raises(InvalidTransition, match="not paused"):
         co.decide(state("after_approval"), RESUME_PLAN, co.Resume(True))
