@@ -133,6 +133,10 @@ class Settings:
     itself; the others are cleaned by beat's ``celery.backend_cleanup``)."""
     metrics_port: int = 9808
     """CHASSIS_METRICS_PORT: port of ``chassis metrics`` (Prometheus text)."""
+    web_host: str = "127.0.0.1"
+    """CHASSIS_WEB_HOST: address ``chassis web`` listens on."""
+    web_port: int = 8000
+    """CHASSIS_WEB_PORT: port of ``chassis web`` (the HTTP API and web console)."""
     client_id: str = "local"
     """CHASSIS_CLIENT_ID: the client a ``Client`` (and the CLI) acts for by default."""
     max_document_bytes: int = 1_048_576
@@ -316,6 +320,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         result_expires=int(_number(env, "CHASSIS_RESULT_EXPIRES", 86400, integer=True)),
         metrics_port=int(_number(env, "CHASSIS_METRICS_PORT", 9808, least=1, most=65535,
                                  integer=True)),
+        web_host=(env.get("CHASSIS_WEB_HOST") or "").strip() or "127.0.0.1",
+        web_port=int(_number(env, "CHASSIS_WEB_PORT", 8000, least=1, most=65535,
+                             integer=True)),
         client_id=_client_id(env),
         max_document_bytes=int(_number(env, "CHASSIS_MAX_DOCUMENT_BYTES", 1_048_576,
                                        least=1024, most=256 * 1_048_576, integer=True)),

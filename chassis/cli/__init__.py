@@ -10,6 +10,7 @@ from chassis.cli import (  # noqa: F401  (register their commands)
     ops,
     plans,
     registry,
+    web,
     workflows,
 )
 from chassis.cli.base import main

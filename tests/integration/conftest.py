@@ -87,6 +87,52 @@ class Services:
             *(["-E"] if events else [])], "ready.", env)
 
 
+@dataclass
+class Web:
+    """A ``chassis web`` process (the README's command) serving ``url``."""
+
+    worker: Worker
+    url: str
+    env: dict[str, str]
+
+    def key(self, client: str, admin: bool = False) -> str:
+        """A new API key of ``client`` (``chassis keys create``)."""
+        proc = subprocess.run([sys.executable, "-m", "chassis", "keys", "create", client,
+                               *(["--admin"] if admin else [])], cwd=ROOT,
+                              env={**os.environ, **self.env}, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_web(services: Services, **env: str) -> Web:
+    """``chassis web`` on a free port with the services' settings, once it answers."""
+    import httpx
+
+    port = free_port()
+    log = services.tmp / f"web-{port}.log"
+    full = {**services.env, **env}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "chassis", "web", "--port", str(port)],
+                                cwd=ROOT, env={**os.environ, **full}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    w = Worker(proc, log)
+    services.workers.append(w)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: proc.poll() is not None or httpx.get(f"{url}/healthz").is_success,
+               timeout=60, ignore=(httpx.HTTPError,), message=f"chassis web: {log}")
+    assert proc.poll() is None, w.text()
+    return Web(w, url, full)
+
+
 @pytest.fixture(scope="module")
 def services(postgres_url: str, redis_url: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:

@@ -1,0 +1,117 @@
+"""Who is asking: an API key, from ``Authorization: Bearer KEY`` (other apps) or the
+console's session cookie (people).
+
+A key acts for its client: another client's workflow does not exist for it (404, as an
+unknown id). An admin key reaches every client's workflows. Whatever a key does is
+recorded in the event history as ``CLIENT via key KEY_ID``.
+
+Cross-site requests: the cookie is HttpOnly and SameSite=Strict, and a request that
+changes something with the cookie must also carry the session's CSRF token (a form
+field ``csrf_token`` or the header ``X-CSRF-Token``: an HMAC of the key, so it dies
+with the key) and, when the browser sends one, an ``Origin`` of this very site. A
+Bearer request carries no ambient credential and needs neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import Request
+
+from chassis.api import Client
+from chassis.store import keys
+from chassis.store.keys import ApiKey
+
+COOKIE = "chassis_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class AuthError(Exception):
+    """401 (no usable key) or 403 (a key, but not this): ``status`` and a message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The key a request came with, and the client view it acts through."""
+
+    key: ApiKey
+    client: Client
+    secret: str
+    by_cookie: bool
+
+    @property
+    def admin(self) -> bool:
+        return self.key.admin
+
+    @property
+    def csrf_token(self) -> str:
+        return csrf_token(self.secret)
+
+    def require_admin(self, doing: str) -> None:
+        if not self.key.admin:
+            raise AuthError(403, f"{doing} needs an admin key (`chassis keys create "
+                                 "CLIENT --admin`)")
+
+
+def csrf_token(key: str) -> str:
+    """The CSRF token of a session: an HMAC of its key (nothing stored)."""
+    return hmac.new(key.encode(), b"chassis-csrf", hashlib.sha256).hexdigest()
+
+
+def actor(key: ApiKey) -> str:
+    """How the event history names what a key did."""
+    return f"{key.client_id} via key {key.key_id}"
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthError(401, "the Authorization header must be 'Bearer <API key>'")
+    return value.strip()
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from another site."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin or origin == "null":
+        return origin is None
+    return urlsplit(origin).netloc == request.headers.get("host", request.url.netloc)
+
+
+def authenticate(request: Request, base: Client, form: dict[str, Any] | None = None) -> Principal:
+    """The principal of ``request`` (AuthError when none). ``form``: the request's
+    form fields, for a form's CSRF token."""
+    key_text = bearer(request)
+    by_cookie = key_text is None
+    if by_cookie:
+        key_text = request.cookies.get(COOKIE)
+    if not key_text:
+        raise AuthError(401, "an API key is required: send 'Authorization: Bearer <key>' "
+                             "(make one with `chassis keys create CLIENT`)")
+    found = keys.verify(base.store.engine, key_text)
+    if found is None:
+        raise AuthError(401, "this API key is not valid (unknown, mistyped or revoked)")
+    if by_cookie and request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER) or (form or {}).get("csrf_token") or ""
+        if not (isinstance(sent, str) and hmac.compare_digest(sent, csrf_token(key_text))
+                and same_origin(request)):
+            raise AuthError(403, "cross-site request refused: the form's CSRF token is "
+                                 "missing or wrong (reload the page and try again)")
+    client = base.acting_as(found.client_id, admin=found.admin, by=actor(found))
+    return Principal(found, client, key_text, by_cookie)
+
+
+__all__ = ["COOKIE", "CSRF_HEADER", "AuthError", "Principal", "actor", "authenticate",
+           "csrf_token", "same_origin"]
