@@ -113,7 +113,7 @@ def stack(postgres_server: PostgresServer, redis_url: str, own_kafka: str,
     db = postgres_server.create_database()
     upgrade(db)
     redis.Redis.from_url(redis_url).flushdb()  # no task left over by another module
-    flower_port, metrics_port = free_port(), free_port()
+    flower_port, metrics_port, web_port = free_port(), free_port(), free_port()
     settings = {
         "CHASSIS_DATABASE_URL": db, "CHASSIS_BROKER_URL": redis_url,
         "CHASSIS_RESULT_BACKEND": redis_url, "CHASSIS_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -122,7 +122,7 @@ def stack(postgres_server: PostgresServer, redis_url: str, own_kafka: str,
         "CHASSIS_SWEEP_INTERVAL": "1", "CHASSIS_RELAY_POLL_INTERVAL": "0.05",
         "CHASSIS_AI_PROVIDER": "offline", "CHASSIS_METRICS_PORT": str(metrics_port),
         "FLOWER_PORT": str(flower_port), "FLOWER_ADDRESS": "127.0.0.1",
-        "FLOWER_BASIC_AUTH": ":".join(AUTH),
+        "FLOWER_BASIC_AUTH": ":".join(AUTH), "CHASSIS_WEB_PORT": str(web_port),
     }
     env_file = tmp / ".env"  # as an operator would: see .env.example
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -293,6 +293,22 @@ def test_health_of_the_running_stack(stack: Stack) -> None:
     parts = [line.split(":")[0] for line in done.stdout.splitlines()]
     assert parts == ["database", "broker", "kafka"]
     assert all(": ok" in line for line in done.stdout.splitlines())
+
+
+def test_the_web_process_serves_the_api_with_a_key(stack: Stack, completed: str) -> None:
+    """The Procfile's `web`: ready, and a key of acme reads acme's workflow."""
+    url = f"http://127.0.0.1:{stack.env['CHASSIS_WEB_PORT']}"
+    ready = wait_until(lambda: urllib.request.urlopen(f"{url}/readyz", timeout=5), timeout=60,
+                       ignore=(OSError,), message="chassis web did not answer")
+    assert json.loads(ready.read())["status"] == "ok"
+    made = subprocess.run([sys.executable, "-m", "chassis", "keys", "create", "acme"], cwd=ROOT,
+                          env={**os.environ, **stack.env}, capture_output=True, text=True,
+                          timeout=60)
+    assert made.returncode == 0, made.stderr
+    request = urllib.request.Request(f"{url}/api/v1/workflows/{completed}", headers={
+        "Authorization": f"Bearer {made.stdout.strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert json.loads(r.read())["status"] == "COMPLETED"
 
 
 def test_lag_counts_what_a_group_has_not_committed(kafka_bootstrap: str,

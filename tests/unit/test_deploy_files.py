@@ -19,7 +19,7 @@ from tests.helpers import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = {"migrate", "worker", "coordinator", "beat", "flower", "bridge", "relay",
-                "metrics"}
+                "metrics", "web"}
 
 
 def procfile() -> dict[str, str]:
@@ -36,7 +36,7 @@ def compose() -> dict[str, Any]:
 def test_procfile_runs_every_process_with_the_real_commands() -> None:
     procs = {name: cmd.strip() for name, cmd in procfile().items()}
     assert set(procs) == {"worker", "coordinator", "beat", "flower", "bridge", "relay",
-                          "metrics"}
+                          "metrics", "web"}
     for name in ("worker", "coordinator"):
         assert procs[name].startswith("celery -A chassis.worker worker")
         assert "--events" in procs[name]  # Flower sees tasks only from workers' events
@@ -50,6 +50,8 @@ def test_procfile_runs_every_process_with_the_real_commands() -> None:
     assert procs["flower"] == "celery -A chassis.worker flower"
     assert (procs["bridge"], procs["relay"]) == ("chassis bridge", "chassis relay")
     assert procs["metrics"] == "chassis metrics"
+    assert procs["web"] == ("chassis web --host ${CHASSIS_WEB_HOST:-127.0.0.1} "
+                            "--port ${CHASSIS_WEB_PORT:-8000}")
 
 
 def test_compose_has_every_service_with_health_checks_and_start_order() -> None:
