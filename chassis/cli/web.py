@@ -24,8 +24,8 @@ from chassis.store import keys as api_keys
               help="Import MODULE, so that inline plans may use the actions it registers "
                    "(repeatable; CHASSIS_ACTION_MODULES are imported too).")
 def web(host: str | None, port: int | None, modules: tuple[str, ...]) -> None:
-    """Serve the HTTP API (/api/v1, OpenAPI at /openapi.json, docs at /api/docs) and the
-    web console (/) with uvicorn.
+    """Serve the HTTP API (/api/v1, OpenAPI at /openapi.json) and the web console (/)
+    with uvicorn.
 
     Every request needs an API key (`chassis keys create CLIENT`). In embedded mode
     (no CHASSIS_BROKER_URL) a Celery worker runs in this process too, so the workflows
@@ -46,8 +46,10 @@ def web(host: str | None, port: int | None, modules: tuple[str, ...]) -> None:
             console(err=True).print(
                 f"chassis web: http://{where}:{at}/ (API /api/v1, OpenAPI "
                 f"/openapi.json){' with an embedded worker' if embedded else ''}")
+            # X-Forwarded-Proto/-For of a proxy on FORWARDED_ALLOW_IPS (uvicorn's
+            # variable; default 127.0.0.1) are believed: the cookie is Secure behind TLS
             uvicorn.run(app, host=where, port=at, log_config=None,
-                        log_level=settings.log_level.lower(), proxy_headers=False,
+                        log_level=settings.log_level.lower(), proxy_headers=True,
                         server_header=False)
         return 0
 

@@ -86,6 +86,9 @@ orchestrator_state = sa.Table(
     sa.Index("idx_orchestrator_state_status", "status"),
     sa.Index("idx_orchestrator_state_updated_at", "updated_at"),
     sa.Index("idx_orchestrator_state_client_id", "client_id"),
+    # 0009: the runs list, newest first (of every client, or of one)
+    sa.Index("idx_orchestrator_state_created_at", "created_at"),
+    sa.Index("idx_orchestrator_state_client_created", "client_id", "created_at"),
 )
 
 #: One row per attempt of a step or sub-task (the history: attempt number, started,

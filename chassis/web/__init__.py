@@ -141,7 +141,8 @@ class JsonByDefault:
 
 
 class BodyLimit:
-    """Refuse a request body past ``max_bytes`` (413) before reading it all."""
+    """Refuse a request body past ``max_bytes`` (413) before the app reads it: by its
+    Content-Length, or (a chunked body) by reading it up to the limit first."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -150,34 +151,79 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._too_large(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:  # (the server never hands on more than it says)
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _error(413, "too_large", f"the request body is larger than "
-                          f"{self.max_bytes} bytes (CHASSIS_MAX_DOCUMENT_BYTES x 2)")
+                          f"{self.max_bytes} bytes (twice CHASSIS_MAX_DOCUMENT_BYTES, "
+                          "and 64 KiB)")
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(messages: list[Any], receive: Receive) -> Receive:
+    """``messages`` first, then the connection's own."""
+    queue = list(messages)
+
+    async def replayed() -> Any:
+        return queue.pop(0) if queue else await receive()
+
+    return replayed
+
+
+class SecurityHeaders:
+    """Headers every answer carries: no sniffing, no framing, no referrer to other
+    sites; pages may load only this site's scripts and styles (inline styles: the fuel
+    bars), and post forms only here."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"same-origin"),
+        (b"content-security-policy",
+         b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+         b"img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; "
+         b"base-uri 'none'; object-src 'none'")]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def create_app(settings: config.Settings | None = None, client: Client | None = None
@@ -191,7 +237,7 @@ def create_app(settings: config.Settings | None = None, client: Client | None = 
                   description="Start, watch, approve, cancel and retry durable, budgeted "
                               "workflows. Authenticate with `Authorization: Bearer KEY` "
                               "(an API key: `chassis keys create CLIENT`).",
-                  docs_url="/api/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)  # (their pages load a CDN's scripts)
     app.state.client = client
 
     @app.exception_handler(RequestValidationError)
@@ -237,6 +283,7 @@ def create_app(settings: config.Settings | None = None, client: Client | None = 
     app.mount("/static", console.static, name="static")
     _health_routes(app, client)
     app.add_middleware(JsonByDefault)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyLimit, max_bytes=2 * client.limits.max_bytes + 65536)
     return app
 

@@ -16,7 +16,7 @@ import base64
 import binascii
 import logging
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -31,7 +31,7 @@ from chassis.plan import Plan, parse_plan, plan_to_dict
 from chassis.registry import RegisteredPlan, parse_ref
 from chassis.state import Status
 from chassis.validation import validate
-from chassis.web.auth import Principal, authenticate
+from chassis.web.auth import AuthError, Principal, authenticate
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,11 @@ def _after(cursor: str | None) -> tuple[datetime, str] | None:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, cid = text.split("|", 1)
-        return datetime.fromisoformat(at), str(uuid.UUID(cid))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("no time zone")
+        return when.astimezone(UTC), str(uuid.UUID(cid))
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise InputError("cursor is not one this API gave (pass next_cursor as it is)") \
             from None
 
@@ -337,9 +340,8 @@ def me(who: Who) -> dict[str, Any]:
              responses=CONFLICT, summary="Start a workflow")
 def start(body: StartRequest, who: Who, response: Response) -> dict[str, Any]:
     client = who.client
-    if body.client_id is not None and not who.admin:
-        if body.client_id != who.key.client_id:
-            raise InputError("client_id: only an admin key starts workflows for another "
+    if body.client_id is not None and not who.admin and body.client_id != who.key.client_id:
+        raise AuthError(403, "client_id: only an admin key starts workflows for another "
                              "client (leave it out: the key's client is used)")
     check_json(body.input, "input", client.limits)  # (before the plan is looked up)
     p, found = resolve_plan(client, body.plan)

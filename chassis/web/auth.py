@@ -68,8 +68,9 @@ def csrf_token(key: str) -> str:
 
 
 def actor(key: ApiKey) -> str:
-    """How the event history names what a key did."""
-    return f"{key.client_id} via key {key.key_id}"
+    """How the event history names what a key did (within the column's 255
+    characters: a long client id is cut, the key id never)."""
+    return f"{key.client_id[:230]} via key {key.key_id}"
 
 
 def bearer(request: Request) -> str | None:
@@ -90,10 +91,12 @@ def same_origin(request: Request) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host", request.url.netloc)
 
 
-def authenticate(request: Request, base: Client, form: dict[str, Any] | None = None) -> Principal:
+def authenticate(request: Request, base: Client, form: dict[str, Any] | None = None, *,
+                 cookie_only: bool = False) -> Principal:
     """The principal of ``request`` (AuthError when none). ``form``: the request's
-    form fields, for a form's CSRF token."""
-    key_text = bearer(request)
+    form fields, for a form's CSRF token. ``cookie_only``: a console page, signed in by
+    its cookie alone (an Authorization header there may be a proxy's Basic auth)."""
+    key_text = None if cookie_only else bearer(request)
     by_cookie = key_text is None
     if by_cookie:
         key_text = request.cookies.get(COOKIE)

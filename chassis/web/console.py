@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from chassis.errors import ChassisError, WorkflowNotFound
 from chassis.plan import FAN_OUT, PAUSE, Plan
@@ -82,11 +83,18 @@ async def _form(request: Request) -> dict[str, Any]:
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
-async def signed_in(request: Request) -> tuple[Principal, dict[str, Any]]:
-    """The console's user (AuthError: sent to the sign-in page) and, for a POST, the
-    form it sent (its CSRF token checked)."""
-    form = await _form(request) if request.method == "POST" else {}
-    return authenticate(request, request.app.state.client, form), form
+def signed_in(request: Request, form: dict[str, Any] | None = None) -> Principal:
+    """The console's user (AuthError: sent to the sign-in page); for a POST, ``form``
+    is the form it sent (its CSRF token checked). Reads the database: call it from a
+    plain ``def`` route or a thread (:func:`_threaded`), never in the event loop."""
+    return authenticate(request, request.app.state.client, form, cookie_only=True)
+
+
+async def _threaded(request: Request, fn: Any, *args: Any) -> Any:
+    """A POST route's work: the form read here, then ``fn(request, form, *args)`` in a
+    thread (the database is never waited on in the event loop)."""
+    form = await _form(request)
+    return await run_in_threadpool(fn, request, form, *args)
 
 
 def _partial(request: Request) -> bool:
@@ -100,9 +108,12 @@ def login_page(request: Request) -> HTMLResponse:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
+    return await _threaded(request, _login)  # type: ignore[no-any-return]
+
+
+def _login(request: Request, form: dict[str, Any]) -> Response:
     if not same_origin(request):
         raise AuthError(403, "cross-site sign-in refused")
-    form = await _form(request)
     key = (form.get("key") or "").strip()
     found = keys.verify(request.app.state.client.store.engine, key) if key else None
     if found is None:
@@ -116,7 +127,10 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    await signed_in(request)
+    """Sign out: the cookie is dropped (a revoked key's too); only this site's pages may
+    ask (a cross-site logout is refused)."""
+    if not same_origin(request):
+        raise AuthError(403, "cross-site request refused")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, path="/")
     return response
@@ -130,10 +144,10 @@ def home() -> Response:
 # ------------------------------------------------------------------------------ runs
 
 @router.get("/runs", response_class=HTMLResponse)
-async def runs(request: Request) -> Response:
+def runs(request: Request) -> Response:
     from chassis.web.api import list_runs
 
-    who, _ = await signed_in(request)
+    who = signed_in(request)
     status = request.query_params.get("status") or None
     if status is not None and status not in Status.__members__:
         status = None
@@ -249,8 +263,8 @@ def _show_workflow(request: Request, who: Principal, cid: str, status_code: int 
 
 
 @router.get("/workflows/{cid}", response_class=HTMLResponse)
-async def workflow_page(request: Request, cid: str) -> Response:
-    who, _ = await signed_in(request)
+def workflow_page(request: Request, cid: str) -> Response:
+    who = signed_in(request)
     return _show_workflow(request, who, cid)
 
 
@@ -267,9 +281,9 @@ def _uuid(text: str | None) -> str | None:
         return None
 
 
-async def _act(request: Request, cid: str, doing: str) -> Response:
+def _act(request: Request, form: dict[str, Any], cid: str, doing: str) -> Response:
     """Carry out a form's decision; its page again with the error when refused."""
-    who, form = await signed_in(request)
+    who = signed_in(request, form)
     cid = who.client._own(cid)
     try:
         if doing == "resume":
@@ -278,7 +292,7 @@ async def _act(request: Request, cid: str, doing: str) -> Response:
                 raise _Refused("choose Approve or Reject")
             comment = (form.get("comment") or "").strip()
             fuel_text = (form.get("add_fuel") or "").strip()
-            if fuel_text and not fuel_text.isdigit():
+            if fuel_text and not (fuel_text.isascii() and fuel_text.isdigit()):
                 raise _Refused("fuel to add must be a whole number")
             who.client.resume(cid, decision == "approve",
                               {"comment": comment} if comment else None,
@@ -310,17 +324,17 @@ class _Refused(Exception):
 
 @router.post("/workflows/{cid}/resume")
 async def resume(request: Request, cid: str) -> Response:
-    return await _act(request, cid, "resume")
+    return await _threaded(request, _act, cid, "resume")  # type: ignore[no-any-return]
 
 
 @router.post("/workflows/{cid}/cancel")
 async def cancel(request: Request, cid: str) -> Response:
-    return await _act(request, cid, "cancel")
+    return await _threaded(request, _act, cid, "cancel")  # type: ignore[no-any-return]
 
 
 @router.post("/workflows/{cid}/retry")
 async def retry(request: Request, cid: str) -> Response:
-    return await _act(request, cid, "retry")
+    return await _threaded(request, _act, cid, "retry")  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------- inbox
@@ -372,6 +386,6 @@ def _show_inbox(request: Request, who: Principal, status_code: int = 200,
 
 
 @router.get("/inbox", response_class=HTMLResponse)
-async def inbox(request: Request) -> Response:
-    who, _ = await signed_in(request)
+def inbox(request: Request) -> Response:
+    who = signed_in(request)
     return _show_inbox(request, who)

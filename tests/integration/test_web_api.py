@@ -214,8 +214,16 @@ def test_list_filters_and_pages(http: httpx.Client, keys: dict[str, str],
     every = http.get("/api/v1/workflows", headers=auth(keys["admin"]),
                      params={"limit": 500}).json()["items"]
     assert {failing, *cids} <= {w["correlation_id"] for w in every}
+    import base64
+
+    def cursor_of(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
     for bad in ({"status": "SLEEPING"}, {"limit": 0}, {"limit": 501},
-                {"since": "yesterday"}, {"cursor": "bm90LWEtY3Vyc29y"}):
+                {"since": "yesterday"}, {"cursor": "bm90LWEtY3Vyc29y"},
+                {"cursor": cursor_of(f"0001-01-01T00:00:00+14:00|{uuid.uuid4()}")},
+                {"cursor": cursor_of(f"9999-12-31T23:59:59-14:00|{uuid.uuid4()}")},
+                {"cursor": cursor_of(f"2026-01-01T00:00:00|{uuid.uuid4()}")}):
         r = http.get("/api/v1/workflows", headers=auth(key), params=bad)
         assert r.status_code == 422, (bad, r.text)
         assert r.json()["error"] == "invalid_input" and r.json()["message"]
@@ -257,7 +265,7 @@ def test_admin_starts_for_a_client_and_others_may_not(
     assert seen.status_code == 200
     r = http.post("/api/v1/workflows", headers=auth(keys["acme"]),
                   json={"plan": PAUSING, "client_id": "beta"})
-    assert r.status_code == 422 and "only an admin key" in r.json()["message"]
+    assert r.status_code == 403 and "only an admin key" in r.json()["message"]
 
 
 def test_plans_list_show_register(http: httpx.Client, keys: dict[str, str],
@@ -332,6 +340,22 @@ def test_bad_input_is_refused_clearly_and_writes_nothing(
     too_big = http.post("/api/v1/workflows", headers=key,
                         json={"plan": PAUSING, "input": "x" * 3_000_000})
     assert too_big.status_code == 413 and too_big.json()["error"] == "too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked
+        yield b'{"plan": "x", "input": "'
+        for _ in range(50):
+            yield b"x" * 65536
+        yield b'"}'
+
+    chunked = http.post("/api/v1/workflows", headers=key, content=chunks())
+    assert chunked.status_code == 413 and chunked.json()["error"] == "too_large"
+
+    def small() -> Iterator[bytes]:
+        yield b'{"plan": '
+        yield json.dumps(PAUSING).encode() + b', "colour": 1}'
+
+    read = http.post("/api/v1/workflows", headers=key, content=small())
+    assert read.status_code == 422 and "colour: unknown field" in read.json()["message"]
     deep: Any = 1
     for _ in range(100):
         deep = [deep]
@@ -374,11 +398,29 @@ def test_keys_missing_wrong_or_revoked_get_401(http: httpx.Client, web: Web,
     assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
     r = http.get("/api/v1/me", headers=auth(key))
     assert r.status_code == 401 and "revoked" in r.json()["message"]
+    # a console session of a revoked key: its pages send it to sign in, signing out works
+    with httpx.Client(base_url=str(http.base_url), cookies={"chassis_session": key},
+                      timeout=30) as browser:
+        page = browser.get("/runs")
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        out = browser.post("/logout")
+        assert out.status_code == 303 and 'chassis_session=""' in out.headers["set-cookie"]
     unknown = subprocess.run([sys.executable, "-m", "chassis", "keys", "revoke", "ffffffffffff"],
                              cwd=ROOT, env={**os.environ, **web.env},
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "no API key with id" in unknown.stderr
     assert count(services) == before
+
+
+def test_a_long_client_id_is_recorded_within_the_column(
+        http: httpx.Client, web: Web) -> None:
+    long = "c" * 255
+    key = web.key(long)
+    cid = start(http, key)["correlation_id"]
+    events = http.get(f"/api/v1/workflows/{cid}/events", headers=auth(key)).json()["events"]
+    assert events[0]["kind"] == "started"
+    assert events[0]["actor"].startswith("c" * 230 + " via key ")
+    assert len(events[0]["actor"]) <= 255
 
 
 def test_the_console_cookie_needs_the_csrf_token_to_change_anything(
@@ -398,6 +440,9 @@ def test_the_console_cookie_needs_the_csrf_token_to_change_anything(
         assert r.status_code == 403
         after = http.get(f"/api/v1/workflows/{cid}", headers=auth(keys["acme"])).json()
         assert after["version"] == before["version"]
+        odd = browser.post(f"/workflows/{cid}/resume", data={
+            "decision": "approve", "add_fuel": "\u00b2", "csrf_token": csrf_token(keys["acme"])})
+        assert odd.status_code == 422 and "whole number" in odd.text  # a page, no 500
         r = browser.post(f"/api/v1/workflows/{cid}/resume", json={"approved": True},
                          headers={"X-CSRF-Token": csrf_token(keys["acme"])})
         assert r.status_code == 200, r.text
@@ -409,6 +454,11 @@ def test_unknown_routes_and_methods(http: httpx.Client, keys: dict[str, str]) ->
     assert r.status_code == 404 and r.json()["error"] == "not_found"
     r = http.delete("/api/v1/workflows", headers=auth(keys["acme"]))
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    page = http.get("/login")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
     spec = http.get("/openapi.json").json()
     assert {"/api/v1/workflows", "/api/v1/workflows/{correlation_id}/resume",
             "/api/v1/plans", "/healthz", "/readyz"} <= set(spec["paths"])

@@ -6,7 +6,8 @@ Create Date: 2026-12-02
 
 ``api_keys``: one row per key (``chassis keys create``): the client it acts for, whether
 it is an admin key, the SHA-256 of its secret (the key is shown once and never stored),
-when it was made, last used and revoked.
+when it was made, last used and revoked. Two indexes for the runs list of the HTTP
+API and console (newest first, of every client or of one).
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False),
         sa.Column("last_used_at", TS),
         sa.Column("revoked_at", TS))
+    op.create_index("idx_orchestrator_state_created_at", "orchestrator_state", ["created_at"])
+    op.create_index("idx_orchestrator_state_client_created", "orchestrator_state",
+                    ["client_id", "created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("idx_orchestrator_state_client_created", "orchestrator_state")
+    op.drop_index("idx_orchestrator_state_created_at", "orchestrator_state")
     op.drop_table("api_keys")
