@@ -73,3 +73,73 @@ def relay(batch_size: int | None, log_level: str | None) -> None:
     except ChassisError as exc:
         fail(str(exc))
     click.echo(f"relay stopped: {published} messages published", err=True)
+
+
+@main.command()
+@click.option("--type", "agent_type", default=None, metavar="NAME",
+              help="The agent's type (env CHASSIS_AGENT_TYPE): names its topics and group.")
+@click.option("--topic", default=None,
+              help="Request topic (env CHASSIS_AGENT_TOPIC; default "
+                   "system.agent.NAME.requests).")
+@click.option("--responses", default=None,
+              help="Response topic (env CHASSIS_AGENT_RESPONSES; default "
+                   "system.responses.NAME).")
+@click.option("--group", default=None,
+              help="Consumer group (env CHASSIS_AGENT_GROUP; default NAME-group).")
+@click.option("--actions", "--actions-module", "modules", multiple=True, metavar="MODULE",
+              help="Import MODULE, whose actions it serves (repeatable; default "
+                   "CHASSIS_ACTION_MODULES).")
+@click.option("--concurrency", default=None,
+              help="Threads running requests (env CHASSIS_AGENT_CONCURRENCY; default 8); a "
+                   "partition's requests run in order.")
+@click.option("--health-port", default=None,
+              help="Port of /health, /ready and /metrics (env CHASSIS_AGENT_HEALTH_PORT; "
+                   "default 8080; 0: none).")
+@click.option("--health-host", default="0.0.0.0", show_default=True,
+              help="Address of the health server.")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="A YAML or JSON file of these settings (agent_type, topic, responses, "
+                   "kafka_consumer_group, concurrency, health_port, actions); options and "
+                   "variables win over it.")
+@click.option("--log-level", default=None, help="Logging level (default CHASSIS_LOG_LEVEL).")
+def agent(agent_type: str | None, topic: str | None, responses: str | None,
+          group: str | None, modules: tuple[str, ...], concurrency: str | None,
+          health_port: str | None, health_host: str, config_file: str | None,
+          log_level: str | None) -> None:
+    """Serve registered actions as a Kafka agent (runs until SIGTERM or Ctrl-C).
+
+    Consumes TaskRequests {action, data, params} from the request topic, runs the
+    action each names (your modules' actions, the built-ins and the Claude actions) and
+    answers a TaskResponse {success, data, error, error_type} on the response topic
+    with the headers the coordinator expects. An offset is committed only after its
+    answer is delivered; a request without the ids an answer needs, or not JSON, goes
+    to CHASSIS_KAFKA_DLQ_TOPIC with a dlq_reason header; an action that raises is
+    answered success: false (the plan's retry policy decides). Needs
+    CHASSIS_KAFKA_BOOTSTRAP.
+    """
+    import os
+
+    from chassis import actions as registry
+    from chassis.cli.errors import describe
+    from chassis.kafka.agent import AgentRuntime, agent_config, read_config_file, serve_health
+
+    settings, stop = _setup(log_level)
+    try:
+        file = read_config_file(config_file) if config_file else None
+        conf = agent_config({"agent_type": agent_type, "topic": topic, "responses": responses,
+                             "group": group, "concurrency": concurrency,
+                             "health_port": health_port, "modules": modules or None},
+                            os.environ, file, settings)
+        registry.load_modules(conf.modules)
+        runtime = AgentRuntime(settings, conf)
+        if conf.health_port:
+            serve_health(runtime, health_host, conf.health_port)
+        runtime.run(stop)
+    except Exception as exc:  # noqa: BLE001  (one line and an exit code, as every command)
+        if click.get_current_context().meta.get("chassis.debug"):
+            raise
+        code, lines = describe(exc)
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        raise SystemExit(code) from None
+    click.echo(f"agent {conf.agent_type} stopped", err=True)

@@ -122,10 +122,14 @@ class KafkaServices(Services):
         return self.spawn("relay", "-m", "chassis", "relay", env=env,
                           ready="relay publishing")
 
-    def agent(self, requests: str, responses: str) -> Worker:
-        return self.spawn("agent", "examples/agent.py", "--bootstrap", self.bootstrap,
-                          "--requests", requests, "--responses", responses,
-                          "--group", f"agent-{uuid.uuid4().hex[:6]}", ready="answering")
+    def agent(self, requests: str, responses: str, *args: str, **env: str) -> Worker:
+        """``chassis agent`` serving examples/agent.py's actions (no health server
+        unless ``args`` ask for one)."""
+        return self.spawn("agent", "-m", "chassis", "agent", "--type", "research",
+                          "--topic", requests, "--responses", responses,
+                          "--actions", "examples.agent", "--health-port", "0",
+                          "--group", f"agent-{uuid.uuid4().hex[:6]}", *args, env=env,
+                          ready="answering")
 
     def producer(self) -> Producer:
         return Producer({"bootstrap.servers": self.bootstrap})

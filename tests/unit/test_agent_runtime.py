@@ -1,0 +1,115 @@
+"""The agent runtime's settings, request checks and answers (no broker: the runtime
+itself is tested against Tansu in tests/e2e/test_agent_runtime.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chassis import config
+from chassis.errors import ConfigError
+from chassis.kafka.agent import (
+    Request,
+    Unusable,
+    agent_config,
+    answer_headers,
+    parse_request,
+    read_config_file,
+    run,
+)
+
+SETTINGS = config.load({})
+
+
+def test_the_topics_group_and_pool_derive_from_the_type() -> None:
+    c = agent_config({"agent_type": "research"}, {}, None, SETTINGS)
+    assert (c.topic, c.responses, c.group) == (
+        "system.agent.research.requests", "system.responses.research", "research-group")
+    assert (c.concurrency, c.health_port, c.dlq) == (8, 8080, "dlq.chassis")
+
+
+def test_options_win_over_variables_which_win_over_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "agent.yaml"
+    f.write_text("agent_type: writer\nkafka_consumer_group: from-file\ntopic: t.file\n"
+                 "concurrency: 3\nhealth_port: 9000\nactions: [a.b]\n")
+    file = read_config_file(f)
+    c = agent_config({}, {}, file, SETTINGS)
+    assert (c.agent_type, c.group, c.topic, c.concurrency, c.health_port, c.modules) == (
+        "writer", "from-file", "t.file", 3, 9000, ("a.b",))
+    assert c.responses == "system.responses.writer"
+    env = {"CHASSIS_AGENT_GROUP": "from-env", "CHASSIS_AGENT_CONCURRENCY": "5",
+           "CHASSIS_AGENT_TYPE": "critic"}
+    c = agent_config({}, env, file, SETTINGS)
+    assert (c.agent_type, c.group, c.concurrency) == ("critic", "from-env", 5)
+    c = agent_config({"group": "from-option", "health_port": "0"}, env, file, SETTINGS)
+    assert (c.group, c.health_port) == ("from-option", 0)
+
+
+@pytest.mark.parametrize(("given", "env", "message"), [
+    ({}, {}, "the agent's type is required"),
+    ({"agent_type": "a b"}, {}, "agent type 'a b'"),
+    ({"agent_type": "a", "topic": "bad topic"}, {}, "not a valid Kafka topic name"),
+    ({"agent_type": "a", "concurrency": "0"}, {}, "concurrency must be a whole number"),
+    ({"agent_type": "a"}, {"CHASSIS_AGENT_CONCURRENCY": "many"}, "concurrency"),
+    ({"agent_type": "a", "health_port": "70000"}, {}, "health port"),
+    ({"agent_type": "a", "concurrency": "\u00b2"}, {}, "concurrency"),
+])
+def test_bad_settings_are_refused_with_one_line(given: dict, env: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        agent_config(given, env, None, SETTINGS)
+
+
+def test_a_config_file_that_is_not_a_map_or_has_unknown_names(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a map"):
+        read_config_file(f)
+    f.write_text("agent_type: a\ncolour: red\n")
+    with pytest.raises(ConfigError, match="unknown setting.*colour"):
+        read_config_file(f)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_config_file(tmp_path / "missing.yaml")
+
+
+HEADERS = {"correlation_id": "c1", "request_id": "r1", "client_id": "acme",
+           "project_id": "p", "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+
+
+@pytest.mark.parametrize(("value", "headers", "reason"), [
+    (b'{"action": "echo"}', {"correlation_id": "c1"}, "missing_header"),
+    (b'{"action": "echo"}', {"request_id": "r1"}, "missing_header"),
+    (b"not json", HEADERS, "bad_json"),
+    (b"\xff\xfe", HEADERS, "bad_json"),
+    (b"[1, 2]", HEADERS, "bad_request"),
+    (b'{"data": {}}', HEADERS, "bad_request"),
+    (b'{"action": "echo", "params": [1]}', HEADERS, "bad_request"),
+    (None, HEADERS, "bad_json"),
+])
+def test_unusable_requests_name_their_reason(value: bytes | None, headers: dict,
+                                             reason: str) -> None:
+    with pytest.raises(Unusable) as info:
+        parse_request(value, headers)
+    assert info.value.reason == reason
+
+
+def test_answers_success_failure_and_an_unknown_action() -> None:
+    ok = run(parse_request(json.dumps({"action": "echo", "params": {"a": 1}}).encode(),
+                           HEADERS))
+    assert ok == {"success": True, "data": {"a": 1}, "error": None}
+    failed = run(Request("fail", {}, {"message": "boom"}, HEADERS))
+    assert failed == {"success": False, "data": None, "error": "boom",
+                      "error_type": "ActionError"}
+    unknown = run(Request("no_such_action", {}, {}, HEADERS))
+    assert unknown["success"] is False and "no_such_action" in unknown["error"]
+    not_json = run(Request("echo", {}, {"x": float("nan")}, HEADERS))
+    assert not_json["success"] is False and "not a JSON number" in not_json["error"]
+
+
+def test_the_answer_carries_the_coordinators_headers() -> None:
+    h = answer_headers(Request("echo", {}, {}, HEADERS), None)
+    assert h == {"correlation_id": "c1", "causation_id": "r1", "client_id": "acme",
+                 "project_id": "p", "traceparent": HEADERS["traceparent"]}
+    mine = "00-" + "3" * 32 + "-" + "4" * 16 + "-01"
+    assert answer_headers(Request("echo", {}, {}, HEADERS), mine)["traceparent"] == mine
