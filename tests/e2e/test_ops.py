@@ -114,6 +114,7 @@ def stack(postgres_server: PostgresServer, redis_url: str, own_kafka: str,
     upgrade(db)
     redis.Redis.from_url(redis_url).flushdb()  # no task left over by another module
     flower_port, metrics_port, web_port = free_port(), free_port(), free_port()
+    agent_port = free_port()
     settings = {
         "CHASSIS_DATABASE_URL": db, "CHASSIS_BROKER_URL": redis_url,
         "CHASSIS_RESULT_BACKEND": redis_url, "CHASSIS_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -123,6 +124,7 @@ def stack(postgres_server: PostgresServer, redis_url: str, own_kafka: str,
         "CHASSIS_AI_PROVIDER": "offline", "CHASSIS_METRICS_PORT": str(metrics_port),
         "FLOWER_PORT": str(flower_port), "FLOWER_ADDRESS": "127.0.0.1",
         "FLOWER_BASIC_AUTH": ":".join(AUTH), "CHASSIS_WEB_PORT": str(web_port),
+        "CHASSIS_AGENT_HEALTH_PORT": str(agent_port),
     }
     env_file = tmp / ".env"  # as an operator would: see .env.example
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -141,7 +143,7 @@ def stack(postgres_server: PostgresServer, redis_url: str, own_kafka: str,
             text = s.text()
             return all(mark in text for mark in ("ready.", "bridge consuming",
                                                  "relay publishing", "beat: Starting",
-                                                 "serving metrics"))
+                                                 "serving metrics", "answering"))
 
         wait_until(up, timeout=90, message=f"the processes did not start: {log}")
         wait_until(lambda: urllib.request.urlopen(s.flower + "/healthcheck", timeout=5),
@@ -309,6 +311,16 @@ def test_the_web_process_serves_the_api_with_a_key(stack: Stack, completed: str)
         "Authorization": f"Bearer {made.stdout.strip()}"})
     with urllib.request.urlopen(request, timeout=10) as r:
         assert json.loads(r.read())["status"] == "COMPLETED"
+
+
+def test_the_example_agent_process_is_ready(stack: Stack) -> None:
+    """The Procfile's `agent` (examples/agent.py's actions): /ready and /metrics."""
+    url = f"http://127.0.0.1:{stack.env['CHASSIS_AGENT_HEALTH_PORT']}"
+    ready = wait_until(lambda: urllib.request.urlopen(f"{url}/ready", timeout=5), timeout=60,
+                       ignore=(OSError,), message="the agent is not ready")
+    assert json.loads(ready.read())["status"] == "ready"
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        assert 'agent_pool_size{agent_type="research"} 8.0' in r.read().decode()
 
 
 def test_lag_counts_what_a_group_has_not_committed(kafka_bootstrap: str,

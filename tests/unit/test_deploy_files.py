@@ -19,7 +19,7 @@ from tests.helpers import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = {"migrate", "worker", "coordinator", "beat", "flower", "bridge", "relay",
-                "metrics", "web"}
+                "metrics", "web", "agent"}
 
 
 def procfile() -> dict[str, str]:
@@ -36,7 +36,7 @@ def compose() -> dict[str, Any]:
 def test_procfile_runs_every_process_with_the_real_commands() -> None:
     procs = {name: cmd.strip() for name, cmd in procfile().items()}
     assert set(procs) == {"worker", "coordinator", "beat", "flower", "bridge", "relay",
-                          "metrics", "web"}
+                          "metrics", "web", "agent"}
     for name in ("worker", "coordinator"):
         assert procs[name].startswith("celery -A chassis.worker worker")
         assert "--events" in procs[name]  # Flower sees tasks only from workers' events
@@ -52,6 +52,7 @@ def test_procfile_runs_every_process_with_the_real_commands() -> None:
     assert procs["metrics"] == "chassis metrics"
     assert procs["web"] == ("chassis web --host ${CHASSIS_WEB_HOST:-127.0.0.1} "
                             "--port ${CHASSIS_WEB_PORT:-8000}")
+    assert procs["agent"].startswith("chassis agent --type research --actions examples.agent")
 
 
 def test_compose_has_every_service_with_health_checks_and_start_order() -> None:
@@ -64,17 +65,20 @@ def test_compose_has_every_service_with_health_checks_and_start_order() -> None:
     assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
     assert services["migrate"]["command"] == ["chassis", "db", "upgrade"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in APP_SERVICES - {"migrate"}:
+    for name in APP_SERVICES - {"migrate", "agent"}:
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
-    # Kafka is optional: it, the bridge and the relay come with the profile "kafka";
-    # nothing else waits for it, and Kafka features are off unless the bootstrap is set
+    # Kafka is optional: it, the bridge, the relay and the example agent come with the
+    # profile "kafka"; nothing else waits for it, and Kafka features are off unless the
+    # bootstrap is set. The agent needs Kafka alone (no database, no Celery broker).
     kafka_ones = {n for n, svc in services.items() if "kafka" in svc.get("profiles", ())}
-    assert kafka_ones == {"kafka", "bridge", "relay"}
-    for name in ("bridge", "relay"):
+    assert kafka_ones == {"kafka", "bridge", "relay", "agent"}
+    for name in ("bridge", "relay", "agent"):
         assert services[name]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    for name in APP_SERVICES - {"bridge", "relay"}:
+    assert set(services["agent"]["depends_on"]) == {"kafka"}
+    assert services["agent"]["command"][:2] == ["chassis", "agent"]
+    for name in APP_SERVICES - {"bridge", "relay", "agent"}:
         assert "kafka" not in services[name].get("depends_on", {}), name
         assert not services[name].get("profiles"), name
     assert services["worker"]["environment"]["CHASSIS_KAFKA_BOOTSTRAP"] == (
