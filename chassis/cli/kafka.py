@@ -130,8 +130,10 @@ def agent(agent_type: str | None, topic: str | None, responses: str | None,
                              "group": group, "concurrency": concurrency,
                              "health_port": health_port, "modules": modules or None},
                             os.environ, file, settings)
+        before = set(registry.registered())
         registry.load_modules(conf.modules)
-        runtime = AgentRuntime(settings, conf)
+        own = frozenset(set(registry.registered()) - before) if conf.modules else None
+        runtime = AgentRuntime(settings, conf, own)
         if conf.health_port:
             serve_health(runtime, health_host, conf.health_port)
         runtime.run(stop)

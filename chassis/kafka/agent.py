@@ -18,8 +18,8 @@ answered (not JSON, not an object, without the ids an answer needs) goes to the
 dead-letter topic with a ``dlq_reason`` header and the agent goes on. An action that
 raises, or an action it does not have, is answered ``success: false`` with the error
 and its type: the workflow's retry policy (the coordinator's) decides what follows.
-SIGTERM stops taking requests, lets those running finish and be answered and hands the
-others back (uncommitted: the group's next member answers them).
+SIGTERM stops taking requests, gives those running SHUTDOWN_GRACE seconds to be
+answered and hands the others back (uncommitted: the group's next member answers them).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -133,13 +132,14 @@ def agent_config(given: Mapping[str, Any], env: Mapping[str, str],
     variable, else the config file, else the default derived from the type: requests on
     ``system.agent.TYPE.requests``, answers on ``system.responses.TYPE`` (the response
     pattern the bridge reads), group ``TYPE-group``, 8 threads, health on 8080."""
-    def pick(option: str) -> Any:
+    def pick(option: str, default: Any = None) -> Any:
         if given.get(option) not in (None, ""):
             return given[option]
         variable = OPTIONS[option][0]
         if (env.get(variable) or "").strip():
             return env[variable].strip()
-        return (file or {}).get(option)
+        found = (file or {}).get(option)
+        return default if found is None else found
 
     kind = pick("agent_type")
     if kind is None:
@@ -155,19 +155,25 @@ def agent_config(given: Mapping[str, Any], env: Mapping[str, str],
         if not re.match(r"^[A-Za-z0-9._-]{1,249}$", name):
             raise ConfigError(f"{what} {name[:60]!r} is not a valid Kafka topic name")
     if not re.match(settings.kafka_response_pattern, responses):
-        log.warning("the response topic %s does not match CHASSIS_KAFKA_RESPONSE_PATTERN "
-                    "(%s): the bridge will not read the answers", responses,
-                    settings.kafka_response_pattern)
-    modules = pick("modules") or ()
+        raise ConfigError(f"response topic {responses!r} does not match "
+                          f"CHASSIS_KAFKA_RESPONSE_PATTERN ({settings.kafka_response_pattern}):"
+                          " the bridge would never read the answers (use a topic it reads, "
+                          "or give the agent the bridge's pattern)")
+    modules = pick("modules", ())
     if isinstance(modules, str):
         modules = tuple(m.strip() for m in modules.split(",") if m.strip())
+    if not isinstance(modules, list | tuple) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError("actions must be a list of module names (or, in the variable, "
+                          "names separated by commas)")
+    group = str(pick("group") or f"{kind}-group")
+    if not re.match(r"^[A-Za-z0-9._-]{1,249}$", group):
+        raise ConfigError(f"consumer group {group[:60]!r}: use letters, digits, '.', '_' "
+                          "and '-'")
     return AgentConfig(
-        agent_type=kind, topic=topic, responses=responses,
-        group=str(pick("group") or f"{kind}-group"),
-        concurrency=_whole(pick("concurrency") or 8, "concurrency", 1, 1024),
-        health_port=_whole(pick("health_port") if pick("health_port") is not None else 8080,
-                           "health port", 0, 65535),
-        dlq=settings.kafka_dlq_topic, modules=tuple(str(m) for m in modules))
+        agent_type=kind, topic=topic, responses=responses, group=group,
+        concurrency=_whole(pick("concurrency", 8), "concurrency", 1, 1024),
+        health_port=_whole(pick("health_port", 8080), "health port", 0, 65535),
+        dlq=settings.kafka_dlq_topic, modules=tuple(modules))
 
 
 # -------------------------------------------------------------------------- metrics
@@ -219,16 +225,27 @@ class Request:
     headers: dict[str, str]
 
 
+#: The request's headers its answer carries on (text in UTF-8).
+ANSWERED_HEADERS = ("correlation_id", "request_id", "client_id", "project_id", "traceparent")
+
+
 def parse_request(value: bytes | None, headers: Mapping[str, str]) -> Request:
     """A TaskRequest and the headers its answer needs; :class:`Unusable` otherwise."""
     for name in ("correlation_id", "request_id"):
         if not headers.get(name):
             raise Unusable("missing_header", f"the request has no {name} header: no "
                                              "answer could be matched to it")
+    for name in ANSWERED_HEADERS:
+        try:
+            (headers.get(name) or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise Unusable("bad_header", f"the {name} header is not UTF-8 text") from None
     try:
         doc = json.loads(value or b"")
     except (ValueError, UnicodeDecodeError) as exc:
         raise Unusable("bad_json", f"the request is not JSON: {exc}") from None
+    except RecursionError:
+        raise Unusable("bad_json", "the request is nested too deeply") from None
     if not isinstance(doc, dict):
         raise Unusable("bad_request", "a TaskRequest is a JSON object {action, data, params}")
     action = doc.get("action")
@@ -241,7 +258,8 @@ def parse_request(value: bytes | None, headers: Mapping[str, str]) -> Request:
 
 
 def run(request: Request) -> dict[str, Any]:
-    """The TaskResponse of a request: the action's output, or its failure."""
+    """The TaskResponse of a request: the action's output, or its failure (whatever the
+    action raised, SystemExit included: a request is answered, the agent goes on)."""
     try:
         fn = actions.get(request.action)
     except Exception as exc:  # noqa: BLE001  (an action this agent does not have)
@@ -249,7 +267,7 @@ def run(request: Request) -> dict[str, Any]:
                 "error_type": type(exc).__name__}
     try:
         output = check_json(fn(request.data, request.params), "the action's output")
-    except Exception as exc:  # noqa: BLE001  (a failed attempt, answered as such)
+    except BaseException as exc:  # noqa: BLE001  (a failed attempt, answered as such)
         log.warning("action %s failed: %s", request.action, exc,
                     extra={"correlation_id": request.headers.get("correlation_id")})
         return {"success": False, "data": None, "error": str(exc) or type(exc).__name__,
@@ -266,26 +284,78 @@ def answer_headers(request: Request, traceparent: str | None) -> dict[str, str |
 
 # -------------------------------------------------------------------------- runtime
 
+#: What became of a request: answered (or dead-lettered) and delivered; handed back (a
+#: stopping agent ran out of time: not committed, the group answers it again); or to be
+#: read again from its offset (nothing could be delivered, not even a dead letter).
+DONE, HANDED_BACK, REWIND = "done", "handed_back", "rewind"
+#: Errors no retry cures: the message is too large for the topic, or not allowed there.
+PERMANENT = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
+                       KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_RECORD,
+                       KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.POLICY_VIOLATION,
+                       KafkaError._INVALID_ARG})
+#: The part of a request kept on the dead-letter topic when the whole is too large.
+DLQ_KEEP_BYTES = 64 * 1024
+
+
+class Permanent(Exception):
+    """A message the broker will never take (see :data:`PERMANENT`)."""
+
 
 @dataclass
 class _Lane:
-    """One partition's requests, answered in order."""
+    """One partition's requests, answered in order by one runner at a time."""
 
     waiting: deque[Message] = field(default_factory=deque)
     running: bool = False
+    """A runner of this generation is scheduled or at work."""
+    busy: bool = False
+    """A runner (of any generation) is handling a request now."""
+    blocked: bool = False
+    """A request failed beyond dead-lettering: nothing is taken until the main thread
+    has sought the partition back to it."""
     generation: int = 0
+
+
+class _Pool:
+    """``size`` daemon threads running what is submitted (a running action never keeps
+    the process from exiting once the grace of a stop is over)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._work: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.Queue()
+        for i in range(size):
+            threading.Thread(target=self._serve, daemon=True, name=f"{name}-{i}").start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._work.put((fn, args))
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001  (a runner's own guard failed: log it)
+                log.exception("agent runner failed")
+
+    def close(self, size: int) -> None:
+        for _ in range(size):
+            self._work.put(None)
 
 
 class AgentRuntime:
     """Consume, run on the pool, answer, commit (see the module docstring)."""
 
-    def __init__(self, settings: Settings, config: AgentConfig) -> None:
+    def __init__(self, settings: Settings, config: AgentConfig,
+                 own_actions: frozenset[str] | None = None) -> None:
         self.settings, self.config = settings, config
         self.bootstrap = clients.require_bootstrap(settings)
         self.metrics = AgentMetrics(config.agent_type, config.concurrency)
-        self._lock = threading.Lock()
+        self.own_actions = own_actions
+        """The actions the agent's modules registered (None: none were given)."""
+        self._cond = threading.Condition()
         self._lanes: dict[tuple[str, int], _Lane] = {}
         self._done: queue.Queue[tuple[tuple[str, int], int, int]] = queue.Queue()
+        self._rewinds: queue.Queue[tuple[tuple[str, int], int, int]] = queue.Queue()
         self._buffered = 0
         self._paused = False
         self._stop = threading.Event()  # asked to stop: consume no more
@@ -307,8 +377,9 @@ class AgentRuntime:
             return False, "the consumer loop is not running"
         if time.monotonic() - self._kafka_ok_at > KAFKA_FRESH:
             return False, f"Kafka at {self.bootstrap} did not answer lately"
-        if not actions.registered():
-            return False, "no action is registered (--actions MODULE)"
+        if self.own_actions is not None and not self.own_actions:
+            return False, (f"the modules {', '.join(self.config.modules)} registered no "
+                           "action")
         return True, (f"consuming {self.config.topic} as {self.config.group}, "
                       f"{len(self._assigned)} partition(s) assigned")
 
@@ -330,8 +401,7 @@ class AgentRuntime:
         consumer = Consumer(clients.consumer_config(self.bootstrap, self.config.group))
         consumer.subscribe([self.config.topic], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_revoke)
-        pool = ThreadPoolExecutor(self.config.concurrency,
-                                  thread_name_prefix=f"agent-{self.config.agent_type}")
+        pool = _Pool(self.config.concurrency, f"agent-{self.config.agent_type}")
         poller = threading.Thread(target=self._poll_producer, daemon=True,
                                   name="agent-delivery")
         poller.start()
@@ -344,8 +414,7 @@ class AgentRuntime:
         try:
             while not self._stop.is_set():
                 self._beat = time.monotonic()
-                msgs = consumer.consume(64, timeout=0.2)
-                for m in msgs:
+                for m in consumer.consume(64, timeout=0.2):
                     error = m.error()
                     if error is not None:
                         if error.code() != KafkaError._PARTITION_EOF:
@@ -355,6 +424,7 @@ class AgentRuntime:
                     self.metrics.consumed.labels(m.topic()).inc()
                     self.metrics.received.inc()
                     self._take(m, pool)
+                self._rewind(consumer)
                 self._commit(consumer)
                 self._flow(consumer)
                 if time.monotonic() - last_look > 10:
@@ -362,18 +432,35 @@ class AgentRuntime:
                     self._look(consumer)
         finally:
             self._stop.set()
-            self._give_up_at = time.monotonic() + SHUTDOWN_GRACE
-            self._stopping.set()
-            with self._lock:
-                waiting = self._buffered
-            log.info("agent %s stopping: the running requests finish, %d waiting ones are "
-                     "handed back", self.config.agent_type, waiting)
-            pool.shutdown(wait=True, cancel_futures=True)  # running ones finish
-            self._commit(consumer)
-            consumer.close()
+            self._finish(consumer)
+            pool.close(self.config.concurrency)
             self._closed.set()
             poller.join(15)
             log.info("agent %s stopped", self.config.agent_type)
+
+    def _finish(self, consumer: Consumer) -> None:
+        """Stop: no new request starts; the running ones have SHUTDOWN_GRACE seconds to
+        be answered (the consumer polled meanwhile, so the group keeps it); what is left
+        is handed back uncommitted."""
+        self._give_up_at = time.monotonic() + SHUTDOWN_GRACE
+        self._stopping.set()
+        with self._cond:
+            waiting = self._buffered
+            self._cond.notify_all()
+        log.info("agent %s stopping: the running requests finish (at most %.0f s), %d "
+                 "waiting ones are handed back", self.config.agent_type, SHUTDOWN_GRACE,
+                 waiting)
+        try:
+            consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+            while time.monotonic() < self._give_up_at:
+                with self._cond:
+                    if not any(lane.busy for lane in self._lanes.values()):
+                        break
+                consumer.consume(64, timeout=0.2)  # (paused: keeps the membership alive)
+                self._commit(consumer)
+            self._commit(consumer)
+        finally:
+            consumer.close()
 
     def _look(self, consumer: Consumer) -> None:
         """A light look at the cluster, for /ready."""
@@ -383,10 +470,12 @@ class AgentRuntime:
         except KafkaException as exc:
             log.warning("Kafka does not answer: %s", exc)
 
-    def _take(self, m: Message, pool: ThreadPoolExecutor) -> None:
+    def _take(self, m: Message, pool: _Pool) -> None:
         tp, _ = _position(m)
-        with self._lock:
+        with self._cond:
             lane = self._lanes.setdefault(tp, _Lane())
+            if lane.blocked:  # read again from the failed request once sought back
+                return
             lane.waiting.append(m)
             self._buffered += 1
             if lane.running:
@@ -398,46 +487,56 @@ class AgentRuntime:
     def _drain(self, tp: tuple[str, int], generation: int) -> None:
         """Answer a lane's requests one after another while it has any."""
         while True:
-            with self._lock:
+            with self._cond:
                 lane = self._lanes.get(tp)
-                if lane is None or lane.generation != generation or not lane.waiting \
-                        or self._stopping.is_set():
-                    if lane is not None and lane.generation == generation:
-                        lane.running = False
+                if lane is None or lane.generation != generation:
+                    return
+                while lane.busy:  # an older generation's runner finishing its request
+                    self._cond.wait(0.5)
+                    if lane.generation != generation:
+                        return
+                if not lane.waiting or self._stopping.is_set():
+                    lane.running = False
                     return
                 m = lane.waiting.popleft()
                 self._buffered -= 1
+                lane.busy = True
+            outcome = REWIND
             try:
-                delivered = self._handle(m)
-            except Exception:  # noqa: BLE001  (never lose the lane: log, hand it back)
-                log.exception("request %s[%d]@%d failed unexpectedly", *tp, m.offset())
-                delivered = False
-            if not delivered:  # not answered (stopping): handed back, the lane stops here
-                with self._lock:
-                    if lane.generation == generation:
-                        self._buffered -= len(lane.waiting)
-                        lane.waiting.clear()
-                        lane.running = False
-                return
-            self._done.put((tp, _position(m)[1], generation))
+                outcome = self._handle(m)
+            except Exception as exc:  # noqa: BLE001  (set it aside rather than stop)
+                log.exception("request %s[%d]@%d could not be handled", *_position(m))
+                outcome = self._dead_letter(m, "internal_error",
+                                            f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._cond:
+                    lane.busy = False
+                    self._cond.notify_all()
+            offset = _position(m)[1]
+            if outcome == DONE:
+                self._done.put((tp, offset, generation))
+                continue
+            with self._cond:  # handed back, or to be read again: the lane stops here
+                if lane.generation == generation:
+                    self._buffered -= len(lane.waiting)
+                    lane.waiting.clear()
+                    lane.running = False
+                    lane.blocked = outcome == REWIND
+            if outcome == REWIND and not self._stopping.is_set():
+                time.sleep(REDELIVER_WAIT)
+                self._rewinds.put((tp, offset, generation))
+            return
 
-    def _handle(self, m: Message) -> bool:
-        """Answer one request (or dead-letter it); True once the broker has it."""
+    def _handle(self, m: Message) -> str:
+        """Answer one request (or dead-letter it); :data:`DONE` once the broker has it."""
         started = time.monotonic()
         headers = clients.header_dict(m.headers())
         try:
             request = parse_request(m.value(), headers)
         except Unusable as exc:
-            log.warning("dead letter %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), exc,
+            log.warning("dead letter %s[%d]@%d: %s", *_position(m), exc,
                         extra={"correlation_id": headers.get("correlation_id")})
-            ok = self._deliver(self.config.dlq, m.value(), m.key(), [
-                *clients.message_headers(m.headers()), *clients.encode_headers({
-                    "dlq_reason": exc.reason, "dlq_detail": exc.detail[:1000],
-                    "source_topic": m.topic(), "source_partition": m.partition(),
-                    "source_offset": m.offset()})])
-            if ok:
-                self.metrics.outcome("dead_letter")
-            return ok
+            return self._dead_letter(m, exc.reason, exc.detail)
         self.metrics.in_flight.inc()
         try:
             with tracing.span(f"agent {request.action}", under=headers.get("traceparent"),
@@ -451,29 +550,65 @@ class AgentRuntime:
                 traceparent = tracing.traceparent_of(span) if span.is_recording() else None
             value = json.dumps(response).encode()
             if len(value) > MESSAGE_MAX:
-                response = {"success": False, "data": None, "error_type": "AnswerTooLarge",
-                            "error": f"the action's answer is {len(value)} bytes of JSON, "
-                                     f"more than a message may carry ({MESSAGE_MAX})"}
-                value = json.dumps(response).encode()
-            ok = self._deliver(self.config.responses, value,
-                               m.key() or headers["correlation_id"].encode(),
-                               clients.encode_headers(answer_headers(request, traceparent)))
+                response = _failure("AnswerTooLarge", f"the action's answer is {len(value)} "
+                                    f"bytes of JSON, more than a message may carry "
+                                    f"({MESSAGE_MAX})")
+            key = m.key() or headers["correlation_id"].encode()
+            out = clients.encode_headers(answer_headers(request, traceparent))
+            try:
+                delivered = self._deliver(self.config.responses,
+                                          json.dumps(response).encode(), key, out)
+            except Permanent as exc:  # the topic refuses it: the workflow is told so
+                response = _failure("AnswerUndeliverable",
+                                    f"the agent's answer could not be delivered: {exc}")
+                try:
+                    delivered = self._deliver(self.config.responses,
+                                              json.dumps(response).encode(), key, out)
+                except Permanent as again:
+                    return self._dead_letter(m, "undeliverable", str(again))
         finally:
             self.metrics.in_flight.dec()
-        if ok:
-            self.metrics.outcome("success" if response["success"] else "failure")
-            self.metrics.duration.observe(time.monotonic() - started)
-            log.info("answered request %s of workflow %s: %s", headers["request_id"],
-                     headers["correlation_id"], "success" if response["success"] else
-                     f"failure ({response['error']})",
-                     extra={"correlation_id": headers["correlation_id"]})
-        return ok
+        if not delivered:
+            return HANDED_BACK
+        self.metrics.outcome("success" if response["success"] else "failure")
+        self.metrics.duration.observe(time.monotonic() - started)
+        log.info("answered request %s of workflow %s: %s", headers["request_id"],
+                 headers["correlation_id"], "success" if response["success"] else
+                 f"failure ({response['error']})",
+                 extra={"correlation_id": headers["correlation_id"]})
+        return DONE
+
+    def _dead_letter(self, m: Message, reason: str, detail: str) -> str:
+        """Put the request on the dead-letter topic with the reason (cut to its first
+        64 KiB when the whole is too large): :data:`DONE` once delivered."""
+        tp, offset = _position(m)
+        why = clients.encode_headers({"dlq_reason": reason, "dlq_detail": detail[:1000],
+                                      "source_topic": tp[0], "source_partition": tp[1],
+                                      "source_offset": offset})
+        own = clients.message_headers(m.headers())
+        value, key = m.value(), m.key()
+        size = len(value or b"") + len(key or b"")
+        cut = [(k, v) for k, v in own if len(k) + len(v or b"") < DLQ_KEEP_BYTES // 16]
+        for attempt in ((value, key, own + why),
+                        ((value or b"")[:DLQ_KEEP_BYTES], (key or b"")[:DLQ_KEEP_BYTES],
+                         cut + why + clients.encode_headers({"dlq_truncated": size}))):
+            try:
+                if not self._deliver(self.config.dlq, *attempt):
+                    return HANDED_BACK
+            except Permanent as exc:
+                log.warning("dead letter of %s[%d]@%d refused (%s)", *tp, offset, exc)
+                continue
+            self.metrics.outcome("dead_letter")
+            return DONE
+        log.error("request %s[%d]@%d can be neither answered nor dead-lettered: its "
+                  "partition waits and tries again", *tp, offset)
+        return REWIND
 
     def _deliver(self, topic: str, value: bytes | None, key: bytes | None,
                  headers: clients.Headers) -> bool:
         """Produce and wait for the broker's acknowledgement, trying again until it
         comes; False when a stopping agent's grace runs out first (the request is
-        handed back)."""
+        handed back); :class:`Permanent` when the broker will never take it."""
         while time.monotonic() < self._give_up_at:
             got = threading.Event()
             errors: list[Any] = []
@@ -490,15 +625,21 @@ class AgentRuntime:
             except BufferError:
                 time.sleep(0.2)
                 continue
-            except (KafkaException, ValueError, TypeError) as exc:
+            except KafkaException as exc:
+                if exc.args and exc.args[0].code() in PERMANENT:
+                    raise Permanent(exc.args[0].str()) from None
                 log.warning("cannot produce to %s: %s; trying again", topic, exc)
                 time.sleep(REDELIVER_WAIT)
                 continue
+            except (ValueError, TypeError) as exc:
+                raise Permanent(str(exc)) from None
             while not got.wait(0.5):
                 if time.monotonic() >= self._give_up_at:
                     return False
             if not errors:
                 return True
+            if errors[0].code() in PERMANENT:
+                raise Permanent(errors[0].str())
             log.warning("answer to %s not delivered (%s); trying again", topic, errors[0])
             time.sleep(REDELIVER_WAIT)
         return False
@@ -520,7 +661,7 @@ class AgentRuntime:
                 tp, offset, generation = self._done.get_nowait()
             except queue.Empty:
                 break
-            with self._lock:
+            with self._cond:
                 lane = self._lanes.get(tp)
                 if lane is None or lane.generation != generation or tp not in self._assigned:
                     continue  # the partition went to another member meanwhile
@@ -534,10 +675,29 @@ class AgentRuntime:
         except KafkaException as exc:
             log.warning("commit failed (the requests will be answered again): %s", exc)
 
+    def _rewind(self, consumer: Consumer) -> None:
+        """Read a blocked lane's partition again from the request that failed."""
+        while True:
+            try:
+                tp, offset, generation = self._rewinds.get_nowait()
+            except queue.Empty:
+                return
+            with self._cond:
+                lane = self._lanes.get(tp)
+                if lane is None or lane.generation != generation or tp not in self._assigned:
+                    continue  # revoked meanwhile: its next owner reads it again
+                try:
+                    consumer.seek(TopicPartition(tp[0], tp[1], offset))
+                except KafkaException as exc:
+                    log.warning("cannot seek %s[%d] back to %d: %s", *tp, offset, exc)
+                    self._rewinds.put((tp, offset, generation))
+                    return
+                lane.blocked = False
+
     def _flow(self, consumer: Consumer) -> None:
         """Pause consuming while too many requests wait; resume once half of them ran."""
         most = self.config.concurrency * BUFFER_PER_THREAD
-        with self._lock:
+        with self._cond:
             buffered = self._buffered
         if not self._paused and buffered >= most:
             consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
@@ -547,16 +707,25 @@ class AgentRuntime:
             self._paused = False
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        with self._lock:
+        """Take the partitions, paused or not as the agent is now (a partition keeps a
+        pause of ours across a rebalance otherwise)."""
+        with self._cond:
             self._assigned |= {(p.topic, p.partition) for p in partitions}
+            for p in partitions:
+                lane = self._lanes.get((p.topic, p.partition))
+                if lane is not None:
+                    lane.blocked = False
+        consumer.assign(partitions)
         if self._paused:
             consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is answered; what waits is dropped (its next owner answers it)."""
         self._commit(consumer)
-        with self._lock:
+        with self._cond:
             for p in partitions:
                 tp = (p.topic, p.partition)
                 self._assigned.discard(tp)
@@ -566,7 +735,13 @@ class AgentRuntime:
                     lane.waiting.clear()
                     lane.generation += 1
                     lane.running = False
+                    lane.blocked = False
+            self._cond.notify_all()
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+
+
+def _failure(error_type: str, error: str) -> dict[str, Any]:
+    return {"success": False, "data": None, "error": error, "error_type": error_type}
 
 
 def _position(m: Message) -> tuple[tuple[str, int], int]:

@@ -149,10 +149,40 @@ def test_an_unusable_request_goes_to_the_dlq_and_the_agent_goes_on(
     reasons = sorted(headers_of(m)["dlq_reason"] for m in got)
     assert reasons[:2] == ["bad_json", "missing_header"]
     assert got[0].value() in (b"not json at all", json.dumps({"action": "research"}).encode())
+    # poison just before a workflow's request on its partition (the same key): set aside,
+    # and the request behind it is answered (never skipped)
+    cid = str(uuid.uuid4())
+    p = running.producer()
+    p.produce(REQUESTS, key=cid, value=json.dumps({"action": "research"}).encode(),
+              headers=[("correlation_id", cid.encode()), ("request_id", b"r-2"),
+                       ("client_id", b"\xff\xfe")])
+    p.produce(REQUESTS, key=cid, value=b"[" * 100_000,
+              headers=[("correlation_id", cid.encode()), ("request_id", b"r-3")])
+    assert p.flush(30) == 0
     c = client(running)
-    cid = c.start(plan("research"), {"question": "still there?"})
+    c.start(plan("research"), {"question": "still there?"}, correlation_id=cid)
     assert c.wait(cid, timeout=90)["status"] == "COMPLETED"
+    got = running.read(DLQ, lambda ms: len([m for m in ms if headers_of(m).get(
+        "correlation_id") == cid]) >= 2)
+    assert sorted(headers_of(m)["dlq_reason"] for m in got
+                  if headers_of(m).get("correlation_id") == cid) == ["bad_header", "bad_json"]
     a.stop()
+
+
+def test_sigterm_lets_the_running_request_be_answered(running: KafkaServices) -> None:
+    port = free_port()
+    a = agent(running, port, group="rt-term")
+    c = client(running)
+    cid = c.start(plan("slow_research", delay=3), {"i": "last"})
+    wait_until(lambda: metric(get(f"http://127.0.0.1:{port}/metrics")[1],
+                              "agent_tasks_in_flight", agent_type="rt") >= 1,
+               timeout=60, interval=0.05, message="the request did not start")
+    os.killpg(a.proc.pid, signal.SIGTERM)
+    assert a.proc.wait(timeout=60) == 0, a.text()
+    assert "the running requests finish" in a.text()
+    doc = c.wait(cid, timeout=60)  # answered before it left: no other agent runs
+    assert doc["status"] == "COMPLETED" and doc["collected_data"]["ask"] == {
+        "answer_for": {"i": "last"}}
 
 
 def test_sigkill_in_the_middle_of_200_requests_loses_none_and_changes_no_record(

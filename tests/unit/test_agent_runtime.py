@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chassis import config
+from chassis import actions, config
 from chassis.errors import ConfigError
 from chassis.kafka.agent import (
     Request,
@@ -55,10 +55,25 @@ def test_options_win_over_variables_which_win_over_the_file(tmp_path: Path) -> N
     ({"agent_type": "a"}, {"CHASSIS_AGENT_CONCURRENCY": "many"}, "concurrency"),
     ({"agent_type": "a", "health_port": "70000"}, {}, "health port"),
     ({"agent_type": "a", "concurrency": "\u00b2"}, {}, "concurrency"),
+    ({"agent_type": "a", "group": "x y"}, {}, "consumer group 'x y'"),
+    ({"agent_type": "a", "responses": "answers.a"}, {}, "does not match "
+     "CHASSIS_KAFKA_RESPONSE_PATTERN"),
 ])
 def test_bad_settings_are_refused_with_one_line(given: dict, env: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         agent_config(given, env, None, SETTINGS)
+
+
+def test_a_config_files_zero_or_wrong_types_are_refused_too(tmp_path: Path) -> None:
+    f = tmp_path / "agent.yaml"
+    f.write_text("agent_type: a\nconcurrency: 0\n")
+    with pytest.raises(ConfigError, match="concurrency must be a whole number from 1"):
+        agent_config({}, {}, read_config_file(f), SETTINGS)
+    f.write_text("agent_type: a\nactions: 5\n")
+    with pytest.raises(ConfigError, match="actions must be a list"):
+        agent_config({}, {}, read_config_file(f), SETTINGS)
+    f.write_text("agent_type: a\nhealth_port: 0\n")
+    assert agent_config({}, {}, read_config_file(f), SETTINGS).health_port == 0
 
 
 def test_a_config_file_that_is_not_a_map_or_has_unknown_names(tmp_path: Path) -> None:
@@ -78,6 +93,8 @@ HEADERS = {"correlation_id": "c1", "request_id": "r1", "client_id": "acme",
 
 
 @pytest.mark.parametrize(("value", "headers", "reason"), [
+    (b'{"action": "echo"}', {**HEADERS, "client_id": "\udcff"}, "bad_header"),
+    (b"[" * 100_000, HEADERS, "bad_json"),
     (b'{"action": "echo"}', {"correlation_id": "c1"}, "missing_header"),
     (b'{"action": "echo"}', {"request_id": "r1"}, "missing_header"),
     (b"not json", HEADERS, "bad_json"),
@@ -103,6 +120,15 @@ def test_answers_success_failure_and_an_unknown_action() -> None:
                       "error_type": "ActionError"}
     unknown = run(Request("no_such_action", {}, {}, HEADERS))
     assert unknown["success"] is False and "no_such_action" in unknown["error"]
+    def leaves(data: dict, params: dict) -> None:
+        raise SystemExit(3)  # (an action ending its thread: answered as a failure)
+
+    actions.action("test_exits", replace=True)(leaves)
+    try:
+        exits = run(Request("test_exits", {}, {}, HEADERS))
+    finally:
+        actions.unregister("test_exits")
+    assert exits["success"] is False and exits["error_type"] == "SystemExit"
     not_json = run(Request("echo", {}, {"x": float("nan")}, HEADERS))
     assert not_json["success"] is False and "not a JSON number" in not_json["error"]
 
