@@ -113,6 +113,9 @@ class Settings:
     lease_seconds: float = 15.0
     """CHASSIS_LEASE_SECONDS: a running attempt's lease, renewed by its worker every
     third of it; once it expires (the worker died) the sweep sends the attempt again."""
+    agent_resend_after: float = 120.0
+    """CHASSIS_AGENT_RESEND_AFTER: seconds an agent's request may go unanswered before the
+    sweep asks again (the same request; then after 3x, 7x, 15x... that long); 0: never."""
     redispatch_after: float = 20.0
     """CHASSIS_REDISPATCH_AFTER: seconds a dispatched attempt may wait unclaimed, while
     its queue is empty, before the sweep sends it again (a message lost by the broker or
@@ -313,6 +316,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         step_timeout=_number(env, "CHASSIS_STEP_TIMEOUT", 3600.0, least=0.001),
         lease_seconds=_number(env, "CHASSIS_LEASE_SECONDS", 15.0, least=1.0),
         redispatch_after=_number(env, "CHASSIS_REDISPATCH_AFTER", 20.0, least=0.001),
+        agent_resend_after=_number(env, "CHASSIS_AGENT_RESEND_AFTER", 120.0, least=0.0),
         max_deliveries=int(_number(env, "CHASSIS_MAX_DELIVERIES", 3, least=1, integer=True)),
         sweep_interval=_number(env, "CHASSIS_SWEEP_INTERVAL", 5.0, least=0.001),
         prune_after_days=(_number(env, "CHASSIS_PRUNE_AFTER_DAYS", 0.0, least=1, most=36500)

@@ -45,6 +45,7 @@ from chassis.events import (
     AddFuel,
     Cancel,
     Event,
+    RequestUnanswered,
     ResponseReceived,
     Resume,
     Retry,
@@ -347,6 +348,29 @@ def _on_retry_due(d: Decision, plan: Plan, event: RetryDue) -> Decision | None:
     return None
 
 
+def _on_request_unanswered(d: Decision, plan: Plan,
+                           event: RequestUnanswered) -> Decision | None:
+    """Ask an agent again: the same request (same id, data and params) on its topic,
+    through the outbox; the step's deadline stays as it was, and the first answer wins."""
+    s = d.state
+    progress = s.attempts.get(event.step)
+    rid = s.rid(event.step, event.attempt)
+    if (progress is None or progress[0] != event.attempt or _scheduled(progress)
+            or rid not in s.awaited_steps):
+        return _unchanged(d)
+    action, topic, params = plan.work(event.step)
+    if not topic:
+        return _unchanged(d)
+    owned = plan.subtask(event.step)
+    again = _request(s, event.step, action, topic, event.attempt, params,
+                     owned[0] if owned else None, plan.timeout(event.step))
+    d.commands.append(Emit(topic, s.correlation_id, again.headers, again.payload,
+                           f"{again.dedup_key}:again{event.times}"))
+    d.commands.append(Note("request_resent", event.step, event.attempt,
+                           data={"topic": topic, "times": event.times}))
+    return None
+
+
 def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
     s = d.state
     s.budget_wait = None
@@ -416,8 +440,8 @@ def _on_stalled(d: Decision, plan: Plan, event: Stalled) -> Decision | None:
 _HANDLERS: dict[type, Handler] = {
     Start: _on_start, StepSucceeded: _on_succeeded, StepFailed: _on_failed,
     SubtasksSucceeded: _on_subtasks, ResponseReceived: _on_response, Resume: _on_resume,
-    RetryDue: _on_retry_due, Cancel: _on_cancel, Retry: _on_retry, Stalled: _on_stalled,
-    AddFuel: _on_add_fuel,
+    RetryDue: _on_retry_due, RequestUnanswered: _on_request_unanswered, Cancel: _on_cancel,
+    Retry: _on_retry, Stalled: _on_stalled, AddFuel: _on_add_fuel,
 }
 
 # ------------------------------------------------------------------------- helpers
@@ -1085,7 +1109,7 @@ __all__ = [
     "CANCEL_TOPIC", "COUNTDOWN_LIMIT", "NOTIFICATION_TOPIC", "PAUSED_FOR_BUDGET",
     "REJECTED_ERROR", "RESUME_TOPIC", "AddFuel",
     "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "Note",
-    "RecordStep",
+    "RecordStep", "RequestUnanswered",
     "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
     "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",
     "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip", "not_found",

@@ -103,6 +103,18 @@ class RetryDue:
 
 
 @dataclass(frozen=True)
+class RequestUnanswered:
+    """Attempt ``attempt`` of ``step``, an external agent's, has had no answer for a while
+    (from the sweep): its request is sent once more (``times``: the how-many-th time
+    again), the same request id, so that a request or an answer lost on the way (a broker
+    restarted empty) does not leave the step waiting until its timeout."""
+
+    step: str
+    attempt: int
+    times: int = 1
+
+
+@dataclass(frozen=True)
 class Cancel:
     """``client_id`` stops the workflow: in-flight attempts are revoked, late results
     ignored. With ``compensate``, the completed steps that have a ``compensate`` are
@@ -138,10 +150,10 @@ class Stalled:
 
 
 Event = (Start | StepSucceeded | StepFailed | SubtasksSucceeded | ResponseReceived
-         | Resume | RetryDue | Cancel | Retry | Stalled | AddFuel)
+         | Resume | RetryDue | RequestUnanswered | Cancel | Retry | Stalled | AddFuel)
 
 
 __all__ = [
     "Start", "StepSucceeded", "StepFailed", "SubtasksSucceeded", "ResponseReceived", "Resume",
-    "RetryDue", "Cancel", "Retry", "Stalled", "AddFuel", "Event",
+    "RetryDue", "RequestUnanswered", "Cancel", "Retry", "Stalled", "AddFuel", "Event",
 ]

@@ -18,7 +18,12 @@ seconds, default 5): the clock of the failure model. Each run, in this order:
 5. **fan-ins**: a fan-out whose sub-tasks all recorded success but was never collected
    (the last sub-task's worker died in between) is collected;
 6. **stalls**: a RUNNING workflow that has waited CHASSIS_STEP_TIMEOUT for dependencies
-   that never came fails.
+   that never came fails;
+7. **unanswered agents**: an agent's request still unanswered CHASSIS_AGENT_RESEND_AFTER
+   seconds after it was sent (then 3, 7, 15... times that) is sent once more, the same
+   request id (:class:`~chassis.events.RequestUnanswered`): a request or an answer lost
+   on the way (a broker restarted empty between the bridge and the workers) does not
+   leave the step waiting for its timeout. Its deadline stays as it was.
 
 Decisions (failing an attempt, retrying, failing a workflow) are the coordinator's; the
 sweep only reports events and re-sends what was already decided. A re-send is a
@@ -69,6 +74,7 @@ class SweepReport:
     sent_due: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    asked_again: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     fanned_in: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -77,7 +83,8 @@ class SweepReport:
 
     def counts(self) -> dict[str, int]:
         return {"sent_due": len(self.sent_due), "timed_out": len(self.timed_out),
-                "resent": len(self.resent), "lost": len(self.lost),
+                "resent": len(self.resent), "asked_again": len(self.asked_again),
+                "lost": len(self.lost),
                 "fanned_in": len(self.fanned_in), "failed": len(self.failed),
                 "locked_out": int(self.locked_out)}
 
@@ -117,6 +124,10 @@ class Sweeper:
                 self._guard(partial(self._fan_in, cid, step, report), cid)
             for cid, step in self.store.stalled(self.settings.step_timeout, BATCH):
                 self._guard(partial(self._stalled, cid, step, report), cid)
+            if self.settings.agent_resend_after > 0:
+                self._each(self.store.unanswered(
+                    self._cutoff(self.settings.agent_resend_after), BATCH),
+                    self._unanswered, report)
         if report.acted:
             log.info("sweep: %s", ", ".join(f"{k} {v}" for k, v in report.counts().items()
                                             if v and k != "locked_out"))
@@ -172,6 +183,23 @@ class Sweeper:
         report.resent.append(_name(row))
         log.warning("step %s attempt %d sent again: %s", row.step, row.attempt, why,
                     extra={"correlation_id": row.correlation_id, "step": row.step})
+
+    def _unanswered(self, row: Stuck, report: SweepReport) -> None:
+        """Ask an agent again once its request has waited 1, 3, 7, 15... times
+        CHASSIS_AGENT_RESEND_AFTER (the n-th time after 2^n - 1 of them)."""
+        base = self.settings.agent_resend_after
+        wait = base * (2 ** min(row.sends + 1, MAX_DOUBLINGS + 1) - 1)
+        sent = row.sent_at or row.dispatched_at
+        if (now() - sent).total_seconds() <= wait or not self.store.mark_asked_again(row):
+            return
+        decision = self.engine.apply(row.correlation_id,
+                                     co.RequestUnanswered(row.step, row.attempt,
+                                                          row.sends + 1))
+        if decision.changed:
+            report.asked_again.append(_name(row))
+            log.warning("step %s attempt %d: no answer from the agent after %g s; its "
+                        "request is sent again", row.step, row.attempt, wait,
+                        extra={"correlation_id": row.correlation_id, "step": row.step})
 
     def _fan_in(self, cid: str, step: str, report: SweepReport) -> None:
         if self.engine.fan_in(cid, step).changed:

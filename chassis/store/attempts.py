@@ -148,6 +148,27 @@ def overdue(conn: sa.Connection, at: datetime, unset_before: datetime,
     return _stuck(conn.execute(q))
 
 
+def unanswered(conn: sa.Connection, before: datetime, limit: int) -> list[Stuck]:
+    """Agents' requests (AWAITING with a request id) sent before ``before`` and not
+    answered yet, of workflows still under way."""
+    q = (sa.select(*_STUCK_COLS)
+         .where(r.status == StepStatus.AWAITING.value, r.request_id.is_not(None),
+                r.action.not_in([PAUSE, FAN_OUT]),
+                sa.func.coalesce(r.sent_at, r.dispatched_at) < before, _active_workflow())
+         .order_by(r.id).limit(limit))
+    return _stuck(conn.execute(q))
+
+
+def mark_asked_again(conn: sa.Connection, row: Stuck) -> bool:
+    """Count one more request for an unanswered agent's attempt, if it is still as the
+    sweep saw it (only one of two sweeps matches); its deadline is left as it was."""
+    stmt = (step_runs.update()
+            .where(r.id == row.id, r.status == StepStatus.AWAITING.value,
+                   r.sends == row.sends)
+            .values(sends=r.sends + 1))
+    return conn.execute(stmt).rowcount > 0
+
+
 def waiting_fan_ins(conn: sa.Connection, before: datetime, limit: int) -> list[tuple[str, str]]:
     """(workflow, fan_out step) whose Celery sub-tasks all recorded success, while the
     workflow has not moved since ``before``: the fan-in was never applied."""
@@ -179,4 +200,5 @@ def mark_resent(conn: sa.Connection, row: Stuck, at: datetime) -> bool:
 
 
 __all__ = ["CLAIM", "COMPLETED_SUBTASKS", "COUNT_DOWN", "RECORD", "RENEW", "Stuck", "due",
-           "lost", "mark_resent", "overdue", "stalled", "unclaimed", "waiting_fan_ins"]
+           "lost", "mark_asked_again", "mark_resent", "overdue", "stalled", "unanswered",
+           "unclaimed", "waiting_fan_ins"]

@@ -890,6 +890,17 @@ class SqlStore:
         with self.engine.connect() as conn:
             return at.overdue(conn, ts, ts - timedelta(seconds=default_timeout), limit)
 
+    def unanswered(self, sent_before: datetime, limit: int) -> list[at.Stuck]:
+        """Agents' requests sent before ``sent_before`` and not answered yet."""
+        with self.engine.connect() as conn:
+            return at.unanswered(conn, sent_before, limit)
+
+    def mark_asked_again(self, row: at.Stuck) -> bool:
+        """Count one more request for ``row`` (an agent's attempt), if it is still as it
+        was seen; False when another sweep (or the answer) got there first."""
+        with self.engine.begin() as conn:
+            return at.mark_asked_again(conn, row)
+
     def waiting_fan_ins(self, unchanged_for: float, limit: int) -> list[tuple[str, str]]:
         """(workflow, fan_out step) whose sub-tasks all succeeded but were never
         collected, the workflow unchanged for ``unchanged_for`` seconds."""

@@ -206,6 +206,35 @@ def test_an_unanswered_external_agent_times_out(client: Client, settings: Settin
     assert doc["error"] == "step 'ask' failed: no answer from the agent within 60 s"
 
 
+def test_an_unanswered_agent_is_asked_again_and_its_deadline_stays(
+        client: Client, settings: Settings) -> None:
+    plan = {"start_step": "ask", "steps": {
+        "ask": {"action": "research", "topic": "agents.research", "timeout": 600,
+                "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    cid = client.start(plan, client_id="acme")
+    requests = [m for m in client.store.outbox_for(cid) if m["topic"] == "agents.research"]
+    assert len(requests) == 1
+    age(settings, cid, 100)  # CHASSIS_AGENT_RESEND_AFTER: 120 by default
+    assert not sweep(client, settings).acted
+    age(settings, cid, 30)
+    report = sweep(client, settings)
+    assert report.asked_again == [f"{cid}/ask#1"]
+    again = [m for m in client.store.outbox_for(cid) if m["topic"] == "agents.research"]
+    assert len(again) == 2
+    assert again[1]["headers"]["request_id"] == again[0]["headers"]["request_id"]
+    assert again[1]["payload"] == again[0]["payload"]
+    assert [e["kind"] for e in client.events(cid)].count("request_resent") == 1
+    assert not sweep(client, settings).acted  # the next time: after 3 x 120 s
+    age(settings, cid, 240)
+    assert sweep(client, settings).asked_again == [f"{cid}/ask#1"]
+    assert client.status(cid)["status"] == "AWAITING_RESPONSES"
+    age(settings, cid, 240)  # 610 s after it was first sent: its timeout (600 s) is past
+    assert sweep(client, settings).timed_out == [f"{cid}/ask#1"]
+    assert client.status(cid)["error"] == \
+        "step 'ask' failed: no answer from the agent within 600 s"
+
+
 def test_a_retry_due_is_sent_when_its_time_comes(client: Client, settings: Settings) -> None:
     plan = {"start_step": "work", "steps": {
         "work": {"action": "noop", "retry": {"max_attempts": 2, "initial_interval": 120},

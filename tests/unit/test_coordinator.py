@@ -203,6 +203,27 @@ def test_who_acted_is_noted_and_an_admin_reaches_any_clients_workflow() -> None:
         co.decide(paused(), RESUME_PLAN, co.Resume(True, None, "other", 0, "other via key x"))
 
 
+def test_an_unanswered_agents_request_is_sent_again_as_it_was() -> None:
+    plan = Plan("ask", {"ask": Step("research", topic="agents.research",
+                                    params={"depth": 2}, next_step="done"),
+                        "done": Step("complete_workflow")})
+    s = co.decide(state("ask"), plan, co.Start()).state
+    (first,) = of(co.decide(state("ask"), plan, co.Start()), co.SendRequest)
+    d = co.decide(s, plan, co.RequestUnanswered("ask", 1, 2))
+    (again,) = of(d, co.Emit)
+    assert again.topic == "agents.research" and again.key == CID
+    assert again.headers == first.headers and again.payload == first.payload
+    assert again.headers["request_id"] == request_id_for(CID, "ask")
+    assert again.dedup_key == first.dedup_key + ":again2"
+    assert [n.kind for n in of(d, co.Note)] == ["request_resent"]
+    assert not of(d, co.Debit)  # asking again costs nothing
+    # answered meanwhile, or another attempt under way: nothing to do
+    answered = co.decide(s, plan, co.ResponseReceived(request_id_for(CID, "ask"), True,
+                                                      {"ok": 1})).state
+    assert not co.decide(answered, plan, co.RequestUnanswered("ask", 1, 1)).changed
+    assert not co.decide(s, plan, co.RequestUnanswered("ask", 2, 1)).changed
+
+
 def test_resume_of_a_workflow_not_paused_is_an_error() -> None:
     with pytest.raises(InvalidTransition, match="not paused"):
         co.decide(state("after_approval"), RESUME_PLAN, co.Resume(True))
