@@ -425,16 +425,28 @@ class SqlStore:
         fan-out is no longer waiting; at 0 or below, the caller applies the fan-in."""
         params = {"b_cid": cid, "b_step": step, "b_attempt": attempt, "b_output": output,
                   "b_now": now()}
-        db = self._claims or self.engine  # no flush wait: a lost record re-runs the sub-task
-        with db.begin() as conn:
-            parent = conn.execute(at.RECORD, params).scalar()
-            if parent is None:
-                return False, None
-            conn.execute(_INSERT_EVENTS, {
-                "correlation_id": cid, "at": params["b_now"], "kind": "succeeded",
-                "step": step, "attempt": attempt, "actor": worker, "version": None,
-                "data": {"parent": parent}})
-            pending = conn.execute(at.COUNT_DOWN, {"b_cid": cid, "b_parent": parent}).scalar()
+        # one transaction: the record, its history row and the fan-out's count-down
+        # together or not at all (a record without its count-down would leave the
+        # fan-out waiting for ever). On PostgreSQL the claims' pool (no flush wait: a
+        # record lost with a crash of the server re-runs the sub-task), in a transaction
+        # of its own (that pool autocommits each statement otherwise).
+        with (self._claims or self.engine).connect() as raw:
+            conn = raw.execution_options(isolation_level="READ COMMITTED") \
+                if self._claims is not None else raw
+            with conn.begin():
+                return self._record_subtask(conn, cid, step, params, worker)
+
+    @staticmethod
+    def _record_subtask(conn: sa.Connection, cid: str, step: str, params: dict[str, Any],
+                        worker: str | None) -> tuple[bool, int | None]:
+        parent = conn.execute(at.RECORD, params).scalar()
+        if parent is None:
+            return False, None
+        conn.execute(_INSERT_EVENTS, {
+            "correlation_id": cid, "at": params["b_now"], "kind": "succeeded", "step": step,
+            "attempt": params["b_attempt"], "actor": worker, "version": None,
+            "data": {"parent": parent}})
+        pending = conn.execute(at.COUNT_DOWN, {"b_cid": cid, "b_parent": parent}).scalar()
         return True, pending
 
     def completed_subtasks(self, cid: str, parent: str) -> dict[str, tuple[int, Any]]:

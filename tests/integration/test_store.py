@@ -142,6 +142,42 @@ def test_every_attempt_has_its_row_and_its_debit(store: SqlStore) -> None:
     assert sum(e["amount"] for e in store.ledger(cid)) == state.fuel_spent == 2
 
 
+def test_a_sub_tasks_record_is_all_or_nothing(store: SqlStore) -> None:
+    """Found by the chaos run: on PostgreSQL the record, its history row and the
+    fan-out's count-down were three autocommitted statements, and a worker lost between
+    them left the fan-out waiting for ever. The count-down failing (as a crash there
+    would) must leave nothing recorded, so that the sub-task runs again."""
+    cid = retrying_workflow(store)
+    claim(store, cid)
+    apply(store, cid, co.StepSucceeded("a", {}, 1))
+    claim(store, cid, "x")
+    with store.engine.begin() as conn:  # the history insert fails for this workflow
+        if store.engine.dialect.name == "postgresql":
+            conn.execute(sa.text(
+                "CREATE FUNCTION chaos_refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"))
+            conn.execute(sa.text(
+                "CREATE TRIGGER chaos_refuse BEFORE INSERT ON workflow_events FOR EACH ROW "
+                "WHEN (NEW.kind = 'succeeded') EXECUTE FUNCTION chaos_refuse()"))
+        else:
+            conn.execute(sa.text(
+                "CREATE TRIGGER chaos_refuse BEFORE INSERT ON workflow_events "
+                "WHEN NEW.kind = 'succeeded' BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    try:
+        with pytest.raises(sa.exc.DBAPIError, match="refused"):
+            store.record_subtask(cid, "x", 1, {"v": 1})
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER chaos_refuse"
+                                 + (" ON workflow_events" if store.engine.dialect.name ==
+                                    "postgresql" else "")))
+            if store.engine.dialect.name == "postgresql":
+                conn.execute(sa.text("DROP FUNCTION chaos_refuse()"))
+    assert run_row(store, cid, "x")["status"] == "RUNNING"  # not recorded: it runs again
+    assert run_row(store, cid, "fan")["pending"] == 2
+    assert store.record_subtask(cid, "x", 1, {"v": 1}) == (True, 1)  # then it counts
+
+
 def test_sub_tasks_record_themselves_and_the_last_one_counts_down_to_zero(
         store: SqlStore) -> None:
     cid = retrying_workflow(store)
