@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args.seed, args.workflows, args.faults, kafka=not args.no_kafka,
               concurrency=args.concurrency, only=args.only, timeout=args.timeout,
               kinds=kinds, log=lambda line: print(line, flush=True))
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:  # SIGTERM: leave through the clean-up
+        raise SystemExit(f"chaos: signal {signum}, stopping its processes")
+
+    signal.signal(signal.SIGTERM, stop)
     report = run.run()
     print_report(report, args)
     return 0 if report.ok else 1
@@ -58,6 +64,8 @@ def print_report(r: Report, args: argparse.Namespace) -> None:
             ("final statuses", ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))),
             ("faults injected", f"{sum(r.faults.values())}: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(r.faults.items()) if v)),
+            ("exited by themselves", ", ".join(f"{k} {v}" for k, v in
+                                               sorted(r.crashed.items())) or "none"),
             ("lost", str(len(r.violations.get("lost", [])))),
             ("duplicated records", str(len(r.violations.get("duplicated", [])))),
             ("wrong records", str(len(r.violations.get("wrong_records", [])))),

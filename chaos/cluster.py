@@ -69,7 +69,7 @@ class Cluster:
             "CHASSIS_SWEEP_INTERVAL": "0.5", "CHASSIS_LEASE_SECONDS": "3",
             "CHASSIS_REDISPATCH_AFTER": "2", "CHASSIS_VISIBILITY_TIMEOUT": "10",
             "CHASSIS_MAX_DELIVERIES": "50", "CHASSIS_RELAY_POLL_INTERVAL": "0.05",
-            "CHASSIS_AGENT_RESEND_AFTER": "3",
+            "CHASSIS_AGENT_RESEND_AFTER": "10",
             "CHASSIS_LOG_LEVEL": "WARNING",
         }
         if self.kafka:
@@ -91,13 +91,19 @@ class Cluster:
 
             ensure_topics(self.bootstrap, [AGENT_TOPIC, "system.responses.chaos",
                                            "dlq.chassis", "system.notifications.ui"])
+        # as the Procfile: step workers, and a coordinator apart, so that agents'
+        # answers, resumes and the sweep never wait behind steps
         for i in range(self.workers):
             self._add(f"worker{i}", [sys.executable, "-m", "celery", "-A", "chassis.worker",
                                      "worker", "-l", "INFO", "-P", "prefork", "-c", "3",
                                      "-n", f"chaos{i}@localhost", "--without-mingle",
-                                     "--without-gossip", "-Q",
-                                     "chassis.coordination,chassis.steps,chassis.ai,celery"],
+                                     "--without-gossip", "-Q", "chassis.steps,chassis.ai"],
                       ready="ready.")
+        self._add("worker_coordinator", [
+            sys.executable, "-m", "celery", "-A", "chassis.worker", "worker", "-l", "INFO",
+            "-P", "threads", "-c", "8", "-n", "chaos-coordinator@localhost",
+            "--without-mingle", "--without-gossip", "-Q", "chassis.coordination,celery"],
+            ready="ready.")
         self._add("beat", [sys.executable, "-m", "celery", "-A", "chassis.worker", "beat",
                            "-l", "INFO", "-s", str(self.folder / "beat-schedule")],
                   ready="beat: Starting")

@@ -5,11 +5,15 @@ A case is a chain of steps, each of one kind, then ``complete_workflow``:
 - ``ok``: succeeds (a Celery step, or an external agent's over Kafka);
 - ``flaky``: fails its first ``k`` attempts, then succeeds (a retry policy of ``k+1``);
 - ``fail``: fails every attempt (``m`` of them): the workflow fails there;
+- ``onfail``: fails every attempt, and its ``on_failure`` goes on at the next step;
+- ``timeout``: takes longer than its ``timeout`` (1 s): a failed attempt, the workflow
+  fails there;
 - ``fanout``: a ``fan_out`` of 2 or 3 sub-tasks that succeed;
 - ``pause``: ``pause_for_human_input``, answered approve, reject, or a cancel with
   compensation;
 
-and some steps have a ``compensate``. The model follows the coordinator's rules: a
+and some steps have a ``compensate``; every other step depends on the one before it
+(``dependencies``). The model follows the coordinator's rules: a
 failed step (or a rejection) undoes the completed steps that have a compensation, last
 first, and ends COMPENSATED (FAILED when there is none); a cancel with compensation
 undoes them and ends CANCELLED; the fuel is the table price of every attempt (1 a
@@ -24,7 +28,7 @@ from typing import Any
 
 #: Where agents' steps are sent (``chassis agent --type chaos``).
 AGENT_TOPIC = "system.agent.chaos.requests"
-KINDS = ("ok", "ok", "agent", "flaky", "fanout", "pause", "fail")
+KINDS = ("ok", "ok", "agent", "flaky", "fanout", "pause", "fail", "onfail", "timeout")
 
 
 @dataclass
@@ -78,24 +82,28 @@ def make_case(rng: random.Random, index: int, kafka: bool) -> Case:
         tag = f"{index}:{name}"
         step: dict[str, Any] = {"next_step": nxt}
         delay = rng.choice((0, 0, 0.01, 0.05, 0.2))
-        undoable = kind not in ("pause", "fanout") and rng.random() < 0.4
+        undoable = kind not in ("pause", "fanout", "onfail") and rng.random() < 0.4
         if undoable:
             step["compensate"] = {"action": "chaos_undo", "params": {"tag": tag}}
         if kind in ("ok", "agent"):
             step.update(action="chaos_ok", params={"tag": tag, "delay": delay})
             if kind == "agent":
                 step["topic"] = AGENT_TOPIC
-                step["timeout"] = 120
+                step["timeout"] = 300
         elif kind == "flaky":
             k = rng.randint(1, 2)
             step.update(action="chaos_flaky", params={"tag": tag, "fail": k, "delay": delay},
                         retry={"max_attempts": k + 1, "initial_interval": 0.1,
                                "backoff_coefficient": 1.0})
-        elif kind == "fail":
+        elif kind in ("fail", "onfail"):
             m = rng.randint(1, 2)
             step.update(action="chaos_fail", params={"tag": tag, "delay": delay},
                         retry={"max_attempts": m, "initial_interval": 0.1,
                                "backoff_coefficient": 1.0})
+            if kind == "onfail":
+                step["on_failure"] = nxt
+        elif kind == "timeout":
+            step.update(action="chaos_ok", params={"tag": tag, "delay": 3}, timeout=1)
         elif kind == "fanout":
             subs = [f"{name}_{j}" for j in range(rng.randint(2, 3))]
             step.update(action="fan_out", sub_tasks=[
@@ -104,6 +112,9 @@ def make_case(rng: random.Random, index: int, kafka: bool) -> Case:
         elif kind == "pause":
             step.update(action="pause_for_human_input")
             answer = rng.choice(("approve", "approve", "reject", "cancel"))
+        if i > 0 and i % 2 == 0 and kinds[i - 1] in ("ok", "agent", "flaky", "fanout"):
+            # (no draw from the seed: the same cases as without)
+            step["dependencies"] = [names[i - 1]]
         steps[name] = step
         if stopped:
             continue
@@ -120,6 +131,17 @@ def make_case(rng: random.Random, index: int, kafka: bool) -> Case:
             expect.attempts[name] = step["retry"]["max_attempts"]
             expect.fuel += step["retry"]["max_attempts"]
             expect.error = f"step {tag} fails for good"
+            _undo(expect, completed_undoable, "COMPENSATED")
+            stopped = True
+            continue
+        elif kind == "onfail":
+            expect.attempts[name] = step["retry"]["max_attempts"]
+            expect.fuel += step["retry"]["max_attempts"]
+            continue  # no output, nothing to undo: the workflow goes on
+        elif kind == "timeout":
+            expect.attempts[name] = 1
+            expect.fuel += 1
+            expect.error = "timed out after 1 s"
             _undo(expect, completed_undoable, "COMPENSATED")
             stopped = True
             continue

@@ -41,6 +41,8 @@ class Report:
     settle_seconds: float = 0.0
     seconds: float = 0.0
     statuses: Counter[str] = field(default_factory=Counter)
+    crashed: Counter[str] = field(default_factory=Counter)
+    """Processes that exited by themselves (restarted, as a supervisor would)."""
     first: dict[str, int] = field(default_factory=dict)
     """The first case of each kind of violation (its index)."""
 
@@ -78,14 +80,15 @@ class Run:
         self.cids: dict[int, str] = {}
         self.answered: set[int] = set()
         self.restarts: list[tuple[float, str]] = []
-        self.last_fault_at = 0.0
+        self.last_fault_at: float | None = None
+        """When the last fault was done, or the last service it took down came back."""
 
     # --------------------------------------------------------------------- run
 
     def run(self) -> Report:
         started = time.monotonic()
-        self.cluster.start()
         try:
+            self.cluster.start()
             settings = config.load(self.cluster.env)
             self.client = Client(settings, client_id="chaos", in_worker=False)
             self.engine = self.client.store.engine
@@ -108,7 +111,7 @@ class Run:
         start_every = self.faults_wanted * gap / max(1, len(self.cases))
         next_start = time.monotonic()
         injected = 0
-        last_progress = time.monotonic()
+        last_progress = last_settled = time.monotonic()
         while (waiting or open_) and time.monotonic() < deadline:
             while waiting and len(open_) < self.concurrency and \
                     time.monotonic() >= next_start:
@@ -126,19 +129,19 @@ class Run:
                 if status in FINAL:
                     done.add(index)
                     del open_[index]
-                    last_progress = time.monotonic()
+                    last_progress = last_settled = time.monotonic()
             now = time.monotonic()
             if injected < self.faults_wanted and now >= next_fault:
-                self._fault()
-                injected += 1
-                next_fault = now + self.rng.uniform(0.5, 1.5) * gap
+                if self._fault():
+                    injected += 1
+                    next_fault = now + self.rng.uniform(0.5, 1.5) * gap
+                else:  # not doable now (PostgreSQL down, nothing to duplicate): another
+                    next_fault = now + 0.2
             for at, name in list(self.restarts):
                 if now >= at:
                     self.restarts.remove((at, name))
                     self._bring_back(name)
-            if injected >= self.faults_wanted and not self.restarts and \
-                    self.last_fault_at == 0.0:
-                self.last_fault_at = now
+            self._supervise()
             if now - last_progress > 15:
                 last_progress = now
                 self.log(f"  {len(done)} settled, {len(open_)} open, {len(waiting)} to "
@@ -146,10 +149,8 @@ class Run:
             time.sleep(0.05)
         for _at, name in sorted(self.restarts):
             self._bring_back(name)
-        end = time.monotonic()
-        if self.last_fault_at == 0.0:
-            self.last_fault_at = end
-        self.report.settle_seconds = max(0.0, end - self.last_fault_at)
+        if self.last_fault_at is not None:
+            self.report.settle_seconds = max(0.0, last_settled - self.last_fault_at)
         self.report.stuck = sorted(open_) + sorted(c.index for c in waiting)
 
     def _start(self, case: Case) -> bool:
@@ -196,20 +197,21 @@ class Run:
 
     # ------------------------------------------------------------------ faults
 
-    def _fault(self) -> None:
+    def _fault(self) -> bool:
+        """Do one fault; False when it could not be done (it is not counted)."""
         down = {name for _, name in self.restarts}
         kinds = [k for k in self.kinds if not (k == "postgres_restart" and "postgres" in down)]
         kind = self.rng.choice(kinds)
         workers = [n for n in self.cluster.procs if n.startswith("worker")]
         worker = self.rng.choice([w for w in workers if w not in down] or workers)
         self.report.faults[kind] += 1
-        self.last_fault_at = 0.0
+        self.last_fault_at = time.monotonic()
         try:
             if kind == "worker_kill":
                 self.cluster.kill(worker)
                 self._later(worker)
             elif kind == "worker_child":
-                if not self.cluster.kill_pool_child(worker):
+                if worker == "worker_coordinator" or not self.cluster.kill_pool_child(worker):
                     self.report.faults[kind] -= 1
                     self.report.faults["worker_kill"] += 1
                     self.cluster.kill(worker)
@@ -227,11 +229,28 @@ class Run:
                 self.cluster.kill(name)
                 self._later(name)
             elif kind == "duplicate_task":
-                self._duplicate_task()
+                if not self._duplicate_task():
+                    self.report.faults[kind] -= 1
+                    return False
             elif kind == "duplicate_answer":
-                self._duplicate_answer()
+                if not self._duplicate_answer():
+                    self.report.faults[kind] -= 1
+                    return False
         except Exception as exc:  # noqa: BLE001  (a fault that could not be done)
-            self.log(f"  fault {kind} could not be done: {exc}")
+            self.report.faults[kind] -= 1
+            self.log(f"  fault {kind} could not be done now: {str(exc).splitlines()[0]}")
+            return False
+        return True
+
+    def _supervise(self) -> None:
+        """Restart a process that exited by itself, as a supervisor would (systemd,
+        compose's ``restart: unless-stopped``); counted in the report."""
+        down = {name for _, name in self.restarts}
+        for name, p in self.cluster.procs.items():
+            if name not in down and not p.alive:
+                self.report.crashed[name] += 1
+                self.log(f"  {name} exited by itself: restarted (see {p.log})")
+                self.restarts.append((time.monotonic() + 0.5, name))
 
     def _later(self, name: str) -> None:
         self.restarts.append((time.monotonic() + self.rng.uniform(0.2, 3.0), name))
@@ -242,6 +261,7 @@ class Run:
                 self.cluster.start_postgres()
             else:
                 self.cluster.restart(name)
+            self.last_fault_at = time.monotonic()
         except Exception as exc:  # noqa: BLE001
             self.log(f"  {name} did not come back at once ({exc}); trying again")
             self.restarts.append((time.monotonic() + 1.0, name))
@@ -255,11 +275,11 @@ class Run:
                     return case, name
         return None
 
-    def _duplicate_task(self) -> None:
+    def _duplicate_task(self) -> bool:
         """Deliver a Celery step task again (the same attempt, the same task id)."""
         found = self._some_case(("ok", "flaky"))
         if found is None:
-            return
+            return False
         case, step = found
         cid = self.cids[case.index]
         s = self.client.store.get(cid)
@@ -268,12 +288,13 @@ class Run:
                    "params": spec["params"], "parent": None, "attempt": 1, "timeout": None}
         self.client.app.send_task("chassis.step", args=[payload], task_id=s.rid(step, 1),
                                   queue="chassis.steps")
+        return True
 
-    def _duplicate_answer(self) -> None:
+    def _duplicate_answer(self) -> bool:
         """An agent's answer delivered (again): the same answer, on the response topic."""
         found = self._some_case(("agent",))
         if found is None:
-            return
+            return False
         case, step = found
         cid = self.cids[case.index]
         rid = self.client.store.get(cid).rid(step, 1)
@@ -285,7 +306,7 @@ class Run:
         p.produce("system.responses.chaos", key=cid, value=json.dumps(answer).encode(),
                   headers=[("correlation_id", cid.encode()), ("causation_id", rid.encode()),
                            ("client_id", b"chaos")])
-        p.flush(10)
+        return p.flush(10) == 0
 
     # ------------------------------------------------------------------- check
 
