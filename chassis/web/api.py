@@ -29,6 +29,7 @@ from chassis.fuel import DEFAULT_FUEL
 from chassis.limits import INT32_MAX, check_count, check_json, check_name
 from chassis.plan import Plan, parse_plan, plan_to_dict
 from chassis.registry import RegisteredPlan, parse_ref
+from chassis.registry import check_name as check_plan_name
 from chassis.state import Status
 from chassis.validation import validate
 from chassis.web.auth import AuthError, Principal, authenticate
@@ -388,12 +389,17 @@ def get_workflow_plan(correlation_id: Cid, who: Who) -> dict[str, Any]:
             summary="The workflow's fuel ledger, with a running total")
 def get_ledger(correlation_id: Cid, who: Who) -> dict[str, Any]:
     doc = who.client.status(str(correlation_id))
+    return {"correlation_id": doc["correlation_id"], "fuel": doc["fuel"],
+            "entries": ledger_with_totals(who.client, doc["correlation_id"])}
+
+
+def ledger_with_totals(client: Client, cid: str) -> list[dict[str, Any]]:
+    """The workflow's ledger rows, each with ``total``: the fuel spent up to it."""
     total, entries = 0, []
-    for e in who.client.ledger(doc["correlation_id"]):
+    for e in client.ledger(cid):
         total += e["amount"]
         entries.append({**e, "total": total})
-    return {"correlation_id": doc["correlation_id"], "fuel": doc["fuel"],
-            "entries": entries}
+    return entries
 
 
 @router.get("/workflows/{correlation_id}/events", response_model=Events,
@@ -451,10 +457,7 @@ def get_plan(name: Annotated[str, Path(pattern=PLAN_NAME, max_length=255)], who:
              summary="Register a plan (admin keys): a new version, or the same one")
 def register_plan(body: RegisterRequest, who: Who, response: Response) -> dict[str, Any]:
     who.require_admin("registering a plan")
-    name = check_name(body.name, "plan name")
-    from chassis.registry import check_name as check_plan_name
-
-    check_plan_name(name)
+    name = check_plan_name(body.name)
     p = parse_plan(body.plan, who.client.limits)
     from chassis import actions
 

@@ -26,6 +26,7 @@ from chassis.plan import FAN_OUT, PAUSE, Plan
 from chassis.state import Status, compensated_step
 from chassis.store import keys
 from chassis.web import graph
+from chassis.web.api import ledger_with_totals
 from chassis.web.auth import COOKIE, AuthError, Principal, authenticate, same_origin
 from chassis.web.render import FILTERS, ai_output
 
@@ -210,14 +211,6 @@ def _step_rows(plan: Plan | None, doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _ledger(who: Principal, cid: str) -> list[dict[str, Any]]:
-    total, out = 0, []
-    for e in who.client.ledger(cid):
-        total += e["amount"]
-        out.append({**e, "total": total})
-    return out
-
-
 def _workflow(who: Principal, cid: str) -> dict[str, Any]:
     doc = who.client.status(cid)
     cid = doc["correlation_id"]
@@ -231,7 +224,7 @@ def _workflow(who: Principal, cid: str) -> dict[str, Any]:
         "plan_version": plan_version, "finished": finished,
         "graph": graph.plan_svg(plan, doc), "legend": graph.LEGEND,
         "edge_legend": graph.EDGE_LEGEND, "steps": _step_rows(plan, doc),
-        "outputs": _outputs(plan, doc), "ledger": _ledger(who, cid),
+        "outputs": _outputs(plan, doc), "ledger": ledger_with_totals(who.client, cid),
         "events": events[-EVENTS_MOST:], "events_total": len(events),
         "other_data": {k: v for k, v in (doc.get("collected_data") or {}).items()
                        if k not in plan.steps and plan.subtask(k) is None},

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -38,6 +37,7 @@ from chassis.web.auth import COOKIE, csrf_token
 from tests.fakes.anthropic_server import FakeAnthropic, message
 from tests.helpers import require_service, wait_until
 from tests.integration.conftest import Services, Worker
+from tests.services import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -59,12 +59,6 @@ Agent pipelines fail in *boring* ways: a timeout, a **crash**, a lost message.
 <script>window.injected = true</script> stays text.
 """
 COMMENT = "Ship it; shorten the intro <b>please</b>."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -115,7 +109,7 @@ def console(postgres_url: str, redis_url: str,
                           cwd=tmp, env=full_env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)
-    port = _free_port()
+    port = free_port()
     log = tmp / "web.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "chassis", "web", "--port", str(port)],

@@ -18,6 +18,7 @@ from chassis import config
 from chassis.api import Client
 from chassis.store.db import upgrade
 from tests.helpers import wait_until
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,14 +104,6 @@ class Web:
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_web(services: Services, **env: str) -> Web:
