@@ -143,8 +143,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         control = settings.broker_dir / "control"
         for folder in (queue, control):
             folder.mkdir(parents=True, exist_ok=True)
+        # kombu's file-system transport, whose messages appear and are taken whole
+        conf["broker_transport"] = "chassis.filebroker:Transport"
         conf["broker_transport_options"] = {
             "data_folder_in": str(queue), "data_folder_out": str(queue),
+            "taken_folder": str(settings.broker_dir / "taken"),
             "control_folder": str(control), "polling_interval": 0.05,
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
