@@ -44,14 +44,14 @@ class Channel(filesystem.Channel):
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         # zero-padded: the names sort as they were sent (kombu's do not past a power of 10)
         name = f"{int(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         part = final + PART_SUFFIX
         try:
             with open(part, "wb") as f:
-                f.write(dumps(payload).encode())
+                f.write(dumps(message).encode())
             os.replace(part, final)
         except OSError as exc:
             try:
@@ -60,7 +60,7 @@ class Channel(filesystem.Channel):
                 pass
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: Any = None) -> Any:
         wanted = f"{queue}.msg"
         taken = self.taken_folder
         for name in sorted(os.listdir(self.data_folder_in)):
