@@ -44,7 +44,7 @@ class Channel(filesystem.Channel):
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+    def _put(self, queue: Any, message: Any) -> None:
         # zero-padded: the names sort as they were sent (kombu's do not past a power of 10)
         name = f"{int(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
