@@ -44,14 +44,14 @@ class Channel(filesystem.Channel):
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    def _put(self, queue: Any, message: Any) -> None:
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         # zero-padded: the names sort as they were sent (kombu's do not past a power of 10)
         name = f"{int(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         part = final + PART_SUFFIX
         try:
             with open(part, "wb") as f:
-                f.write(dumps(message).encode())
+                f.write(dumps(payload).encode())
             os.replace(part, final)
         except OSError as exc:
             try:
