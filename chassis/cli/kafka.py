@@ -92,6 +92,10 @@ def relay(batch_size: int | None, log_level: str | None) -> None:
 @click.option("--concurrency", default=None,
               help="Threads running requests (env CHASSIS_AGENT_CONCURRENCY; default 8); a "
                    "partition's requests run in order.")
+@click.option("--action-timeout", default=None, metavar="SECONDS",
+              help="Seconds an action may run before its request is answered as timed out "
+                   "(StepTimeout) and its partition goes on (env "
+                   "CHASSIS_AGENT_ACTION_TIMEOUT; default CHASSIS_STEP_TIMEOUT).")
 @click.option("--health-port", default=None,
               help="Port of /health, /ready and /metrics (env CHASSIS_AGENT_HEALTH_PORT; "
                    "default 8080; 0: none).")
@@ -99,13 +103,14 @@ def relay(batch_size: int | None, log_level: str | None) -> None:
               help="Address of the health server.")
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="A YAML or JSON file of these settings (agent_type, topic, responses, "
-                   "kafka_consumer_group, concurrency, health_port, actions); options and "
+                   "kafka_consumer_group, concurrency, health_port, actions, "
+                   "action_timeout); options and "
                    "variables win over it.")
 @click.option("--log-level", default=None, help="Logging level (default CHASSIS_LOG_LEVEL).")
 def agent(agent_type: str | None, topic: str | None, responses: str | None,
           group: str | None, modules: tuple[str, ...], concurrency: str | None,
-          health_port: str | None, health_host: str, config_file: str | None,
-          log_level: str | None) -> None:
+          action_timeout: str | None, health_port: str | None, health_host: str,
+          config_file: str | None, log_level: str | None) -> None:
     """Serve registered actions as a Kafka agent (runs until SIGTERM or Ctrl-C).
 
     Consumes TaskRequests {action, data, params} from the request topic, runs the
@@ -114,7 +119,8 @@ def agent(agent_type: str | None, topic: str | None, responses: str | None,
     with the headers the coordinator expects. An offset is committed only after its
     answer is delivered; a request without the ids an answer needs, or not JSON, goes
     to CHASSIS_KAFKA_DLQ_TOPIC with a dlq_reason header; an action that raises is
-    answered success: false (the plan's retry policy decides). Needs
+    answered success: false (the plan's retry policy decides), and one running past
+    --action-timeout as timed out (its partition goes on). Needs
     CHASSIS_KAFKA_BOOTSTRAP.
     """
     import os
@@ -128,7 +134,8 @@ def agent(agent_type: str | None, topic: str | None, responses: str | None,
         file = read_config_file(config_file) if config_file else None
         conf = agent_config({"agent_type": agent_type, "topic": topic, "responses": responses,
                              "group": group, "concurrency": concurrency,
-                             "health_port": health_port, "modules": modules or None},
+                             "health_port": health_port, "modules": modules or None,
+                             "action_timeout": action_timeout},
                             os.environ, file, settings)
         before = set(registry.registered())
         registry.load_modules(conf.modules)

@@ -17,15 +17,19 @@ pauses when ``concurrency * BUFFER_PER_THREAD`` requests wait. A request that ca
 answered (not JSON, not an object, without the ids an answer needs) goes to the
 dead-letter topic with a ``dlq_reason`` header and the agent goes on. An action that
 raises, or an action it does not have, is answered ``success: false`` with the error
-and its type: the workflow's retry policy (the coordinator's) decides what follows.
+and its type: the workflow's retry policy (the coordinator's) decides what follows. An
+action still running after the action timeout is answered as timed out (``StepTimeout``)
+and its partition goes on; /health fails once as many actions as threads hang so.
 SIGTERM stops taking requests, gives those running SHUTDOWN_GRACE seconds to be
 answered and hands the others back (uncommitted: the group's next member answers them).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -48,6 +52,7 @@ from chassis.engine import error_types
 from chassis.errors import ConfigError, ServiceUnavailable
 from chassis.kafka import clients
 from chassis.limits import MESSAGE_MAX, check_json
+from chassis.policy import TIMEOUT_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ REDELIVER_WAIT = 1.0
 #: Seconds a stopping agent keeps trying to deliver the answers of the requests that
 #: were running (then they are handed back: answered again by the group's next member).
 SHUTDOWN_GRACE = 30.0
+#: The longest action timeout one may set (a week).
+MAX_ACTION_TIMEOUT = 7 * 86400.0
 #: Seconds without a turn of the main loop after which /health says it is stuck.
 STUCK_AFTER = 30.0
 #: Seconds for which a successful look at Kafka keeps /ready ready.
@@ -81,6 +88,9 @@ class AgentConfig:
     """0: no health server."""
     dlq: str = "dlq.chassis"
     modules: tuple[str, ...] = ()
+    action_timeout: float = 3600.0
+    """Seconds an action may run before its request is answered as timed out (the
+    action is left to finish on its own; its result is dropped)."""
 
 
 #: The options, their variables and their names in a config file (the original's
@@ -93,6 +103,7 @@ OPTIONS = {
     "concurrency": ("CHASSIS_AGENT_CONCURRENCY", ("concurrency", "pool_size")),
     "health_port": ("CHASSIS_AGENT_HEALTH_PORT", ("health_port",)),
     "modules": ("CHASSIS_ACTION_MODULES", ("actions",)),
+    "action_timeout": ("CHASSIS_AGENT_ACTION_TIMEOUT", ("action_timeout",)),
 }
 
 
@@ -126,12 +137,24 @@ def _whole(value: Any, what: str, least: int, most: int) -> int:
     return int(text)
 
 
+def _seconds(value: Any, what: str) -> float:
+    try:
+        seconds = float(str(value).strip()) if not isinstance(value, bool) else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_ACTION_TIMEOUT):
+        raise ConfigError(f"{what} must be a number of seconds above 0 and at most "
+                          f"{MAX_ACTION_TIMEOUT:g}, got {str(value)[:40]!r}")
+    return seconds
+
+
 def agent_config(given: Mapping[str, Any], env: Mapping[str, str],
                  file: Mapping[str, Any] | None, settings: Settings) -> AgentConfig:
     """The agent's settings: an option given (``given``, None when not), else its
     variable, else the config file, else the default derived from the type: requests on
     ``system.agent.TYPE.requests``, answers on ``system.responses.TYPE`` (the response
-    pattern the bridge reads), group ``TYPE-group``, 8 threads, health on 8080."""
+    pattern the bridge reads), group ``TYPE-group``, 8 threads, health on 8080, an
+    action timeout of CHASSIS_STEP_TIMEOUT."""
     def pick(option: str, default: Any = None) -> Any:
         if given.get(option) not in (None, ""):
             return given[option]
@@ -173,7 +196,9 @@ def agent_config(given: Mapping[str, Any], env: Mapping[str, str],
         agent_type=kind, topic=topic, responses=responses, group=group,
         concurrency=_whole(pick("concurrency", 8), "concurrency", 1, 1024),
         health_port=_whole(pick("health_port", 8080), "health port", 0, 65535),
-        dlq=settings.kafka_dlq_topic, modules=tuple(modules))
+        dlq=settings.kafka_dlq_topic, modules=tuple(modules),
+        action_timeout=_seconds(pick("action_timeout", settings.step_timeout),
+                                "action timeout"))
 
 
 # -------------------------------------------------------------------------- metrics
@@ -200,6 +225,13 @@ class AgentMetrics:
         self.duration = Histogram("agent_task_duration_seconds",
                                   "Seconds from a request's start to its answer delivered",
                                   ["agent_type"], registry=r).labels(agent_type)
+        self.timed_out = Counter("agent_actions_timed_out",
+                                 "Requests answered as timed out: their action ran past "
+                                 "the action timeout", ["agent_type"],
+                                 registry=r).labels(agent_type)
+        self.overdue = Gauge("agent_actions_overdue", "Actions still running past their "
+                             "timeout (their requests answered already)", ["agent_type"],
+                             registry=r).labels(agent_type)
         self.agent_type = agent_type
 
     def outcome(self, outcome: str) -> None:
@@ -365,14 +397,49 @@ class AgentRuntime:
         self._beat = time.monotonic()
         self._kafka_ok_at = 0.0
         self._assigned: set[tuple[str, int]] = set()
+        self._overdue: list[threading.Thread] = []
+        self.metrics.overdue.set_function(self.overdue)
         self.producer = Producer(clients.producer_config(self.bootstrap))
 
     # ------------------------------------------------------------------ health
 
     def healthy(self) -> bool:
-        return time.monotonic() - self._beat < STUCK_AFTER and not self._stop.is_set()
+        """The loop turns, and fewer actions than threads hang past their timeout."""
+        return time.monotonic() - self._beat < STUCK_AFTER and not self._stop.is_set() \
+            and self.overdue() < self.config.concurrency
+
+    def overdue(self) -> int:
+        """Actions still running past their timeout (their requests were answered)."""
+        with self._cond:
+            self._overdue = [t for t in self._overdue if t.is_alive()]
+            return len(self._overdue)
+
+    def _run_bounded(self, request: Request) -> dict[str, Any]:
+        """:func:`run`, on a thread of its own, waited for ``action_timeout`` seconds:
+        past it the request is answered as timed out (``StepTimeout``, which the plan's
+        retry policy treats as any timeout) and its partition goes on; the action is
+        left to finish on its own (a thread cannot be stopped) and its result dropped."""
+        result: list[dict[str, Any]] = []
+        context = contextvars.copy_context()  # the span: an action's own spans nest in it
+        thread = threading.Thread(target=lambda: result.append(context.run(run, request)),
+                                  daemon=True, name=f"agent-action-{request.action}")
+        thread.start()
+        thread.join(self.config.action_timeout)
+        if result:
+            return result[0]
+        with self._cond:
+            self._overdue.append(thread)
+        self.metrics.timed_out.inc()
+        error = (f"the action {request.action} ran past the agent's action timeout "
+                 f"({self.config.action_timeout:g} s); left to finish, its result dropped")
+        log.warning("request %s: %s", request.headers.get("request_id"), error,
+                    extra={"correlation_id": request.headers.get("correlation_id")})
+        return _failure(TIMEOUT_ERROR, error)
 
     def ready(self) -> tuple[bool, str]:
+        if self.overdue() >= self.config.concurrency:
+            return False, (f"{self.overdue()} actions still run past their timeout "
+                           f"({self.config.action_timeout:g} s): restart the agent")
         if not self.healthy():
             return False, "the consumer loop is not running"
         if time.monotonic() - self._kafka_ok_at > KAFKA_FRESH:
@@ -544,7 +611,7 @@ class AgentRuntime:
                                           tracing.ACTION: request.action,
                                           "chassis.agent_type": self.config.agent_type}
                               ) as span:
-                response = run(request)
+                response = self._run_bounded(request)
                 if not response["success"]:
                     tracing.failed(span, str(response["error"]), response.get("error_type"))
                 traceparent = tracing.traceparent_of(span) if span.is_recording() else None
@@ -765,7 +832,8 @@ def serve_health(runtime: AgentRuntime, host: str, port: int) -> ThreadingHTTPSe
             elif path in ("/health", "/healthz"):
                 ok = runtime.healthy()
                 self._json(200 if ok else 503, {"status": "ok" if ok else "stuck",
-                                                "agent_type": runtime.config.agent_type})
+                                                "agent_type": runtime.config.agent_type,
+                                                "overdue_actions": runtime.overdue()})
             elif path in ("/ready", "/readyz"):
                 ok, why = runtime.ready()
                 self._json(200 if ok else 503, {"status": "ready" if ok else "not ready",

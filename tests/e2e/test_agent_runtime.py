@@ -185,6 +185,48 @@ def test_sigterm_lets_the_running_request_be_answered(running: KafkaServices) ->
         "answer_for": {"i": "last"}}
 
 
+def test_an_action_past_the_action_timeout_is_answered_and_its_partition_goes_on(
+        running: KafkaServices) -> None:
+    """One thread, an action that would take 120 s and a 1 s action timeout: its request
+    is answered as timed out, the workflow's next request (the same key, so the same
+    partition) is answered while that action still runs, and /health says the agent
+    is worn out (every thread's worth of actions hangs)."""
+    port = free_port()
+    topic = "system.agent.rt.hang"  # its own: no other test's requests to answer first
+    a = agent(running, port, "--concurrency", "1", "--action-timeout", "1",
+              "--topic", topic, group="rt-timeout")
+    try:
+        hung_action_test(running, port, topic)
+    finally:
+        a.stop()
+
+
+def hung_action_test(running: KafkaServices, port: int, topic: str) -> None:
+    c = client(running)
+    p = {"name": "rt-hang", "start_step": "hang", "steps": {
+        "hang": {"action": "slow_research", "topic": topic, "params": {"delay": 120},
+                 "on_failure": "ask"},
+        "ask": {"action": "research", "topic": topic, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    cid = c.start(p, {"question": "still going?"})
+    doc = c.wait(cid, timeout=100)
+    metrics = get(f"http://127.0.0.1:{port}/metrics")[1]
+    assert doc["status"] == "COMPLETED", doc
+    hang = next(s for s in doc["steps"] if s["name"] == "hang")
+    assert hang["status"] == "FAILED" and "action timeout (1 s)" in hang["error"], hang
+    failed = [e for e in c.events(cid) if e["step"] == "hang" and e["kind"] == "failed"]
+    assert failed and failed[0]["data"]["error_type"] == "StepTimeout", failed
+    assert doc["collected_data"]["ask"]["action"] == "research"
+    # the hung action still runs (it would end 120 s after it began): the partition
+    # did not wait for it
+    assert metric(metrics, "agent_actions_overdue", agent_type="rt") == 1
+    assert metric(metrics, "agent_actions_timed_out_total", agent_type="rt") == 1
+    status, body = get(f"http://127.0.0.1:{port}/health")
+    assert status == 503 and json.loads(body)["overdue_actions"] == 1
+    status, body = get(f"http://127.0.0.1:{port}/ready")
+    assert status == 503 and "restart the agent" in json.loads(body)["detail"]
+
+
 def test_sigkill_in_the_middle_of_200_requests_loses_none_and_changes_no_record(
         running: KafkaServices) -> None:
     port = free_port()

@@ -28,6 +28,20 @@ def test_the_topics_group_and_pool_derive_from_the_type() -> None:
     assert (c.topic, c.responses, c.group) == (
         "system.agent.research.requests", "system.responses.research", "research-group")
     assert (c.concurrency, c.health_port, c.dlq) == (8, 8080, "dlq.chassis")
+    assert c.action_timeout == SETTINGS.step_timeout  # the coordinator's default
+    c = agent_config({"agent_type": "research"}, {"CHASSIS_STEP_TIMEOUT": "99"}, None,
+                     config.load({"CHASSIS_STEP_TIMEOUT": "99"}))
+    assert c.action_timeout == 99.0
+
+
+def test_the_action_timeout_from_an_option_a_variable_or_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "agent.yaml"
+    f.write_text("agent_type: w\naction_timeout: 2.5\n")
+    file = read_config_file(f)
+    assert agent_config({}, {}, file, SETTINGS).action_timeout == 2.5
+    env = {"CHASSIS_AGENT_ACTION_TIMEOUT": "30"}
+    assert agent_config({}, env, file, SETTINGS).action_timeout == 30.0
+    assert agent_config({"action_timeout": "0.5"}, env, file, SETTINGS).action_timeout == 0.5
 
 
 def test_options_win_over_variables_which_win_over_the_file(tmp_path: Path) -> None:
@@ -56,6 +70,10 @@ def test_options_win_over_variables_which_win_over_the_file(tmp_path: Path) -> N
     ({"agent_type": "a", "health_port": "70000"}, {}, "health port"),
     ({"agent_type": "a", "concurrency": "\u00b2"}, {}, "concurrency"),
     ({"agent_type": "a", "group": "x y"}, {}, "consumer group 'x y'"),
+    ({"agent_type": "a", "action_timeout": "0"}, {}, "action timeout must be a number"),
+    ({"agent_type": "a", "action_timeout": "nan"}, {}, "action timeout"),
+    ({"agent_type": "a"}, {"CHASSIS_AGENT_ACTION_TIMEOUT": "soon"}, "action timeout"),
+    ({"agent_type": "a", "action_timeout": "1e9"}, {}, "at most 604800"),
     ({"agent_type": "a", "responses": "answers.a"}, {}, "does not match "
      "CHASSIS_KAFKA_RESPONSE_PATTERN"),
 ])
