@@ -117,6 +117,8 @@ class RecordStep:
     status: StepStatus
     attempt: int = 1
     pending: int | None = None
+    timeout: float | None = None
+    """A pause's: seconds until its approval expires (its deadline)."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from chassis.commands import (
 from chassis.errors import InvalidTransition, WorkflowNotFound
 from chassis.events import (
     AddFuel,
+    ApprovalExpired,
     Cancel,
     Event,
     RequestUnanswered,
@@ -58,6 +59,7 @@ from chassis.events import (
 )
 from chassis.limits import EVENT_FIELD_MAX, INT32_MAX, MESSAGE_MAX
 from chassis.plan import COMPLETE, FAN_OUT, PAUSE, Plan, Step
+from chassis.policy import TIMEOUT_ERROR
 from chassis.state import (
     Status,
     StepStatus,
@@ -371,6 +373,30 @@ def _on_request_unanswered(d: Decision, plan: Plan,
     return None
 
 
+def _on_approval_expired(d: Decision, plan: Plan,
+                         event: ApprovalExpired) -> Decision | None:
+    """Nobody answered a pause within its ``timeout``: the pause fails (``StepTimeout``,
+    not retried: a retry of the workflow asks again) and the workflow goes on at its
+    ``on_failure``, or fails, undoing what it did."""
+    s = d.state
+    if s.status is not Status.PAUSED_FOR_HUMAN_INPUT or s.budget_wait is not None \
+            or not _take(s, event.step, event.attempt):
+        return _unchanged(d)
+    error = f"no answer to the approval within {event.timeout:g} s: it expired"
+    d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=error,
+                                 attempt=event.attempt, error_type=TIMEOUT_ERROR))
+    s.status = Status.RUNNING
+    s.current_step = event.step  # failed there: a retry asks again
+    message = f"step '{event.step}' failed: {error}"
+    handler = plan.steps[event.step].on_failure
+    if handler is not None:
+        _go_on_failure(d, plan, handler, {"step": event.step, "message": message,
+                                          "attempts": 1})
+        return None
+    _fail(d, plan, message, step=event.step)
+    return None
+
+
 def _on_cancel(d: Decision, plan: Plan, event: Cancel) -> Decision | None:
     s = d.state
     s.budget_wait = None
@@ -441,6 +467,7 @@ _HANDLERS: dict[type, Handler] = {
     Start: _on_start, StepSucceeded: _on_succeeded, StepFailed: _on_failed,
     SubtasksSucceeded: _on_subtasks, ResponseReceived: _on_response, Resume: _on_resume,
     RetryDue: _on_retry_due, RequestUnanswered: _on_request_unanswered, Cancel: _on_cancel,
+    ApprovalExpired: _on_approval_expired,
     Retry: _on_retry, Stalled: _on_stalled, AddFuel: _on_add_fuel,
 }
 
@@ -1040,7 +1067,8 @@ def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
     s.status = Status.PAUSED_FOR_HUMAN_INPUT
     _set_attempt(s, name, attempt)
     s.awaited_steps = [s.rid(name, attempt)]  # the human's answer
-    d.commands.append(RecordStep(name, PAUSE, StepStatus.AWAITING, attempt))
+    d.commands.append(RecordStep(name, PAUSE, StepStatus.AWAITING, attempt,
+                                 timeout=step.timeout))
     payload = {
         "event_type": "WORKFLOW_PAUSED_FOR_APPROVAL",
         "correlation_id": s.correlation_id,
@@ -1049,6 +1077,8 @@ def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
         "message": f"Step '{step.description or name}' requires your approval",
         "data_for_review": _small(s, s.collected_data.to_dict()),
     }
+    if step.timeout is not None:
+        payload["expires_in_seconds"] = step.timeout
     dedup = f"{s.correlation_id}:paused:{name}" + (f"#{attempt}" if attempt > 1 else "")
     d.commands.append(Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload,
                            dedup))
@@ -1109,7 +1139,7 @@ __all__ = [
     "CANCEL_TOPIC", "COUNTDOWN_LIMIT", "NOTIFICATION_TOPIC", "PAUSED_FOR_BUDGET",
     "REJECTED_ERROR", "RESUME_TOPIC", "AddFuel",
     "Cancel", "Command", "Debit", "Decision", "Emit", "Event", "FinishStep", "Note",
-    "RecordStep", "RequestUnanswered",
+    "ApprovalExpired", "RecordStep", "RequestUnanswered",
     "ResponseReceived", "Resume", "Retry", "RetryDue", "Revoke", "RunFanOut", "RunStep",
     "ScheduleStep", "SendRequest", "Stalled", "Start", "StepFailed", "StepSucceeded",
     "SubtasksSucceeded", "Usage", "base_headers", "decide", "json_roundtrip", "not_found",

@@ -115,6 +115,18 @@ class RequestUnanswered:
 
 
 @dataclass(frozen=True)
+class ApprovalExpired:
+    """Attempt ``attempt`` of ``step``, a ``pause_for_human_input`` with a ``timeout``,
+    had no answer within ``timeout`` seconds (from the sweep): the approval expired. The
+    workflow goes on at the step's ``on_failure``, or fails (compensating). Late (the
+    workflow was resumed meanwhile), it changes nothing."""
+
+    step: str
+    attempt: int
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Cancel:
     """``client_id`` stops the workflow: in-flight attempts are revoked, late results
     ignored. With ``compensate``, the completed steps that have a ``compensate`` are
@@ -150,10 +162,12 @@ class Stalled:
 
 
 Event = (Start | StepSucceeded | StepFailed | SubtasksSucceeded | ResponseReceived
-         | Resume | RetryDue | RequestUnanswered | Cancel | Retry | Stalled | AddFuel)
+         | Resume | RetryDue | RequestUnanswered | ApprovalExpired | Cancel | Retry | Stalled
+         | AddFuel)
 
 
 __all__ = [
     "Start", "StepSucceeded", "StepFailed", "SubtasksSucceeded", "ResponseReceived", "Resume",
-    "RetryDue", "RequestUnanswered", "Cancel", "Retry", "Stalled", "AddFuel", "Event",
+    "RetryDue", "RequestUnanswered", "ApprovalExpired", "Cancel", "Retry", "Stalled", "AddFuel",
+    "Event",
 ]

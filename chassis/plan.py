@@ -270,11 +270,14 @@ STEP_FIELDS: Mapping[str, str] = {
     "retry": "Retry policy of failed attempts, merged over defaults.retry (on a fan_out "
              "step: the default of its sub-tasks).",
     "timeout": "Seconds one attempt may run, or an external agent take to answer; a "
-               "later result is ignored (on a fan_out step: the default of its sub-tasks).",
+               "later result is ignored (on a fan_out step: the default of its sub-tasks; "
+               "on a pause_for_human_input: how long its approval may wait before it "
+               "expires, unset: for ever).",
     "compensate": "How the step is undone once completed, should the workflow fail (or be "
                   "cancelled with compensation): {action, params} or {action, topic}.",
     "on_failure": "Step to go on at when this step's attempts are exhausted (on a "
-                  "fan_out: a sub-task's); it sees error = {step, message, attempts}.",
+                  "fan_out: a sub-task's; on a pause_for_human_input: when its approval "
+                  "expires); it sees error = {step, message, attempts}.",
 }
 SUB_TASK_FIELDS: Mapping[str, str] = {
     "step_name": "Name the sub-task's output is stored under; unique within the plan.",

@@ -18,7 +18,8 @@ def _attempt_doc(r: dict[str, Any]) -> dict[str, Any]:
     return {"attempt": r["attempt"], "status": r["status"], "error": r["error"],
             "error_type": r["error_type"], "deliveries": r["deliveries"],
             "dispatched_at": _iso(r["dispatched_at"]), "due_at": _iso(r["due_at"]),
-            "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
+            "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"]),
+            "deadline": _iso(r.get("deadline"))}
 
 
 def _step_docs(rows: list[dict[str, Any]], plan: Plan | None) -> list[dict[str, Any]]:
@@ -40,6 +41,7 @@ def _step_docs(rows: list[dict[str, Any]], plan: Plan | None) -> list[dict[str, 
             "error": last["error"] or (errors[-1] if errors else None),
             "dispatched_at": _iso(last["dispatched_at"]), "due_at": _iso(last["due_at"]),
             "started_at": _iso(last["started_at"]), "finished_at": _iso(last["finished_at"]),
+            "deadline": _iso(last.get("deadline")),
             "history": [_attempt_doc(r) for r in attempts],
         })
     return docs
@@ -56,7 +58,10 @@ def waiting_for(s: WorkflowState, steps: list[dict[str, Any]]) -> str | None:
         return (f"more {more} and an approval at step '{s.current_step}' (needs "
                 f"{w.get('needed')}, {w.get('available')} available)")
     if s.status is Status.PAUSED_FOR_HUMAN_INPUT:
-        return f"a human's approval at step '{s.current_step}'"
+        pause = next((d for d in open_ if d["name"] == s.current_step), None)
+        expiry = f" (it expires at {pause['deadline']})" if pause and pause["deadline"] \
+            else ""
+        return f"a human's approval at step '{s.current_step}'{expiry}"
     subs = [d for d in open_ if d["parent_step"]]
     if subs:
         names = ", ".join(d["name"] for d in subs[:5]) + (", ..." if len(subs) > 5 else "")

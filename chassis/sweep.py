@@ -6,6 +6,8 @@ seconds, default 5): the clock of the failure model. Each run, in this order:
 2. **timeouts**: an attempt RUNNING past its deadline, or an agent's request not
    answered in time (its step's ``timeout``, else CHASSIS_STEP_TIMEOUT), is a failed
    attempt (error type ``StepTimeout``): the coordinator retries it or fails the step;
+   a pause whose step sets a ``timeout`` and had no answer within it expired
+   (:class:`~chassis.events.ApprovalExpired`): its ``on_failure`` goes on, or it fails;
 3. **lost workers**: a RUNNING attempt whose lease expired (its worker stopped renewing
    it: killed, out of memory, cut off) is sent again, the same attempt with the same
    task id; one started CHASSIS_MAX_DELIVERIES times already is a failed attempt
@@ -29,7 +31,8 @@ Decisions (failing an attempt, retrying, failing a workflow) are the coordinator
 sweep only reports events and re-sends what was already decided. A re-send is a
 conditional update of the attempt's row, so of two sweeps at once (two beats by
 mistake) only one sends; on PostgreSQL a sweep also takes an advisory lock and a second
-one returns at once. Paused workflows wait for a human as long as it takes.
+one returns at once. Paused workflows wait for a human as long as it takes, unless the
+pause step sets a ``timeout``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from chassis import infra
 from chassis.celery_conf import queue_for
 from chassis.config import Settings
 from chassis.engine import Engine
+from chassis.plan import PAUSE
 from chassis.policy import TIMEOUT_ERROR, WORKER_LOST_ERROR
 from chassis.store import Stuck
 from chassis.store.sql import now
@@ -73,6 +77,8 @@ class SweepReport:
 
     sent_due: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    """Pauses whose approval expired."""
     resent: list[str] = field(default_factory=list)
     asked_again: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
@@ -83,6 +89,7 @@ class SweepReport:
 
     def counts(self) -> dict[str, int]:
         return {"sent_due": len(self.sent_due), "timed_out": len(self.timed_out),
+                "expired": len(self.expired),
                 "resent": len(self.resent), "asked_again": len(self.asked_again),
                 "lost": len(self.lost),
                 "fanned_in": len(self.fanned_in), "failed": len(self.failed),
@@ -141,8 +148,18 @@ class Sweeper:
             report.sent_due.append(_name(row))
 
     def _time_out(self, row: Stuck, report: SweepReport) -> None:
-        timeout = self.store.get_plan(row.correlation_id).timeout(row.step) \
-            or self.settings.step_timeout
+        plan = self.store.get_plan(row.correlation_id)
+        if row.action == PAUSE:  # (only a pause whose step sets a timeout has a deadline)
+            step = plan.steps.get(row.step)
+            expired = co.ApprovalExpired(row.step, row.attempt,
+                                         step.timeout if step and step.timeout else 0.0)
+            if self.engine.apply(row.correlation_id, expired).changed:
+                report.expired.append(_name(row))
+                log.warning("step %s attempt %d: the approval expired", row.step,
+                            row.attempt, extra={"correlation_id": row.correlation_id,
+                                                "step": row.step})
+            return
+        timeout = plan.timeout(row.step) or self.settings.step_timeout
         error = (f"no answer from the agent within {timeout:g} s" if row.status == "AWAITING"
                  else f"timed out after {timeout:g} s")
         decision = self.engine.apply_if(row, co.StepFailed(

@@ -20,7 +20,7 @@ from collections.abc import Collection
 from chassis import actions
 from chassis.errors import PlanError
 from chassis.limits import NAME_MAX
-from chassis.plan import COMPLETE, FAN_OUT, RESERVED_ACTIONS, Compensate, Plan, Step
+from chassis.plan import COMPLETE, FAN_OUT, PAUSE, RESERVED_ACTIONS, Compensate, Plan, Step
 from chassis.policy import merged_problems
 from chassis.state import COMPENSATE_SUFFIX, compensation_of
 
@@ -248,7 +248,10 @@ def _on_failure_problems(place: str, name: str, step: Step, plan: Plan) -> list[
     target = step.on_failure
     if target is None:
         return []
-    if step.action in RESERVED_ACTIONS - {FAN_OUT}:
+    if step.action == PAUSE and step.timeout is None:
+        return [f"{place}: on_failure on {PAUSE} is where the workflow goes on when its "
+                "approval expires: give the step a timeout too"]
+    if step.action in RESERVED_ACTIONS - {FAN_OUT, PAUSE}:
         return [f"{place}: on_failure does not apply to {step.action} (it makes no attempts)"]
     if target == name:
         return [f"{place}: on_failure names the step itself"]
@@ -266,7 +269,13 @@ def _name_problems(place: str, what: str, name: str) -> list[str]:
 
 def _failure_problems(place: str, name: str, step: Step, plan: Plan) -> list[str]:
     """retry and timeout: only where an attempt runs (a fan_out passes them on to its
-    sub-tasks); merged layers must still make sense."""
+    sub-tasks; a pause's timeout is its approval's expiry); merged layers must still
+    make sense."""
+    if step.action == PAUSE:
+        if step.retry is not None:
+            return [f"{place}: retry does not apply to {PAUSE} (a retry of the workflow "
+                    "asks again)"]
+        return []
     if step.action in RESERVED_ACTIONS - {FAN_OUT}:
         if step.retry is not None or step.timeout is not None:
             return [f"{place}: retry and timeout do not apply to {step.action}"]

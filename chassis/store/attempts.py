@@ -135,15 +135,21 @@ def lost(conn: sa.Connection, at: datetime, limit: int) -> list[Stuck]:
 
 def overdue(conn: sa.Connection, at: datetime, unset_before: datetime,
             limit: int) -> list[Stuck]:
-    """Attempts past their deadline: RUNNING ones, and agents' requests (AWAITING with a
-    request id) not answered in time. A request without a deadline of its own is
-    overdue when it was sent before ``unset_before`` (the default timeout)."""
+    """Attempts past their deadline: RUNNING ones, agents' requests (AWAITING with a
+    request id) not answered in time, and pauses whose approval expired (a pause has a
+    deadline only when its step sets a timeout). A request without a deadline of its
+    own is overdue when it was sent before ``unset_before`` (the default timeout)."""
     running = sa.and_(r.status == StepStatus.RUNNING.value, r.deadline < at)
     agent = sa.and_(r.status == StepStatus.AWAITING.value, r.request_id.is_not(None),
                     r.action.not_in([PAUSE, FAN_OUT]),
                     sa.or_(r.deadline < at,
                            sa.and_(r.deadline.is_(None), r.sent_at < unset_before)))
-    q = (sa.select(*_STUCK_COLS).where(sa.or_(running, agent), _active_workflow())
+    pause = sa.and_(r.status == StepStatus.AWAITING.value, r.action == PAUSE,
+                    r.deadline < at,
+                    sa.exists().where(o.correlation_id == r.correlation_id,
+                                      o.status == Status.PAUSED_FOR_HUMAN_INPUT.value))
+    q = (sa.select(*_STUCK_COLS)
+         .where(sa.or_(sa.and_(sa.or_(running, agent), _active_workflow()), pause))
          .order_by(r.id).limit(limit))
     return _stuck(conn.execute(q))
 

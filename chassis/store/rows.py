@@ -122,7 +122,8 @@ def rows_for(s: WorkflowState, commands: Sequence[cmd.Command], ts: datetime,
         elif isinstance(c, cmd.RecordStep):
             done = c.status.finished
             run(c.step, c.attempt, c.action, c.status, None, started_at=ts,
-                finished_at=ts if done else None, pending=c.pending)
+                finished_at=ts if done else None, pending=c.pending,
+                deadline=_later(ts, c.timeout))
         elif isinstance(c, cmd.FinishStep):
             outcome = {"status": c.status.value, "output": c.output, "error": c.error,
                        "error_type": c.error_type, "finished_at": ts}

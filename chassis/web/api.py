@@ -125,6 +125,8 @@ class Attempt(BaseModel):
     due_at: str | None
     started_at: str | None
     finished_at: str | None
+    deadline: str | None = None
+    """When a running attempt times out, an agent's request or an approval expires."""
 
 
 class Step(BaseModel):
@@ -140,6 +142,8 @@ class Step(BaseModel):
     due_at: str | None
     started_at: str | None
     finished_at: str | None
+    deadline: str | None = None
+    """The latest attempt's: when it times out (a pause's: when its approval expires)."""
     history: list[Attempt]
 
 

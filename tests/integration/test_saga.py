@@ -152,6 +152,32 @@ def test_a_rejected_review_undoes_the_steps_before_it(client: Client, worker: Wo
     assert names(services, key) == ["draft", "upload", "undo upload", "undo draft"]
 
 
+def test_an_approval_nobody_gives_in_time_expires_and_undoes_the_steps_before_it(
+        client: Client, worker: Worker, services: Services) -> None:
+    """A pause with a 2 s timeout and nobody to answer: beat's sweep expires it, the
+    workflow undoes what it did, and the answer that comes late is refused."""
+    key = uuid.uuid4().hex
+    plan = {"start_step": "draft", "steps": {
+        "draft": {**rec(key, "draft"), "next_step": "upload"},
+        "upload": {**rec(key, "upload"), "next_step": "review"},
+        "review": {"action": "pause_for_human_input", "timeout": 2, "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    cid = client.start(plan, client_id="acme")
+    paused = client.wait(cid, timeout=60)
+    assert paused["status"] == "PAUSED_FOR_HUMAN_INPUT"
+    review = next(s for s in paused["steps"] if s["name"] == "review")
+    assert review["deadline"] is not None
+    assert paused["waiting_for"] == (f"a human's approval at step 'review' (it expires at "
+                                     f"{review['deadline']})")
+    doc = wait_until(lambda: (d := client.status(cid))["status"] == "COMPENSATED" and d,
+                     timeout=60, interval=0.2, message="the approval never expired")
+    assert doc["error"] == ("step 'review' failed: no answer to the approval within 2 s: "
+                            "it expired")
+    assert names(services, key) == ["draft", "upload", "undo upload", "undo draft"]
+    with pytest.raises(InvalidTransition, match="not paused"):
+        client.resume(cid, True)
+
+
 def test_on_failure_goes_on_at_a_notify_step_that_sees_the_error(
         client: Client, worker: Worker, services: Services) -> None:
     key = uuid.uuid4().hex

@@ -21,6 +21,7 @@ from chassis import config
 from chassis import coordinator as co
 from chassis.api import Client
 from chassis.config import Settings
+from chassis.errors import InvalidTransition
 from chassis.plan import parse_plan
 from chassis.state import Status, WorkflowState
 from chassis.store.db import make_engine
@@ -307,6 +308,39 @@ def test_paused_cancelled_and_finished_workflows_are_left_alone(client: Client,
         age(settings, cid)
     assert not sweep(client, settings).acted
     assert client.status(paused)["status"] == "PAUSED_FOR_HUMAN_INPUT"
+
+
+def test_an_approval_with_a_timeout_expires_once_and_a_late_resume_is_refused(
+        client: Client, settings: Settings) -> None:
+    plan = {"start_step": "review", "steps": {
+        "review": {"action": "pause_for_human_input", "timeout": 600,
+                   "on_failure": "escalate", "next_step": "done"},
+        "escalate": {"action": "noop", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    cid = client.start(plan, client_id="acme")
+    other = client.start(plan, client_id="acme")
+    assert client.status(cid)["status"] == "PAUSED_FOR_HUMAN_INPUT"
+    row = attempt_row(client, cid, "review")
+    assert row["deadline"] is not None
+    age(settings, cid, 300)
+    assert not sweep(client, settings).acted  # 300 of 600 s: not yet
+    age(settings, cid, 301)
+    reports = sweep_twice_at_once(client, settings)
+    assert sorted(len(r.expired) for r in reports) == [0, 1]
+    doc = client.status(cid)
+    assert doc["status"] == "RUNNING" and doc["current_step"] == "escalate"
+    review = attempt_row(client, cid, "review")
+    assert review["status"] == "FAILED"
+    assert review["error"] == "no answer to the approval within 600 s: it expired"
+    kinds = [(e["kind"], e["step"]) for e in client.events(cid)]
+    assert ("failed", "review") in kinds
+    with pytest.raises(InvalidTransition, match="not paused"):
+        client.resume(cid, True)
+    assert not sweep(client, settings).acted  # once
+    # the other one, resumed in time, never expires
+    client.resume(other, True)
+    age(settings, other, 3600)
+    assert not sweep(client, settings).acted
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)

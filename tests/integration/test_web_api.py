@@ -130,6 +130,30 @@ def test_start_pause_approve_with_the_history_naming_the_key(
     assert plan["start_step"] == "draft" and set(plan["steps"]) == {"draft", "review", "done"}
 
 
+def test_an_approval_with_a_timeout_shows_when_it_expires(
+        http: httpx.Client, keys: dict[str, str]) -> None:
+    from chassis.web.auth import COOKIE
+
+    expiring = json.loads(json.dumps(PAUSING))
+    expiring["name"] = "expiring"
+    expiring["steps"]["review"].update(timeout=86400, on_failure="done")
+    cid = start(http, keys["acme"], expiring)["correlation_id"]
+    doc = wait_status(http, keys["acme"], cid, "PAUSED_FOR_HUMAN_INPUT")
+    review = next(s for s in doc["steps"] if s["name"] == "review")
+    assert review["deadline"] and review["history"][-1]["deadline"] == review["deadline"]
+    assert doc["waiting_for"].endswith(f"(it expires at {review['deadline']})")
+    with httpx.Client(base_url=str(http.base_url), cookies={COOKIE: keys["acme"]},
+                      timeout=30) as browser:
+        inbox = browser.get("/inbox").text
+        item = inbox[inbox.index(f'data-cid="{cid}"'):]
+        assert 'class="expires">expires <time' in item[:item.index("</header>")]
+        page = browser.get(f"/workflows/{cid}").text
+        assert 'class="muted deadline">expires <time' in page
+    r = http.post(f"/api/v1/workflows/{cid}/resume", headers=auth(keys["acme"]),
+                  json={"approved": True})
+    assert r.status_code == 200, r.text
+
+
 def test_a_repeated_start_is_the_same_workflow_and_a_changed_one_conflicts(
         http: httpx.Client, keys: dict[str, str], services: Services) -> None:
     cid = str(uuid.uuid4())

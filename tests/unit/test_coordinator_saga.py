@@ -144,6 +144,54 @@ def test_a_rejected_review_undoes_the_steps_before_it() -> None:
     assert d.state.error == co.REJECTED_ERROR
 
 
+def test_an_approval_that_expires_undoes_or_goes_on_at_on_failure() -> None:
+    """A pause with a ``timeout``: its deadline is recorded and the notification says
+    when it expires; expired (the sweep's ApprovalExpired), the workflow undoes what it
+    did, or goes on at ``on_failure``; a late expiry (resumed meanwhile) or a resume
+    after it changes nothing."""
+    steps = {"a": {"action": "work", "compensate": undo("a"), "next_step": "review"},
+             "review": {"action": "pause_for_human_input", "timeout": 3600,
+                        "next_step": "done"},
+             "done": {"action": "complete_workflow"}}
+    plan = parse_plan({"start_step": "a", "steps": steps})
+    d = ok(start(plan), plan, "a")
+    assert d.state.status is Status.PAUSED_FOR_HUMAN_INPUT
+    (record,) = [c for c in of(d, co.RecordStep) if c.step == "review"]
+    assert record.timeout == 3600
+    (note,) = of(d, co.Emit)
+    assert note.payload["expires_in_seconds"] == 3600
+    paused_state = d.state
+    d = co.decide(paused_state, plan, co.ApprovalExpired("review", 1, 3600))
+    assert d.state.status is Status.COMPENSATING and sent(d) == ["a/compensate"]
+    (fin,) = [c for c in of(d, co.FinishStep) if c.step == "review"]
+    assert fin.status is StepStatus.FAILED and fin.error_type == "StepTimeout"
+    assert fin.error == "no answer to the approval within 3600 s: it expired"
+    d = ok(d, plan, "a/compensate")
+    assert d.state.status is Status.COMPENSATED
+    assert d.state.error == ("step 'review' failed: no answer to the approval within "
+                             "3600 s: it expired")
+    with pytest.raises(InvalidTransition, match="not paused"):
+        co.decide(d.state, plan, co.Resume(True))
+    # resumed first: the expiry that comes late changes nothing
+    resumed = co.decide(paused_state, plan, co.Resume(True)).state
+    assert not co.decide(resumed, plan, co.ApprovalExpired("review", 1, 3600)).changed
+    assert not co.decide(paused_state, plan, co.ApprovalExpired("review", 2, 3600)).changed
+    # on_failure: the workflow goes on there, and sees why
+    steps["review"]["on_failure"] = "escalate"
+    steps["escalate"] = {"action": "work", "next_step": "done"}
+    plan = parse_plan({"start_step": "a", "steps": steps})
+    d = co.decide(ok(start(plan), plan, "a").state, plan,
+                  co.ApprovalExpired("review", 1, 3600))
+    assert d.state.status is Status.RUNNING and sent(d) == ["escalate"]
+    assert d.state.step_data()["error"]["step"] == "review"
+    # a pause without a timeout has no deadline and says nothing of expiry
+    del steps["review"]["timeout"]
+    plan = parse_plan({"start_step": "a", "steps": steps})
+    d = ok(start(plan), plan, "a")
+    assert [c.timeout for c in of(d, co.RecordStep) if c.step == "review"] == [None]
+    assert "expires_in_seconds" not in of(d, co.Emit)[0].payload
+
+
 def test_on_failure_goes_on_at_the_handler_which_sees_the_error() -> None:
     plan = parse_plan({"start_step": "reserve", "steps": {
         "reserve": {"action": "work", "compensate": undo("reserve"), "next_step": "charge"},

@@ -316,8 +316,29 @@ def test_on_failure_must_name_another_step() -> None:
                       "z": done}) == ["steps.a: on_failure names the step itself"]
     assert problems({"a": {"action": "pause_for_human_input", "on_failure": "z",
                             "next_step": "z"}, "z": done}) == [
-        "steps.a: on_failure does not apply to pause_for_human_input (it makes no "
-        "attempts)"]
+        "steps.a: on_failure on pause_for_human_input is where the workflow goes on when "
+        "its approval expires: give the step a timeout too"]
+    assert problems({"a": {"action": "pause_for_human_input", "on_failure": "z",
+                            "timeout": 86400, "next_step": "z"}, "z": done}) == []
+    assert problems({"a": {"action": "complete_workflow", "on_failure": "z"},
+                      "z": done}) == [
+        "steps.a: on_failure does not apply to complete_workflow (it makes no attempts)"]
+
+
+def test_a_pause_may_expire_but_not_retry() -> None:
+    done = {"action": "complete_workflow"}
+    assert problems({"a": {"action": "pause_for_human_input", "timeout": 60,
+                            "next_step": "z"}, "z": done}) == []
+    with pytest.raises(PlanError) as refused:
+        problems({"a": {"action": "pause_for_human_input", "timeout": 0, "next_step": "z"},
+                  "z": done})
+    assert any(p.startswith("steps.a.timeout") for p in refused.value.problems)
+    assert problems({"a": {"action": "pause_for_human_input", "retry": {"max_attempts": 2},
+                            "next_step": "z"}, "z": done}) == [
+        "steps.a: retry does not apply to pause_for_human_input (a retry of the workflow "
+        "asks again)"]
+    assert problems({"a": {"action": "complete_workflow", "timeout": 5}}) == [
+        "steps.a: retry and timeout do not apply to complete_workflow"]
     assert problems({"a": {"action": "echo", "on_failure": "h", "next_step": "z"},
                       "h": {"action": "echo", "next_step": "z"}, "z": done}) == []
 
