@@ -7,8 +7,16 @@ from typing import Any
 
 from celery.schedules import crontab
 from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 from chassis.config import Settings
+
+#: Our brokers, kombu's transports made safe (see chassis.filebroker and
+#: chassis.redisbroker), by the short names logs show them under.
+FILE_TRANSPORT = "chassis-files"
+REDIS_TRANSPORT = "chassis-redis"
+TRANSPORT_ALIASES.setdefault(FILE_TRANSPORT, "chassis.filebroker:Transport")
+TRANSPORT_ALIASES.setdefault(REDIS_TRANSPORT, "chassis.redisbroker:Transport")
 
 #: One direct exchange for the three queues, each bound by its own name: a message
 #: published to it with routing key ``chassis.steps`` lands in ``chassis.steps`` only.
@@ -144,13 +152,16 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         for folder in (queue, control):
             folder.mkdir(parents=True, exist_ok=True)
         # kombu's file-system transport, whose messages appear and are taken whole
-        conf["broker_transport"] = "chassis.filebroker:Transport"
+        conf["broker_transport"] = FILE_TRANSPORT
         conf["broker_transport_options"] = {
             "data_folder_in": str(queue), "data_folder_out": str(queue),
             "taken_folder": str(settings.broker_dir / "taken"),
             "control_folder": str(control), "polling_interval": 0.05,
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
+        if settings.broker_url.startswith("redis://"):
+            # kombu's Redis transport, which survives a Redis restart under work in flight
+            conf["broker_transport"] = REDIS_TRANSPORT
         vt = settings.visibility_timeout
         # look for abandoned (unacked) messages often enough to honour a short timeout
         conf["broker_transport_options"] = {
