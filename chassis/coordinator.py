@@ -1077,8 +1077,9 @@ def _pause(d: Decision, name: str, step: Step, attempt: int) -> None:
         "message": f"Step '{step.description or name}' requires your approval",
         "data_for_review": _small(s, s.collected_data.to_dict()),
     }
-    if step.timeout is not None:
-        payload["expires_in_seconds"] = step.timeout
+    if step.timeout is not None:  # (a whole number when it is one: 86400, not 86400.0)
+        payload["expires_in_seconds"] = int(step.timeout) if float(step.timeout).is_integer() \
+            else step.timeout
     dedup = f"{s.correlation_id}:paused:{name}" + (f"#{attempt}" if attempt > 1 else "")
     d.commands.append(Emit(NOTIFICATION_TOPIC, s.correlation_id, base_headers(s), payload,
                            dedup))
@@ -1129,6 +1130,8 @@ def _request(s: WorkflowState, step: str, action: str, topic: str, attempt: int,
     headers = base_headers(s)
     headers["causation_id"] = s.request_id or s.correlation_id
     headers["request_id"] = rid
+    if timeout is not None:  # how long the workflow waits for the answer
+        headers["timeout"] = f"{timeout:g}"
     payload = {"action": action, "data": s.step_data(step), "params": dict(params)}
     dedup = f"{s.correlation_id}:request:{step}" + (f"#{attempt}" if attempt > 1 else "")
     return SendRequest(step, action, topic, rid, headers, payload, parent, attempt, timeout,

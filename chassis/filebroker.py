@@ -10,7 +10,9 @@ looks at and renamed into the queue when whole, and taken by renaming it into a
 folder beside the queue (one rename wins); names sort in the order they were sent.
 
 Celery uses it in embedded mode (``broker_transport``; the URL stays
-``filesystem://``); a message lost anyway, to a crash, is sent again by the sweep.
+``filesystem://``). A message its consumer took and then crashed before running is
+lost, as with kombu's (a step's attempt is sent again by the sweep; a contract task
+sent by another app, such as ``chassis.resume``, is not: send it again).
 """
 
 from __future__ import annotations

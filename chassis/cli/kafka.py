@@ -93,7 +93,8 @@ def relay(batch_size: int | None, log_level: str | None) -> None:
               help="Threads running requests (env CHASSIS_AGENT_CONCURRENCY; default 8); a "
                    "partition's requests run in order.")
 @click.option("--action-timeout", default=None, metavar="SECONDS",
-              help="Seconds an action may run before its request is answered as timed out "
+              help="Seconds an action may run, when its request has no timeout header (its "
+                   "step's timeout), before the request is answered as timed out "
                    "(StepTimeout) and its partition goes on (env "
                    "CHASSIS_AGENT_ACTION_TIMEOUT; default CHASSIS_STEP_TIMEOUT).")
 @click.option("--health-port", default=None,

@@ -90,19 +90,24 @@ def sweep_command(as_json: bool) -> None:
     if as_json:
         print_json({**report.counts(), "attempts": {
             "sent_due": report.sent_due, "timed_out": report.timed_out,
-            "resent": report.resent, "lost": report.lost, "fanned_in": report.fanned_in,
-            "failed": report.failed}})
+            "expired": report.expired, "resent": report.resent, "lost": report.lost,
+            "fanned_in": report.fanned_in, "failed": report.failed,
+            "asked_again": report.asked_again}})
         return
     if report.locked_out:
         click.echo("another sweep is running: nothing done")
         return
     click.echo(f"{len(report.sent_due)} retry(ies) sent, {len(report.timed_out)} attempt(s) "
-               f"timed out, {len(report.resent)} sent again, {len(report.lost)} failed by "
+               f"timed out, {len(report.expired)} approval(s) expired, "
+               f"{len(report.resent)} sent again, {len(report.lost)} failed by "
                f"lost workers, {len(report.fanned_in)} fan-in(s) collected, "
-               f"{len(report.failed)} workflow(s) failed waiting")
+               f"{len(report.failed)} workflow(s) failed waiting, "
+               f"{len(report.asked_again)} agent(s) asked again")
     for label, names in (("retry sent", report.sent_due), ("timed out", report.timed_out),
+                         ("approval expired", report.expired),
                          ("sent again", report.resent), ("worker lost", report.lost),
-                         ("fanned in", report.fanned_in), ("failed", report.failed)):
+                         ("fanned in", report.fanned_in), ("failed", report.failed),
+                         ("asked again", report.asked_again)):
         for name in names:
             click.echo(f"  {label}: {name}")
 

@@ -90,7 +90,8 @@ class AgentConfig:
     modules: tuple[str, ...] = ()
     action_timeout: float = 3600.0
     """Seconds an action may run before its request is answered as timed out (the
-    action is left to finish on its own; its result is dropped)."""
+    action is left to finish on its own; its result is dropped), for a request without
+    a ``timeout`` header (a step's own timeout, which wins)."""
 
 
 #: The options, their variables and their names in a config file (the original's
@@ -197,7 +198,8 @@ def agent_config(given: Mapping[str, Any], env: Mapping[str, str],
         concurrency=_whole(pick("concurrency", 8), "concurrency", 1, 1024),
         health_port=_whole(pick("health_port", 8080), "health port", 0, 65535),
         dlq=settings.kafka_dlq_topic, modules=tuple(modules),
-        action_timeout=_seconds(pick("action_timeout", settings.step_timeout),
+        action_timeout=_seconds(pick("action_timeout",
+                                     min(settings.step_timeout, MAX_ACTION_TIMEOUT)),
                                 "action timeout"))
 
 
@@ -305,6 +307,16 @@ def run(request: Request) -> dict[str, Any]:
         return {"success": False, "data": None, "error": str(exc) or type(exc).__name__,
                 "error_type": error_types(exc)[0]}
     return {"success": True, "data": output, "error": None}
+
+
+def _request_timeout(request: Request) -> float | None:
+    """The request's ``timeout`` header (its step's timeout: how long the workflow waits
+    for the answer), when it is a usable number of seconds."""
+    try:
+        seconds = float(request.headers.get("timeout") or "nan")
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and 0 < seconds <= MAX_ACTION_TIMEOUT else None
 
 
 def answer_headers(request: Request, traceparent: str | None) -> dict[str, str | None]:
@@ -419,19 +431,22 @@ class AgentRuntime:
         past it the request is answered as timed out (``StepTimeout``, which the plan's
         retry policy treats as any timeout) and its partition goes on; the action is
         left to finish on its own (a thread cannot be stopped) and its result dropped."""
+        asked = _request_timeout(request)
+        limit = asked or self.config.action_timeout
         result: list[dict[str, Any]] = []
         context = contextvars.copy_context()  # the span: an action's own spans nest in it
         thread = threading.Thread(target=lambda: result.append(context.run(run, request)),
                                   daemon=True, name=f"agent-action-{request.action}")
         thread.start()
-        thread.join(self.config.action_timeout)
+        thread.join(limit)
         if result:
             return result[0]
         with self._cond:
             self._overdue.append(thread)
         self.metrics.timed_out.inc()
-        error = (f"the action {request.action} ran past the agent's action timeout "
-                 f"({self.config.action_timeout:g} s); left to finish, its result dropped")
+        whose = "its step's timeout" if asked else "the agent's action timeout"
+        error = (f"the action {request.action} ran past {whose} ({limit:g} s); left to "
+                 f"finish, its result dropped")
         log.warning("request %s: %s", request.headers.get("request_id"), error,
                     extra={"correlation_id": request.headers.get("correlation_id")})
         return _failure(TIMEOUT_ERROR, error)

@@ -145,7 +145,7 @@ def overdue(conn: sa.Connection, at: datetime, unset_before: datetime,
                     sa.or_(r.deadline < at,
                            sa.and_(r.deadline.is_(None), r.sent_at < unset_before)))
     pause = sa.and_(r.status == StepStatus.AWAITING.value, r.action == PAUSE,
-                    r.deadline < at,
+                    r.deadline.is_not(None), r.deadline < at,
                     sa.exists().where(o.correlation_id == r.correlation_id,
                                       o.status == Status.PAUSED_FOR_HUMAN_INPUT.value))
     q = (sa.select(*_STUCK_COLS)

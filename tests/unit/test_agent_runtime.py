@@ -34,6 +34,20 @@ def test_the_topics_group_and_pool_derive_from_the_type() -> None:
     assert c.action_timeout == 99.0
 
 
+def test_a_long_step_timeout_is_capped_and_a_requests_own_timeout_is_read() -> None:
+    from chassis.kafka.agent import _request_timeout
+
+    long = config.load({"CHASSIS_STEP_TIMEOUT": "864000"})  # ten days
+    assert agent_config({"agent_type": "a"}, {}, None, long).action_timeout == 604800
+    def request(**headers: str) -> Request:
+        return Request("a", {}, {}, {"correlation_id": "c", "request_id": "r", **headers})
+    assert _request_timeout(request(timeout="7200")) == 7200.0
+    assert _request_timeout(request(timeout="0.5")) == 0.5
+    for bad in ("", "0", "-1", "nan", "inf", "soon", "1e9"):
+        assert _request_timeout(request(timeout=bad)) is None, bad
+    assert _request_timeout(request()) is None
+
+
 def test_the_action_timeout_from_an_option_a_variable_or_the_file(tmp_path: Path) -> None:
     f = tmp_path / "agent.yaml"
     f.write_text("agent_type: w\naction_timeout: 2.5\n")

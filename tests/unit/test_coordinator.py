@@ -224,6 +224,17 @@ def test_an_unanswered_agents_request_is_sent_again_as_it_was() -> None:
     assert not co.decide(s, plan, co.RequestUnanswered("ask", 2, 1)).changed
 
 
+def test_a_request_says_how_long_its_step_waits_for_the_answer() -> None:
+    plan = Plan("ask", {"ask": Step("research", topic="agents.research", timeout=7200,
+                                    next_step="done"),
+                        "done": Step("complete_workflow")})
+    (req,) = of(co.decide(state("ask"), plan, co.Start()), co.SendRequest)
+    assert req.headers["timeout"] == "7200"
+    plan.steps["ask"] = Step("research", topic="agents.research", next_step="done")
+    (req,) = of(co.decide(state("ask"), plan, co.Start()), co.SendRequest)
+    assert "timeout" not in req.headers  # the agent's own limit then
+
+
 def test_resume_of_a_workflow_not_paused_is_an_error() -> None:
     with pytest.raises(InvalidTransition, match="not paused"):
         co.decide(state("after_approval"), RESUME_PLAN, co.Resume(True))

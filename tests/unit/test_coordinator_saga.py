@@ -160,6 +160,7 @@ def test_an_approval_that_expires_undoes_or_goes_on_at_on_failure() -> None:
     assert record.timeout == 3600
     (note,) = of(d, co.Emit)
     assert note.payload["expires_in_seconds"] == 3600
+    assert isinstance(note.payload["expires_in_seconds"], int)
     paused_state = d.state
     d = co.decide(paused_state, plan, co.ApprovalExpired("review", 1, 3600))
     assert d.state.status is Status.COMPENSATING and sent(d) == ["a/compensate"]
