@@ -280,10 +280,12 @@ class Client:
         return status_dict(*self.store.snapshot(cid))
 
     def resume(self, correlation_id: str, approved: bool, feedback: Any = None,
-               add_fuel: object = 0) -> dict[str, Any]:
+               add_fuel: object = 0, step: str | None = None) -> dict[str, Any]:
         """Approve or reject a paused workflow; returns its status after the decision.
         ``add_fuel``: fuel added to its budget first (a workflow paused for fuel goes
-        on with it).
+        on with it). ``step``: the step whose approval this answers, as the person saw
+        it; refused (InvalidTransition) when the workflow now waits at another (that
+        approval expired, or was answered, and another is asked).
 
         The same answer given again, once recorded (a repeated command), changes nothing
         and returns the status with ``"resume": "already recorded"``; resuming a workflow
@@ -294,8 +296,10 @@ class Client:
         feedback = check_json(feedback, "feedback", self.limits)
         added = 0 if add_fuel is None or (type(add_fuel) is int and add_fuel == 0) \
             else check_count(add_fuel, "fuel to add")
+        step = None if step is None else check_name(step, "step")
         try:
-            self.engine.resume(cid, approved, feedback, self._acts_for, added, by=self.by)
+            self.engine.resume(cid, approved, feedback, self._acts_for, added, by=self.by,
+                               step=step)
         except InvalidTransition:
             # the same answer given again is no error; one that adds fuel is no repeat
             if added or self._answered(cid) != approved:
@@ -493,9 +497,10 @@ def get_status(correlation_id: str) -> dict[str, Any]:
 
 
 def resume_workflow(correlation_id: str, approved: bool, feedback: Any = None,
-                    add_fuel: object = 0) -> dict[str, Any]:
+                    add_fuel: object = 0, step: str | None = None) -> dict[str, Any]:
     """Approve or reject a paused workflow (see :meth:`Client.resume`)."""
-    return _client().resume(correlation_id, approved, feedback, add_fuel=add_fuel)
+    return _client().resume(correlation_id, approved, feedback, add_fuel=add_fuel,
+                            step=step)
 
 
 def cancel_workflow(correlation_id: str, reason: str | None = None,

@@ -122,12 +122,14 @@ def _register(app: Celery) -> None:
 
     @app.task(name=RESUME_TASK, bind=True, **_CONTRACT)
     def resume(self: Task, correlation_id: str, approved: bool, feedback: Any = None,
-               client_id: str | None = None, add_fuel: int = 0) -> dict[str, Any]:
+               client_id: str | None = None, add_fuel: int = 0,
+               step: str | None = None) -> dict[str, Any]:
         """``client_id`` resumes a paused workflow (sent by other apps and the Kafka bridge),
-        adding ``add_fuel`` to its budget first. A resume of a workflow no longer paused (a
-        duplicate command) changes nothing and is not an error."""
+        adding ``add_fuel`` to its budget first; ``step``: the approval it answers. A
+        resume of a workflow no longer paused, or waiting at another step (a duplicate
+        or late command), changes nothing and is not an error."""
         return inbox.resume(engine(self.app), correlation_id, approved, feedback, client_id,
-                            add_fuel)
+                            add_fuel, step)
 
     @app.task(name=START_TASK, bind=True, **_CONTRACT)
     def start(self: Task, payload: dict[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,9 @@ TASKS: dict[str, dict[str, Any]] = {
                       {"description": "feedback (any JSON, or null)"}, _CLIENT,
                       {"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                        "description": "add_fuel: fuel added to the budget first"},
+                      {"type": ["string", "null"], "minLength": 1, "maxLength": NAME_MAX,
+                       "description": "step: the pause this answers; ignored when the "
+                                      "workflow waits at another (its approval expired)"},
                       required=4),
         "returns": _OUTCOME,
     },

@@ -188,6 +188,13 @@ def _check_allowed(s: WorkflowState, event: Event) -> None:
         raise InvalidTransition(
             f"workflow {cid} is not paused for human input (status: {s.status}); only a "
             "paused workflow can be resumed", correlation_id=cid)
+    if isinstance(event, Resume) and event.step is not None:
+        at = str((s.budget_wait or {}).get("step") or s.current_step)
+        if event.step != at:
+            raise InvalidTransition(
+                f"workflow {cid} waits at step '{at}', not '{event.step}': the approval "
+                "answered is no longer asked (it expired, or was answered); look again",
+                correlation_id=cid)
     if isinstance(event, Cancel) and s.status.finished:
         raise InvalidTransition(
             f"workflow {cid} is already {s.status}; only a workflow that has not finished "

@@ -287,13 +287,16 @@ class Engine:
 
     def resume(self, cid: str, approved: bool, feedback: Any = None,
                client_id: str | None = None, add_fuel: int = 0,
-               traceparent: str | None = None, by: str | None = None) -> co.Decision:
+               traceparent: str | None = None, by: str | None = None,
+               step: str | None = None) -> co.Decision:
         """``client_id`` approves (feedback kept as human_feedback) or rejects a paused
-        workflow, adding ``add_fuel`` to its budget first. Raises WorkflowNotFound
+        workflow, adding ``add_fuel`` to its budget first; ``step``: the approval it
+        answers (refused when the workflow waits at another). Raises WorkflowNotFound
         (another client's too) or InvalidTransition, having changed nothing."""
         with self._command_span("resume", cid, client_id, traceparent,
                                 {"chassis.approved": approved, "chassis.add_fuel": add_fuel}):
-            return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel, by))
+            return self.apply(cid, co.Resume(approved, feedback, client_id, add_fuel, by,
+                                             step))
 
     def respond(self, cid: str, response: co.ResponseReceived) -> co.Decision:
         """An external agent's answer (in the workflow's trace, linked to the agent's

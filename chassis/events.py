@@ -81,6 +81,10 @@ class Resume:
     """Fuel added to the budget first (a workflow paused for fuel goes on with it)."""
     by: str | None = None
     """Who took it, recorded in the event history (an API key); else ``client_id``."""
+    step: str | None = None
+    """The step whose approval this answers (as the person saw it): refused when the
+    workflow waits at another one (the approval they saw expired, or was answered, and
+    another is asked now). None: whichever it waits at."""
 
 
 @dataclass(frozen=True)

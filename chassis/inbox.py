@@ -62,15 +62,16 @@ def status(engine: Engine, correlation_id: Any, client_id: Any = None) -> dict[s
 
 
 def resume(engine: Engine, correlation_id: Any, approved: Any, feedback: Any = None,
-           client_id: Any = None, add_fuel: Any = 0) -> dict[str, Any]:
+           client_id: Any = None, add_fuel: Any = 0, step: Any = None) -> dict[str, Any]:
     cid, actor = _cid(correlation_id), _client(client_id)
     if not isinstance(approved, bool):
         raise InputError("approved must be true or false")
     feedback = check_json(feedback, "feedback", engine.settings.limits)
     added = 0 if add_fuel is None or (type(add_fuel) is int and add_fuel == 0) \
         else check_count(add_fuel, "add_fuel")
+    step = None if step is None else check_name(step, "step")
     try:
-        return _done(engine.resume(cid, approved, feedback, actor, added))
+        return _done(engine.resume(cid, approved, feedback, actor, added, step=step))
     except InvalidTransition as exc:
         return _ignored(engine, "resume", cid, exc)
 

@@ -255,13 +255,16 @@ def status(correlation_id: str, client_id: str, as_json: bool) -> None:
 @click.option("--add-fuel", "add_fuel", metavar="N", default="0",
               help="Add N fuel to the budget first (a workflow paused for fuel goes on "
                    "with it).")
+@click.option("--step", default=None, metavar="NAME",
+              help="The step whose approval this answers: refused when the workflow now "
+                   "waits at another (that approval expired, or was answered).")
 @click.option("--wait", is_flag=True, help="Wait until the workflow settles again.")
 @click.option("--timeout", type=float, default=None, callback=_seconds,
               help="With --wait: give up after seconds (exit 4; the workflow goes on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def resume(correlation_id: str, client_id: str, approve: bool, reject: bool,
-           feedback: str | None,
-           add_fuel: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+           feedback: str | None, add_fuel: str, step: str | None, wait: bool,
+           timeout: float | None, as_json: bool) -> None:
     """Resume a workflow paused for human input (--approve or --reject).
 
     Resuming an unknown workflow, or one that is not paused, is an error that changes
@@ -276,7 +279,8 @@ def resume(correlation_id: str, client_id: str, approve: bool, reject: bool,
         client = _client(client_id)
         with _worker_if_embedded(client, wait):
             doc = client.resume(correlation_id, decision == "approve", fb,
-                                add_fuel=0 if add_fuel.strip() == "0" else add_fuel)
+                                add_fuel=0 if add_fuel.strip() == "0" else add_fuel,
+                                step=step)
             if doc.get("resume") == "already recorded" and not as_json:
                 console().print(f"{'approval' if decision == 'approve' else 'rejection'} "
                                 f"already recorded for workflow {doc['correlation_id']}")

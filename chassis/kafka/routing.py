@@ -40,6 +40,7 @@ from chassis.fuel import DEFAULT_FUEL, FUEL_HEADER
 from chassis.limits import DEFAULT as DEFAULT_LIMITS
 from chassis.limits import (
     INT32_MAX,
+    NAME_MAX,
     TEXT_MAX,
     Limits,
     check_count,
@@ -281,8 +282,8 @@ def parse_start(msg: Incoming, d: Directory) -> TaskCall:
 
 
 def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
-    """A human's decision: {approved, feedback, add_fuel}; only the owning client may
-    resume."""
+    """A human's decision: {approved, feedback, add_fuel, step}; only the owning client
+    may resume."""
     doc = _object(msg, "the resume command")
     if not isinstance(doc.get("approved"), bool):
         raise Rejected(BAD_PAYLOAD, "the resume command needs approved: true or false")
@@ -294,8 +295,13 @@ def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
     if type(add) is not int or not (add == 0 or 1 <= add <= INT32_MAX):
         raise Rejected(BAD_PAYLOAD, f"add_fuel must be a whole number from 1 to {INT32_MAX}, "
                                     f"got {add!r}"[:200])
+    step = doc.get("step")
+    if step is not None and (not isinstance(step, str) or not step.strip()
+                             or len(step) > NAME_MAX):
+        raise Rejected(BAD_PAYLOAD, "step (the pause answered) must be a step's name")
     return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback"), client_id]
-                    + ([add] if add else []), correlation_id=cid)
+                    + ([add] if add or step is not None else [])
+                    + ([step] if step is not None else []), correlation_id=cid)
 
 
 def parse_cancel(msg: Incoming, d: Directory) -> TaskCall:

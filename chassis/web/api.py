@@ -92,6 +92,10 @@ class ResumeRequest(_Body):
     feedback: Any = Field(None, description="Kept as the workflow's human_feedback")
     add_fuel: StrictInt = Field(0, ge=0, le=INT32_MAX,
                                 description="Fuel added to the budget first")
+    step: str | None = Field(None, min_length=1, max_length=255,
+                             description="The step whose approval this answers: refused "
+                                         "(409) when the workflow waits at another (that "
+                                         "approval expired, or was answered)")
 
 
 class CancelRequest(_Body):
@@ -417,7 +421,8 @@ def get_events(correlation_id: Cid, who: Who) -> dict[str, Any]:
              responses=CONFLICT, summary="Approve or reject a paused workflow")
 def resume(correlation_id: Cid, body: ResumeRequest, who: Who) -> dict[str, Any]:
     cid = who.client._own(str(correlation_id))
-    who.client.resume(cid, body.approved, body.feedback, add_fuel=body.add_fuel)
+    who.client.resume(cid, body.approved, body.feedback, add_fuel=body.add_fuel,
+                      step=body.step)
     return _status(who.client, cid)
 
 

@@ -289,7 +289,7 @@ def _act(request: Request, form: dict[str, Any], cid: str, doing: str) -> Respon
                 raise _Refused("fuel to add must be a whole number")
             who.client.resume(cid, decision == "approve",
                               {"comment": comment} if comment else None,
-                              add_fuel=int(fuel_text or 0))
+                              add_fuel=int(fuel_text or 0), step=form.get("step") or None)
             done = "approved" if decision == "approve" else "rejected"
         elif doing == "cancel":
             compensate = form.get("compensate") in ("1", "on", "true")

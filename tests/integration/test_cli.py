@@ -134,7 +134,10 @@ def test_status_shows_attempts_last_error_and_where_it_waits(services: Services,
     step = next(s for s in as_json(chassis(services, "status", cid, "--json"))["steps"]
                 if s["name"] == "x")
     assert [a["status"] for a in step["history"]] == ["FAILED", "COMPLETED"]
-    again = chassis(services, "resume", cid, "--approve")
+    elsewhere = chassis(services, "resume", cid, "--approve", "--step", "review")
+    assert elsewhere.returncode == 1 and "waits at step 'wait', not 'review'" in \
+        elsewhere.stderr, elsewhere.stderr
+    again = chassis(services, "resume", cid, "--approve", "--step", "wait")
     assert again.returncode == 0, again.stderr
     repeated = chassis(services, "resume", cid, "--approve")
     assert repeated.returncode == 0 and "approval already recorded" in repeated.stdout

@@ -147,10 +147,17 @@ def test_an_approval_with_a_timeout_shows_when_it_expires(
         inbox = browser.get("/inbox").text
         item = inbox[inbox.index(f'data-cid="{cid}"'):]
         assert 'class="expires">expires <time' in item[:item.index("</header>")]
+        assert '<input type="hidden" name="step" value="review">' in item  # what was seen
         page = browser.get(f"/workflows/{cid}").text
         assert 'class="muted deadline">expires <time' in page
+    # an answer to an approval no longer asked (named by its step) is refused
     r = http.post(f"/api/v1/workflows/{cid}/resume", headers=auth(keys["acme"]),
-                  json={"approved": True})
+                  json={"approved": True, "step": "draft"})
+    assert r.status_code == 409 and "waits at step 'review', not 'draft'" in r.text
+    assert http.get(f"/api/v1/workflows/{cid}", headers=auth(keys["acme"])).json()[
+        "version"] == doc["version"]
+    r = http.post(f"/api/v1/workflows/{cid}/resume", headers=auth(keys["acme"]),
+                  json={"approved": True, "step": "review"})
     assert r.status_code == 200, r.text
 
 

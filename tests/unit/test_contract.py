@@ -17,7 +17,7 @@ GOOD = {
     "chassis.start": [{"plan": "review", "correlation_id": CID, "client_id": "acme",
                        "input": {"topic": "x"}}],
     "chassis.status": [CID, "acme"],
-    "chassis.resume": [CID, True, {"ok": 1}, "acme"],
+    "chassis.resume": [CID, True, {"ok": 1}, "acme", 0, "review"],
     "chassis.cancel": [CID, "not needed", "acme", False],
     "chassis.retry": [CID, "acme"],
 }

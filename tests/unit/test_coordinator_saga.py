@@ -185,6 +185,18 @@ def test_an_approval_that_expires_undoes_or_goes_on_at_on_failure() -> None:
                   co.ApprovalExpired("review", 1, 3600))
     assert d.state.status is Status.RUNNING and sent(d) == ["escalate"]
     assert d.state.step_data()["error"]["step"] == "review"
+    # the approval answered late, naming the pause it saw, is refused: the workflow now
+    # waits at another (an escalation that is itself a pause)
+    steps["escalate"] = {"action": "pause_for_human_input", "next_step": "done"}
+    plan = parse_plan({"start_step": "a", "steps": steps})
+    d = co.decide(ok(start(plan), plan, "a").state, plan,
+                  co.ApprovalExpired("review", 1, 3600))
+    assert d.state.status is Status.PAUSED_FOR_HUMAN_INPUT
+    with pytest.raises(InvalidTransition, match="waits at step 'escalate', not 'review'"):
+        co.decide(d.state, plan, co.Resume(True, step="review"))
+    answered = co.decide(d.state, plan, co.Resume(True, step="escalate"))
+    assert answered.state.status is Status.COMPLETED
+    steps["escalate"] = {"action": "work", "next_step": "done"}
     # a pause without a timeout has no deadline and says nothing of expiry
     del steps["review"]["timeout"]
     plan = parse_plan({"start_step": "a", "steps": steps})

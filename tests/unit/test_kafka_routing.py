@@ -117,6 +117,17 @@ def test_a_resume_may_add_fuel_a_whole_number_from_1(router: Router) -> None:
             "bad_payload"
 
 
+def test_a_resume_may_name_the_pause_it_answers(router: Router) -> None:
+    topic = "system.commands.workflow.resume"
+    owner = {"correlation_id": CID, "client_id": "acme"}
+    call = router.call(topic, b'{"approved": true, "step": "review"}', owner)
+    assert call.args == [CID, True, None, "acme", 0, "review"]
+    call = router.call(topic, b'{"approved": true, "add_fuel": 5, "step": "review"}', owner)
+    assert call.args == [CID, True, None, "acme", 5, "review"]
+    for bad in ("", " ", 7, ["review"], "x" * 256):
+        assert reason(router, topic, {"approved": True, "step": bad}, owner) == "bad_payload"
+
+
 def test_cancel_is_only_for_the_owner_of_an_existing_workflow(router: Router) -> None:
     topic = "system.commands.workflow.cancel"
     owner = {"correlation_id": CID, "client_id": "acme"}
