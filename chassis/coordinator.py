@@ -392,6 +392,10 @@ def _on_approval_expired(d: Decision, plan: Plan,
     error = f"no answer to the approval within {event.timeout:g} s: it expired"
     d.commands.append(FinishStep(event.step, StepStatus.FAILED, error=error,
                                  attempt=event.attempt, error_type=TIMEOUT_ERROR))
+    # (whoever showed the approval learns it is no longer asked)
+    d.commands.append(_event(s, "WORKFLOW_APPROVAL_EXPIRED", {"step": event.step,
+                                                              "message": error},
+                             f"{s.correlation_id}:expired:{event.step}#{event.attempt}"))
     s.status = Status.RUNNING
     s.current_step = event.step  # failed there: a retry asks again
     message = f"step '{event.step}' failed: {error}"

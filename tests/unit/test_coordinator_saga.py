@@ -164,6 +164,10 @@ def test_an_approval_that_expires_undoes_or_goes_on_at_on_failure() -> None:
     paused_state = d.state
     d = co.decide(paused_state, plan, co.ApprovalExpired("review", 1, 3600))
     assert d.state.status is Status.COMPENSATING and sent(d) == ["a/compensate"]
+    told = [e.payload for e in of(d, co.Emit)]
+    assert told[0]["event_type"] == "WORKFLOW_APPROVAL_EXPIRED"
+    assert told[0]["step"] == "review" and "it expired" in told[0]["message"]
+    assert told[1]["event_type"] == "WORKFLOW_COMPENSATING"
     (fin,) = [c for c in of(d, co.FinishStep) if c.step == "review"]
     assert fin.status is StepStatus.FAILED and fin.error_type == "StepTimeout"
     assert fin.error == "no answer to the approval within 3600 s: it expired"
