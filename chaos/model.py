@@ -10,7 +10,8 @@ A case is a chain of steps, each of one kind, then ``complete_workflow``:
   fails there;
 - ``fanout``: a ``fan_out`` of 2 or 3 sub-tasks that succeed;
 - ``pause``: ``pause_for_human_input``, answered approve, reject, or a cancel with
-  compensation;
+  compensation, or (one in four of those to approve) never answered: its 2 s
+  ``timeout`` expires it;
 
 and some steps have a ``compensate``; every other step depends on the one before it
 (``dependencies``). The model follows the coordinator's rules: a
@@ -28,6 +29,8 @@ from typing import Any
 
 #: Where agents' steps are sent (``chassis agent --type chaos``).
 AGENT_TOPIC = "system.agent.chaos.requests"
+#: Seconds a pause that nobody answers waits before its approval expires.
+EXPIRES_AFTER = 2
 KINDS = ("ok", "ok", "agent", "flaky", "fanout", "pause", "fail", "onfail", "timeout")
 
 
@@ -51,7 +54,8 @@ class Case:
     plan: dict[str, Any]
     input: dict[str, Any]
     answer: str | None
-    """How the pause is answered: approve, reject, cancel (None: no pause)."""
+    """How the pause is answered: approve, reject, cancel, expire (not answered: its
+    approval expires), None: no pause."""
     expect: Expect
     kinds: list[str]
 
@@ -112,6 +116,9 @@ def make_case(rng: random.Random, index: int, kafka: bool) -> Case:
         elif kind == "pause":
             step.update(action="pause_for_human_input")
             answer = rng.choice(("approve", "approve", "reject", "cancel"))
+            if answer == "approve" and index % 4 == 3:  # (no draw from the seed)
+                answer = "expire"
+                step["timeout"] = EXPIRES_AFTER
         if i > 0 and i % 2 == 0 and kinds[i - 1] in ("ok", "agent", "flaky", "fanout"):
             # (no draw from the seed: the same cases as without)
             step["dependencies"] = [names[i - 1]]
@@ -155,6 +162,12 @@ def make_case(rng: random.Random, index: int, kafka: bool) -> Case:
             expect.attempts[name] = 1
             if answer == "reject":
                 expect.error = "Workflow rejected by user"
+                _undo(expect, completed_undoable, "COMPENSATED")
+                stopped = True
+                continue
+            if answer == "expire":
+                expect.error = (f"no answer to the approval within {EXPIRES_AFTER:g} s: "
+                                "it expired")
                 _undo(expect, completed_undoable, "COMPENSATED")
                 stopped = True
                 continue

@@ -180,6 +180,9 @@ class Run:
 
     def _answer(self, case: Case) -> None:
         cid = self.cids[case.index]
+        if case.answer == "expire":  # nobody answers: the sweep expires the approval
+            self.answered.add(case.index)
+            return
         try:
             if case.answer == "cancel":
                 self.client.cancel(cid, "chaos", compensate=True)
