@@ -70,22 +70,29 @@ def keys() -> None:
 @click.argument("client")
 @click.option("--admin", is_flag=True, help="An admin key: every client's workflows.")
 @click.option("--label", default=None, help="A note to tell the key by (e.g. its app).")
+@click.option("--expires-in", "expires_in", default=None, metavar="DURATION",
+              help="The key stops working after DURATION: 30d, 12h, 90m, 45s, 2w (default: "
+                   "never; at most ten years).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print {key, key_id, client_id, admin, ...} as JSON.")
-def create_key(client: str, admin: bool, label: str | None, as_json: bool) -> None:
+def create_key(client: str, admin: bool, label: str | None, expires_in: str | None,
+               as_json: bool) -> None:
     """Make an API key for CLIENT and print it (once: it is stored hashed)."""
     def go() -> int:
         who = check_name(client, "client").strip()
         note = None if label is None else check_name(label, "label")
+        lifetime = None if expires_in is None else api_keys.parse_lifetime(expires_in)
         engine = _client().store.engine
-        made, text = api_keys.create(engine, who, admin, note)
+        made, text = api_keys.create(engine, who, admin, note, lifetime)
         if as_json:
             print_json({"key": text, **made.as_dict()})
         else:
             click.echo(text)
+            until = f"; it expires {made.expires_at.isoformat()[:19]} UTC" \
+                if made.expires_at else ""
             console(err=True).print(
                 f"key {made.key_id} for client {who}{' (admin)' if admin else ''}: "
-                "shown once, keep it now. Send it as 'Authorization: Bearer <key>'.")
+                f"shown once, keep it now{until}. Send it as 'Authorization: Bearer <key>'.")
         return 0
 
     _run_guarded(go)
@@ -95,7 +102,7 @@ def create_key(client: str, admin: bool, label: str | None, as_json: bool) -> No
 @click.option("--all", "include_revoked", is_flag=True, help="Revoked keys too.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def list_keys(include_revoked: bool, as_json: bool) -> None:
-    """The API keys (never their secrets): id, client, admin, made, last used."""
+    """The API keys (never their secrets): id, client, admin, made, last used, expiry."""
     def go() -> int:
         found = api_keys.list_keys(_client().store.engine, include_revoked)
         if as_json:
@@ -105,13 +112,14 @@ def list_keys(include_revoked: bool, as_json: bool) -> None:
 
         t = Table()
         for col in ("key id", "client", "admin", "label", "created", "last used",
-                    "revoked"):
+                    "expires", "revoked"):
             t.add_column(col)
         for k in found:
             d = k.as_dict()
+            expires = (d["expires_at"] or "never")[:19] + (" (expired)" if k.expired else "")
             t.add_row(k.key_id, k.client_id, "yes" if k.admin else "", k.label or "",
                       (d["created_at"] or "")[:19], (d["last_used_at"] or "-")[:19],
-                      (d["revoked_at"] or "")[:19])
+                      expires, (d["revoked_at"] or "")[:19])
         console().print(t)
         if not found:
             console().print("no API keys; make one with `chassis keys create CLIENT`")

@@ -285,4 +285,5 @@ api_keys = sa.Table(
     sa.Column("created_at", TS, nullable=False),
     sa.Column("last_used_at", TS),
     sa.Column("revoked_at", TS),
+    sa.Column("expires_at", TS),  # 0010: when the key stops working (NULL: never)
 )

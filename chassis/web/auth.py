@@ -105,7 +105,8 @@ def authenticate(request: Request, base: Client, form: dict[str, Any] | None = N
                              "(make one with `chassis keys create CLIENT`)")
     found = keys.verify(base.store.engine, key_text)
     if found is None:
-        raise AuthError(401, "this API key is not valid (unknown, mistyped or revoked)")
+        raise AuthError(401, "this API key is not valid (unknown, mistyped, revoked or "
+                             "expired)")
     if by_cookie and request.method not in SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER) or (form or {}).get("csrf_token") or ""
         if not (isinstance(sent, str) and hmac.compare_digest(sent, csrf_token(key_text))

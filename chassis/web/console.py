@@ -119,7 +119,8 @@ def _login(request: Request, form: dict[str, Any]) -> Response:
     found = keys.verify(request.app.state.client.store.engine, key) if key else None
     if found is None:
         return render(request, "login.html", status_code=401,
-                      error="This key is not valid (unknown, mistyped or revoked).")
+                      error="This key is not valid (unknown, mistyped, revoked or "
+                                "expired).")
     response = RedirectResponse("/runs", status_code=303)
     response.set_cookie(COOKIE, key, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")

@@ -262,7 +262,7 @@ def test_workflows_in_flight_before_0003_go_on_after_it(empty_db_url: str) -> No
                 ":step_name, :action, :status, :attempts, :parent_step, :request_id, "
                 ":dispatched_at, :started_at)"), row)
 
-    assert upgrade(empty_db_url) == ["0003", "0004", "0005", "0006", "0007", "0008", "0009"]
+    assert upgrade(empty_db_url) == ["0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"]
     store = SqlStore(make_engine(empty_db_url))
     assert store.get(paused).collected_data == {"draft": {}}
     assert store.get(fanning).collected_data == {}
@@ -322,7 +322,7 @@ def test_0006_moves_collected_data_to_rows_and_back(empty_db_url: str) -> None:
                              else f":{c}" for c in cols)
             conn.execute(sa.text(f"INSERT INTO orchestrator_state ({', '.join(cols)}) "
                                  f"VALUES ({vals})"), row)
-    assert upgrade(empty_db_url) == ["0006", "0007", "0008", "0009"]
+    assert upgrade(empty_db_url) == ["0006", "0007", "0008", "0009", "0010"]
     store = SqlStore(make_engine(empty_db_url))
     got = store.get(cid)
     assert got.collected_data.revs == dict.fromkeys(data, 7)

@@ -443,6 +443,33 @@ def test_keys_missing_wrong_or_revoked_get_401(http: httpx.Client, web: Web,
     assert count(services) == before
 
 
+def test_a_key_made_to_expire_works_until_then_and_is_refused_after(
+        http: httpx.Client, web: Web) -> None:
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "chassis", "keys", *args], cwd=ROOT,
+                              env={**os.environ, **web.env}, capture_output=True,
+                              text=True, timeout=60)
+
+    made = keys("create", "delta", "--expires-in", "3s", "--json")
+    assert made.returncode == 0, made.stderr
+    info = json.loads(made.stdout)
+    assert info["expires_at"] and info["expired"] is False
+    assert http.get("/api/v1/me", headers=auth(info["key"])).status_code == 200
+    wait_until(lambda: http.get("/api/v1/me", headers=auth(info["key"])).status_code == 401,
+               timeout=30, interval=0.2, message="the key never expired")
+    r = http.get("/api/v1/me", headers=auth(info["key"]))
+    assert "expired" in r.json()["message"]
+    listed = keys("list")
+    assert "(expired)" in listed.stdout and info["key_id"] in listed.stdout
+    assert next(k for k in json.loads(keys("list", "--json").stdout)
+                if k["key_id"] == info["key_id"])["expired"] is True
+    for bad in ("0s", "-1d", "soon", "11000d", "3 fortnights", ""):
+        refused = keys("create", "delta", "--expires-in", bad)
+        assert refused.returncode == 2 and "a lifetime is a number" in refused.stderr, bad
+    plain = json.loads(keys("create", "delta", "--json").stdout)
+    assert plain["expires_at"] is None and plain["expired"] is False
+
+
 def test_a_long_client_id_is_recorded_within_the_column(
         http: httpx.Client, web: Web) -> None:
     long = "c" * 255
