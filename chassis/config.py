@@ -140,6 +140,9 @@ class Settings:
     """CHASSIS_WEB_HOST: address ``chassis web`` listens on."""
     web_port: int = 8000
     """CHASSIS_WEB_PORT: port of ``chassis web`` (the HTTP API and web console)."""
+    web_rate_limit: int = 0
+    """CHASSIS_WEB_RATE_LIMIT: requests a minute one API key may make to the HTTP API
+    (Bearer), per ``chassis web`` process; 0: no limit."""
     client_id: str = "local"
     """CHASSIS_CLIENT_ID: the client a ``Client`` (and the CLI) acts for by default."""
     max_document_bytes: int = 1_048_576
@@ -327,6 +330,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         web_host=(env.get("CHASSIS_WEB_HOST") or "").strip() or "127.0.0.1",
         web_port=int(_number(env, "CHASSIS_WEB_PORT", 8000, least=1, most=65535,
                              integer=True)),
+        web_rate_limit=int(_number(env, "CHASSIS_WEB_RATE_LIMIT", 0, least=0,
+                                   most=1_000_000, integer=True)),
         client_id=_client_id(env),
         max_document_bytes=int(_number(env, "CHASSIS_MAX_DOCUMENT_BYTES", 1_048_576,
                                        least=1024, most=256 * 1_048_576, integer=True)),

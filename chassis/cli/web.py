@@ -27,7 +27,8 @@ def web(host: str | None, port: int | None, modules: tuple[str, ...]) -> None:
     """Serve the HTTP API (/api/v1, OpenAPI at /openapi.json) and the web console (/)
     with uvicorn.
 
-    Every request needs an API key (`chassis keys create CLIENT`). In embedded mode
+    Every request needs an API key (`chassis keys create CLIENT`);
+    CHASSIS_WEB_RATE_LIMIT caps each key's API requests a minute (429). In embedded mode
     (no CHASSIS_BROKER_URL) a Celery worker runs in this process too, so the workflows
     started here go on with no other server.
     """

@@ -41,6 +41,8 @@ API_PREFIX = "/api/"
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     body = {"error": code, "message": message, **{k: v for k, v in extra.items() if v}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 429 and extra.get("retry_after"):
+        headers = {"Retry-After": str(extra["retry_after"])}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -49,7 +51,8 @@ def error_of(exc: BaseException) -> tuple[int, str, str, dict[str, Any]]:
     cid = getattr(exc, "correlation_id", None)
     extra: dict[str, Any] = {"correlation_id": cid}
     if isinstance(exc, AuthError):
-        return exc.status, "unauthorized" if exc.status == 401 else "forbidden", str(exc), {}
+        kind = {401: "unauthorized", 429: "rate_limited"}.get(exc.status, "forbidden")
+        return exc.status, kind, str(exc), {"retry_after": exc.retry_after}
     if isinstance(exc, WorkflowNotFound | PlanNotFound):
         return 404, "not_found", str(exc), extra
     if isinstance(exc, PlanError):

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,11 +35,40 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class AuthError(Exception):
-    """401 (no usable key) or 403 (a key, but not this): ``status`` and a message."""
+    """401 (no usable key), 403 (a key, but not this) or 429 (a key over its rate
+    limit: ``retry_after`` seconds): ``status`` and a message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+class RateLimit:
+    """At most ``per_minute`` requests a minute per key: a bucket of that many tokens
+    per key, refilled evenly (a burst of the whole minute's, then one every 60/N s)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id: (tokens, when)
+        self._lock = threading.Lock()
+
+    def wait_for(self, key_id: str) -> float:
+        """0 when a request of ``key_id`` may go now (and it is counted), else the
+        seconds until one may."""
+        rate = self.per_minute / 60.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._buckets.get(key_id, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - then) * rate)
+            if tokens >= 1:
+                self._buckets[key_id] = (tokens - 1, now)
+                return 0.0
+            self._buckets[key_id] = (tokens, now)
+            return (1 - tokens) / rate
+
+
+_limits: dict[int, RateLimit] = {}
 
 
 @dataclass(frozen=True)
@@ -113,9 +145,18 @@ def authenticate(request: Request, base: Client, form: dict[str, Any] | None = N
                 and same_origin(request)):
             raise AuthError(403, "cross-site request refused: the form's CSRF token is "
                                  "missing or wrong (reload the page and try again)")
+    per_minute = base.settings.web_rate_limit
+    if per_minute and not by_cookie:  # (other apps: the console's pages are people's)
+        limit = _limits.setdefault(per_minute, RateLimit(per_minute))
+        wait = limit.wait_for(found.key_id)
+        if wait:
+            seconds = max(1, math.ceil(wait))
+            raise AuthError(429, f"this key made more than {per_minute} requests in a "
+                                 f"minute (CHASSIS_WEB_RATE_LIMIT): try again in {seconds} s",
+                            retry_after=seconds)
     client = base.acting_as(found.client_id, admin=found.admin, by=actor(found))
     return Principal(found, client, key_text, by_cookie)
 
 
-__all__ = ["COOKIE", "CSRF_HEADER", "AuthError", "Principal", "actor", "authenticate",
-           "csrf_token", "same_origin"]
+__all__ = ["COOKIE", "CSRF_HEADER", "AuthError", "Principal", "RateLimit", "actor",
+           "authenticate", "csrf_token", "same_origin"]

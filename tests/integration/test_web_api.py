@@ -470,6 +470,27 @@ def test_a_key_made_to_expire_works_until_then_and_is_refused_after(
     assert plain["expires_at"] is None and plain["expired"] is False
 
 
+def test_a_key_over_its_rate_limit_gets_429_with_retry_after(services: Services) -> None:
+    from chassis.web.auth import COOKIE
+
+    limited = start_web(services, CHASSIS_WEB_RATE_LIMIT="5")
+    one, other = limited.key("epsilon"), limited.key("zeta")
+    with httpx.Client(base_url=limited.url, timeout=30) as c:
+        codes = [c.get("/api/v1/me", headers=auth(one)).status_code for _ in range(5)]
+        assert codes == [200] * 5
+        r = c.get("/api/v1/me", headers=auth(one))
+        assert r.status_code == 429 and r.json()["error"] == "rate_limited"
+        assert 1 <= int(r.headers["retry-after"]) <= 12 and r.json()["retry_after"]
+        assert "more than 5 requests in a minute" in r.json()["message"]
+        assert c.get("/api/v1/me", headers=auth(other)).status_code == 200  # its own
+        # the console (a person, by the session cookie) is not limited
+        with httpx.Client(base_url=limited.url, cookies={COOKIE: one}, timeout=30) as page:
+            assert page.get("/runs").status_code == 200
+    helped = subprocess.run([sys.executable, "-m", "chassis", "web", "--help"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
+    assert "CHASSIS_WEB_RATE_LIMIT" in helped
+
+
 def test_a_long_client_id_is_recorded_within_the_column(
         http: httpx.Client, web: Web) -> None:
     long = "c" * 255
