@@ -284,12 +284,13 @@ class Client:
         """Approve or reject a paused workflow; returns its status after the decision.
         ``add_fuel``: fuel added to its budget first (a workflow paused for fuel goes
         on with it). ``step``: the step whose approval this answers, as the person saw
-        it; refused (InvalidTransition) when the workflow now waits at another (that
-        approval expired, or was answered, and another is asked).
+        it; refused (StepMismatch, an InvalidTransition) when the workflow now waits at
+        another (that approval expired, or was answered, and another is asked).
 
         The same answer given again, once recorded (a repeated command), changes nothing
-        and returns the status with ``"resume": "already recorded"``; resuming a workflow
-        that is not paused otherwise raises InvalidTransition."""
+        and returns the status with ``"resume": "already recorded"`` (with ``step``: the
+        answer recorded for that step's latest pause); resuming a workflow that is not
+        paused otherwise raises InvalidTransition."""
         cid = _correlation_id(correlation_id)
         if not isinstance(approved, bool):
             raise InputError(f"approved must be true or false, got {approved!r}"[:80])
@@ -301,16 +302,19 @@ class Client:
             self.engine.resume(cid, approved, feedback, self._acts_for, added, by=self.by,
                                step=step)
         except InvalidTransition:
-            # the same answer given again is no error; one that adds fuel is no repeat
-            if added or self._answered(cid) != approved:
+            # the same answer given again is no error (of the pause named, when one
+            # is: another answer, or none as it expired, is refused); one that adds
+            # fuel is no repeat
+            if added or self._answered(cid, step) is not approved:
                 raise
             return {**self.status(cid), "resume": "already recorded"}
         return self.status(cid)
 
-    def _answered(self, cid: str) -> bool | None:
-        """The answer recorded for the workflow's latest pause, if any."""
+    def _answered(self, cid: str, step: str | None = None) -> bool | None:
+        """The answer recorded for the workflow's latest pause (of ``step``), if any."""
         pauses = [r for r in self.store.steps(cid)
-                  if r["action"] == PAUSE and isinstance(r["output"], dict)]
+                  if r["action"] == PAUSE and isinstance(r["output"], dict)
+                  and (step is None or r["step_name"] == step)]
         if not pauses:
             return None
         answer = max(pauses, key=lambda r: r["id"])["output"].get("approved")

@@ -82,8 +82,10 @@ TASKS: dict[str, dict[str, Any]] = {
                       {"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                        "description": "add_fuel: fuel added to the budget first"},
                       {"type": ["string", "null"], "minLength": 1, "maxLength": NAME_MAX,
-                       "description": "step: the pause this answers; ignored when the "
-                                      "workflow waits at another (its approval expired)"},
+                       "description": "step: the pause this answers; ignored (the "
+                                      "result's `ignored` says why) when the workflow "
+                                      "waits at another (its approval expired, or was "
+                                      "answered)"},
                       required=4),
         "returns": _OUTCOME,
     },

@@ -40,7 +40,7 @@ from chassis.commands import (
     SendRequest,
     Usage,
 )
-from chassis.errors import InvalidTransition, WorkflowNotFound
+from chassis.errors import InvalidTransition, StepMismatch, WorkflowNotFound
 from chassis.events import (
     AddFuel,
     ApprovalExpired,
@@ -191,7 +191,7 @@ def _check_allowed(s: WorkflowState, event: Event) -> None:
     if isinstance(event, Resume) and event.step is not None:
         at = str((s.budget_wait or {}).get("step") or s.current_step)
         if event.step != at:
-            raise InvalidTransition(
+            raise StepMismatch(
                 f"workflow {cid} waits at step '{at}', not '{event.step}': the approval "
                 "answered is no longer asked (it expired, or was answered); look again",
                 correlation_id=cid)

@@ -61,6 +61,11 @@ class InvalidTransition(ChassisError):
     """The workflow is not in a state that allows this (e.g. resuming one not paused)."""
 
 
+class StepMismatch(InvalidTransition):
+    """A resume names a step the workflow no longer waits at (that approval expired, or
+    was answered, and another is asked): nothing is approved or rejected."""
+
+
 class InsufficientFuel(ChassisError):
     """The workflow's remaining fuel does not cover the step's price."""
 

@@ -40,7 +40,6 @@ from chassis.fuel import DEFAULT_FUEL, FUEL_HEADER
 from chassis.limits import DEFAULT as DEFAULT_LIMITS
 from chassis.limits import (
     INT32_MAX,
-    NAME_MAX,
     TEXT_MAX,
     Limits,
     check_count,
@@ -296,9 +295,11 @@ def parse_resume(msg: Incoming, d: Directory) -> TaskCall:
         raise Rejected(BAD_PAYLOAD, f"add_fuel must be a whole number from 1 to {INT32_MAX}, "
                                     f"got {add!r}"[:200])
     step = doc.get("step")
-    if step is not None and (not isinstance(step, str) or not step.strip()
-                             or len(step) > NAME_MAX):
-        raise Rejected(BAD_PAYLOAD, "step (the pause answered) must be a step's name")
+    if step is not None:
+        try:
+            check_name(step, "step (the pause answered)")
+        except InputError as exc:
+            raise Rejected(BAD_PAYLOAD, str(exc)) from None
     return TaskCall(RESUME_TASK, [cid, doc["approved"], doc.get("feedback"), client_id]
                     + ([add] if add or step is not None else [])
                     + ([step] if step is not None else []), correlation_id=cid)

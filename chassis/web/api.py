@@ -48,12 +48,14 @@ PLAN_REF = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}(@[1-9][0-9]{0,9})?$"
 class Error(BaseModel):
     """An error: what went wrong, in words; nothing was written."""
 
-    error: str = Field(description="not_found, invalid_input, malformed_json, "
-                                   "unauthorized, forbidden, conflict, refused, too_large, "
-                                   "unavailable")
+    error: str = Field(description="not_found, invalid_input, invalid_plan, "
+                                   "malformed_json, unauthorized, forbidden, conflict, "
+                                   "refused, too_large, rate_limited, unavailable")
     message: str
     problems: list[str] | None = None
     correlation_id: str | None = None
+    retry_after: int | None = Field(None, description="rate_limited: seconds until this "
+                                                       "key may ask again (as Retry-After)")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -62,6 +64,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "Unknown (or another client's) workflow or plan"),
         (413, "Request body too large"), (422, "Invalid input; nothing written"),
         (503, "The database or broker is unreachable"))}
+ERRORS[429] = {"model": Error, "description": "This key is over its rate limit "
+                                              "(CHASSIS_WEB_RATE_LIMIT)",
+               "headers": {"Retry-After": {"description": "Seconds until the key may ask "
+                                                          "again",
+                                           "schema": {"type": "integer"}}}}
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": Error, "description": "Refused for the workflow's state, or a "
                                          "conflicting start"}}

@@ -146,8 +146,10 @@ def authenticate(request: Request, base: Client, form: dict[str, Any] | None = N
             raise AuthError(403, "cross-site request refused: the form's CSRF token is "
                                  "missing or wrong (reload the page and try again)")
     per_minute = base.settings.web_rate_limit
-    if per_minute and not by_cookie:  # (other apps: the console's pages are people's)
-        limit = _limits.setdefault(per_minute, RateLimit(per_minute))
+    if per_minute and not cookie_only:  # every /api/ request, by key or by cookie (the
+        # console's own pages are people's and not limited)
+        limit = _limits.get(per_minute) or _limits.setdefault(per_minute,
+                                                              RateLimit(per_minute))
         wait = limit.wait_for(found.key_id)
         if wait:
             seconds = max(1, math.ceil(wait))

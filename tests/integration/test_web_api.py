@@ -161,6 +161,41 @@ def test_an_approval_with_a_timeout_shows_when_it_expires(
     assert r.status_code == 200, r.text
 
 
+def test_an_answer_names_its_pause_a_repeat_is_recorded_once_another_is_refused(
+        http: httpx.Client, keys: dict[str, str]) -> None:
+    two = {"name": "two-pauses", "start_step": "first", "steps": {
+        "first": {"action": "pause_for_human_input", "next_step": "second"},
+        "second": {"action": "pause_for_human_input", "next_step": "done"},
+        "done": {"action": "complete_workflow"}}}
+    key = auth(keys["acme"])
+    cid = start(http, keys["acme"], two)["correlation_id"]
+    wait_status(http, keys["acme"], cid, "PAUSED_FOR_HUMAN_INPUT")
+    url = f"/api/v1/workflows/{cid}/resume"
+    assert http.post(url, headers=key, json={"approved": True, "step": "first"}
+                     ).status_code == 200
+
+    def at_second() -> dict[str, Any] | None:
+        doc = http.get(f"/api/v1/workflows/{cid}", headers=key).json()
+        return doc if doc["status"] == "PAUSED_FOR_HUMAN_INPUT" and \
+            doc["current_step"] == "second" else None
+
+    doc = wait_until(at_second, timeout=60, interval=0.1, message="never at 'second'")
+    # the same answer to 'first' again (a repeated request): recorded once, no error,
+    # and 'second' still waits for its own answer
+    r = http.post(url, headers=key, json={"approved": True, "step": "first"})
+    assert r.status_code == 200 and r.json()["current_step"] == "second", r.text
+    # another answer to 'first', or one to a step never asked: refused, nothing changes
+    for body in ({"approved": False, "step": "first"}, {"approved": True, "step": "draft"}):
+        r = http.post(url, headers=key, json=body)
+        assert r.status_code == 409 and "waits at step 'second'" in r.json()["message"]
+    assert http.get(f"/api/v1/workflows/{cid}", headers=key).json()["version"] == \
+        doc["version"]
+    assert http.post(url, headers=key, json={"approved": True, "step": "second"}
+                     ).status_code == 200
+    assert wait_status(http, keys["acme"], cid, "COMPLETED", "FAILED")["status"] == \
+        "COMPLETED"
+
+
 def test_a_repeated_start_is_the_same_workflow_and_a_changed_one_conflicts(
         http: httpx.Client, keys: dict[str, str], services: Services) -> None:
     cid = str(uuid.uuid4())
@@ -483,9 +518,14 @@ def test_a_key_over_its_rate_limit_gets_429_with_retry_after(services: Services)
         assert 1 <= int(r.headers["retry-after"]) <= 12 and r.json()["retry_after"]
         assert "more than 5 requests in a minute" in r.json()["message"]
         assert c.get("/api/v1/me", headers=auth(other)).status_code == 200  # its own
-        # the console (a person, by the session cookie) is not limited
+        documented = c.get("/openapi.json").json()["paths"]["/api/v1/me"]["get"]
+        assert "Retry-After" in documented["responses"]["429"]["headers"]
+        # the console's pages (a person, by the session cookie) are not limited; the
+        # API is, by whichever credential the key came with
         with httpx.Client(base_url=limited.url, cookies={COOKIE: one}, timeout=30) as page:
             assert page.get("/runs").status_code == 200
+            r = page.get("/api/v1/me")
+            assert r.status_code == 429 and r.json()["error"] == "rate_limited"
     helped = subprocess.run([sys.executable, "-m", "chassis", "web", "--help"],
                             capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
     assert "CHASSIS_WEB_RATE_LIMIT" in helped
@@ -526,6 +566,33 @@ def test_the_console_cookie_needs_the_csrf_token_to_change_anything(
                          headers={"X-CSRF-Token": csrf_token(keys["acme"])})
         assert r.status_code == 200, r.text
     wait_status(http, keys["acme"], cid, "COMPLETED")
+
+
+def test_the_console_answers_a_fuel_pause_naming_its_step(
+        http: httpx.Client, keys: dict[str, str]) -> None:
+    from chassis.web.auth import COOKIE, csrf_token
+
+    hungry = {"name": "hungry", "start_step": "a", "on_budget_exhausted": "pause",
+              "steps": {"a": {"action": "echo", "next_step": "b"},
+                        "b": {"action": "echo", "next_step": "c"},
+                        "c": {"action": "echo", "next_step": "done"},
+                        "done": {"action": "complete_workflow"}}}
+    cid = start(http, keys["acme"], hungry, fuel_budget=1)["correlation_id"]
+    doc = wait_status(http, keys["acme"], cid, "PAUSED_FOR_HUMAN_INPUT")
+    assert doc["paused_for_fuel"] and doc["current_step"] == "b"
+    with httpx.Client(base_url=str(http.base_url), cookies={COOKIE: keys["acme"]},
+                      timeout=30) as browser:
+        for page in ("/inbox", f"/workflows/{cid}"):
+            text = browser.get(page).text
+            text = text[text.index(f"/workflows/{cid}/resume"):]
+            assert '<input type="hidden" name="step" value="b">' in \
+                text[:text.index("</form>")], page
+        r = browser.post(f"/workflows/{cid}/resume", data={
+            "decision": "approve", "add_fuel": "5", "step": "b", "back": "workflow",
+            "csrf_token": csrf_token(keys["acme"])}, follow_redirects=False)
+        assert r.status_code == 303, r.text
+    done = wait_status(http, keys["acme"], cid, "COMPLETED", "FAILED")
+    assert done["status"] == "COMPLETED" and done["fuel"]["budget"] == 6
 
 
 def test_unknown_routes_and_methods(http: httpx.Client, keys: dict[str, str]) -> None:

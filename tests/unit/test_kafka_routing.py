@@ -124,7 +124,7 @@ def test_a_resume_may_name_the_pause_it_answers(router: Router) -> None:
     assert call.args == [CID, True, None, "acme", 0, "review"]
     call = router.call(topic, b'{"approved": true, "add_fuel": 5, "step": "review"}', owner)
     assert call.args == [CID, True, None, "acme", 5, "review"]
-    for bad in ("", " ", 7, ["review"], "x" * 256):
+    for bad in ("", " ", 7, ["review"], "x" * 256, "re\nview", "re\x00view"):
         assert reason(router, topic, {"approved": True, "step": bad}, owner) == "bad_payload"
 
 
