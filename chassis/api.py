@@ -289,8 +289,10 @@ class Client:
 
         The same answer given again, once recorded (a repeated command), changes nothing
         and returns the status with ``"resume": "already recorded"`` (with ``step``: the
-        answer recorded for that step's latest pause); resuming a workflow that is not
-        paused otherwise raises InvalidTransition."""
+        answer recorded for that step's latest pause; an approval that expired has none,
+        and the answer to a pause for fuel is not kept as a pause's record, so a late
+        or repeated one of those is refused); resuming a workflow that is not paused
+        otherwise raises InvalidTransition."""
         cid = _correlation_id(correlation_id)
         if not isinstance(approved, bool):
             raise InputError(f"approved must be true or false, got {approved!r}"[:80])
@@ -313,11 +315,11 @@ class Client:
     def _answered(self, cid: str, step: str | None = None) -> bool | None:
         """The answer recorded for the workflow's latest pause (of ``step``), if any."""
         pauses = [r for r in self.store.steps(cid)
-                  if r["action"] == PAUSE and isinstance(r["output"], dict)
-                  and (step is None or r["step_name"] == step)]
+                  if r["action"] == PAUSE and (step is None or r["step_name"] == step)]
         if not pauses:
             return None
-        answer = max(pauses, key=lambda r: r["id"])["output"].get("approved")
+        out = max(pauses, key=lambda r: r["id"])["output"]  # (expired: no answer)
+        answer = out.get("approved") if isinstance(out, dict) else None
         return answer if isinstance(answer, bool) else None
 
     def cancel(self, correlation_id: str, reason: str | None = None,

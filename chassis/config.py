@@ -142,7 +142,8 @@ class Settings:
     """CHASSIS_WEB_PORT: port of ``chassis web`` (the HTTP API and web console)."""
     web_rate_limit: int = 0
     """CHASSIS_WEB_RATE_LIMIT: requests a minute one API key may make to the HTTP API
-    (Bearer), per ``chassis web`` process; 0: no limit."""
+    (every ``/api/`` request, by Bearer or by the console's cookie), per ``chassis web``
+    process; 0: no limit."""
     client_id: str = "local"
     """CHASSIS_CLIENT_ID: the client a ``Client`` (and the CLI) acts for by default."""
     max_document_bytes: int = 1_048_576

@@ -50,7 +50,8 @@ class Error(BaseModel):
 
     error: str = Field(description="not_found, invalid_input, invalid_plan, "
                                    "malformed_json, unauthorized, forbidden, conflict, "
-                                   "refused, too_large, rate_limited, unavailable")
+                                   "refused, too_large, rate_limited, method_not_allowed, "
+                                   "unavailable, internal")
     message: str
     problems: list[str] | None = None
     correlation_id: str | None = None
@@ -428,9 +429,10 @@ def get_events(correlation_id: Cid, who: Who) -> dict[str, Any]:
              responses=CONFLICT, summary="Approve or reject a paused workflow")
 def resume(correlation_id: Cid, body: ResumeRequest, who: Who) -> dict[str, Any]:
     cid = who.client._own(str(correlation_id))
-    who.client.resume(cid, body.approved, body.feedback, add_fuel=body.add_fuel,
-                      step=body.step)
-    return _status(who.client, cid)
+    done = who.client.resume(cid, body.approved, body.feedback, add_fuel=body.add_fuel,
+                             step=body.step)
+    return {**_status(who.client, cid), **({"resume": done["resume"]} if "resume" in done
+                                            else {})}
 
 
 @router.post("/workflows/{correlation_id}/cancel", response_model=WorkflowStatus,
