@@ -6,5 +6,6 @@ and, with Kafka, a Kafka-protocol broker (Tansu), the bridge, the relay and an a
 (``chassis agent``), all of them its own processes and services; injects faults on a
 schedule (workers SIGKILLed and SIGTERMed, Redis restarted empty, PostgreSQL stopped
 and started, the bridge, relay and agent killed, tasks and Kafka answers delivered
-twice); and checks every workflow against the model. Never collected by pytest.
+twice, step tasks revoked through Celery); and checks every workflow against the
+model. Never collected by pytest.
 """

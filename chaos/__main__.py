@@ -64,6 +64,7 @@ def print_report(r: Report, args: argparse.Namespace) -> None:
             ("final statuses", ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))),
             ("faults injected", f"{sum(r.faults.values())}: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(r.faults.items()) if v)),
+            ("attempts failed by a revoke", str(r.revoked)),
             ("exited by themselves", ", ".join(f"{k} {v}" for k, v in
                                                sorted(r.crashed.items())) or "none"),
             ("lost", str(len(r.violations.get("lost", [])))),

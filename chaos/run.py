@@ -27,7 +27,8 @@ from chassis.store.tables import orchestrator_state, outbox
 FINAL = {s.value for s in Status if s.finished}
 #: Fault kinds; those marked Kafka need it.
 FAULTS = ("worker_kill", "worker_child", "worker_term", "redis_restart", "postgres_restart",
-          "duplicate_task", "bridge_kill", "relay_kill", "agent_kill", "duplicate_answer")
+          "duplicate_task", "bridge_kill", "relay_kill", "agent_kill", "duplicate_answer",
+          "revoke")
 KAFKA_FAULTS = {"bridge_kill", "relay_kill", "agent_kill", "duplicate_answer"}
 
 
@@ -45,6 +46,9 @@ class Report:
     """Processes that exited by themselves (restarted, as a supervisor would)."""
     first: dict[str, int] = field(default_factory=dict)
     """The first case of each kind of violation (its index)."""
+    revoked: int = 0
+    """Attempts recorded as failed by a revoke through Celery (``revoke`` faults that
+    took: the others came after their attempt had ended, or were lost with Redis)."""
 
     def add(self, kind: str, case: Case, text: str) -> None:
         self.violations.setdefault(kind, []).append(f"case {case.index}: {text}")
@@ -79,6 +83,7 @@ class Run:
         self.cluster = Cluster(self.folder, kafka)
         self.cids: dict[int, str] = {}
         self.answered: set[int] = set()
+        self.settled: set[int] = set()
         self.restarts: list[tuple[float, str]] = []
         self.last_fault_at: float | None = None
         """When the last fault was done, or the last service it took down came back."""
@@ -128,6 +133,7 @@ class Run:
                     self._answer(case)
                 if status in FINAL:
                     done.add(index)
+                    self.settled.add(index)
                     del open_[index]
                     last_progress = last_settled = time.monotonic()
             now = time.monotonic()
@@ -239,6 +245,10 @@ class Run:
                 if not self._duplicate_answer():
                     self.report.faults[kind] -= 1
                     return False
+            elif kind == "revoke":
+                if not self._revoke():
+                    self.report.faults[kind] -= 1
+                    return False
         except Exception as exc:  # noqa: BLE001  (a fault that could not be done)
             self.report.faults[kind] -= 1
             self.log(f"  fault {kind} could not be done now: {str(exc).splitlines()[0]}")
@@ -293,6 +303,25 @@ class Run:
                                   queue="chassis.steps")
         return True
 
+    def _revoke(self) -> bool:
+        """Revoke a step's tasks through Celery, terminating the one that runs (as
+        ``celery control revoke --terminate`` or Flower would): each attempt it reaches
+        is a failed attempt. It targets ``onfail`` steps, whose attempts all fail anyway,
+        so the model holds whichever attempts it reaches: what is checked is that a
+        revoked attempt is recorded once, as failed, and the workflow goes on."""
+        started = [c for c in self.cases if c.index in self.cids
+                   and c.index not in self.settled and "onfail" in c.kinds]
+        if not started:
+            return False
+        case = self.rng.choice(started)
+        step = next(name for name, kind in zip(case.plan["steps"], case.kinds, strict=False)
+                    if kind == "onfail")
+        s = self.client.store.get(self.cids[case.index])
+        attempts = case.plan["steps"][step]["retry"]["max_attempts"]
+        self.client.app.control.revoke([s.rid(step, a) for a in range(1, attempts + 1)],
+                                       terminate=True)
+        return True
+
     def _duplicate_answer(self) -> bool:
         """An agent's answer delivered (again): the same answer, on the response topic."""
         found = self._some_case(("agent",))
@@ -334,6 +363,8 @@ class Run:
         if e.error and e.error not in (doc["error"] or ""):
             r.add("wrong_status", case, f"error {doc['error']!r}, the model says {e.error!r}")
         steps = {s["name"]: s for s in doc["steps"]}
+        r.revoked += sum(1 for s in doc["steps"] for a in s.get("history") or ()
+                         if "through Celery" in (a["error"] or ""))
         for name, attempts in e.attempts.items():
             got = steps.get(name)
             if got is None:
