@@ -84,6 +84,7 @@ class Run:
         self.cids: dict[int, str] = {}
         self.answered: set[int] = set()
         self.settled: set[int] = set()
+        """Cases whose workflow reached a final status."""
         self.restarts: list[tuple[float, str]] = []
         self.last_fault_at: float | None = None
         """When the last fault was done, or the last service it took down came back."""
@@ -107,7 +108,6 @@ class Run:
     def _drive(self, started: float) -> None:
         waiting = list(self.cases)
         open_: dict[int, Case] = {}
-        done: set[int] = set()
         deadline = started + self.timeout
         # faults about a second apart, the starts spread over as long: the faults land
         # on work under way, not on a finished run
@@ -132,7 +132,6 @@ class Run:
                 if status == Status.PAUSED_FOR_HUMAN_INPUT.value and index not in self.answered:
                     self._answer(case)
                 if status in FINAL:
-                    done.add(index)
                     self.settled.add(index)
                     del open_[index]
                     last_progress = last_settled = time.monotonic()
@@ -150,7 +149,7 @@ class Run:
             self._supervise()
             if now - last_progress > 15:
                 last_progress = now
-                self.log(f"  {len(done)} settled, {len(open_)} open, {len(waiting)} to "
+                self.log(f"  {len(self.settled)} settled, {len(open_)} open, {len(waiting)} to "
                          f"start, {injected} faults")
             time.sleep(0.05)
         for _at, name in sorted(self.restarts):

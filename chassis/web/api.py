@@ -281,7 +281,11 @@ router = APIRouter(prefix="/api/v1", responses=ERRORS)
 
 
 def _status(client: Client, cid: str) -> dict[str, Any]:
-    doc = client.status(cid)
+    return _with_plan(client, client.status(cid))
+
+
+def _with_plan(client: Client, doc: dict[str, Any]) -> dict[str, Any]:
+    """A status document with the registered plan it runs (``plan_name``, ``plan_version``)."""
     doc["plan_name"], doc["plan_version"] = client.store.plan_ref(doc["correlation_id"])
     return doc
 
@@ -429,18 +433,15 @@ def get_events(correlation_id: Cid, who: Who) -> dict[str, Any]:
              responses=CONFLICT, summary="Approve or reject a paused workflow")
 def resume(correlation_id: Cid, body: ResumeRequest, who: Who) -> dict[str, Any]:
     cid = who.client._own(str(correlation_id))
-    done = who.client.resume(cid, body.approved, body.feedback, add_fuel=body.add_fuel,
-                             step=body.step)
-    return {**_status(who.client, cid), **({"resume": done["resume"]} if "resume" in done
-                                            else {})}
+    return _with_plan(who.client, who.client.resume(
+        cid, body.approved, body.feedback, add_fuel=body.add_fuel, step=body.step))
 
 
 @router.post("/workflows/{correlation_id}/cancel", response_model=WorkflowStatus,
              responses=CONFLICT, summary="Cancel a workflow (optionally compensating)")
 def cancel(correlation_id: Cid, body: CancelRequest, who: Who) -> dict[str, Any]:
     cid = who.client._own(str(correlation_id))
-    who.client.cancel(cid, body.reason, body.compensate)
-    return _status(who.client, cid)
+    return _with_plan(who.client, who.client.cancel(cid, body.reason, body.compensate))
 
 
 @router.post("/workflows/{correlation_id}/retry", response_model=WorkflowStatus,
@@ -448,8 +449,7 @@ def cancel(correlation_id: Cid, body: CancelRequest, who: Who) -> dict[str, Any]
 def retry(correlation_id: Cid, who: Who,
           body: RetryRequest | None = None) -> dict[str, Any]:
     cid = who.client._own(str(correlation_id))
-    who.client.retry(cid)
-    return _status(who.client, cid)
+    return _with_plan(who.client, who.client.retry(cid))
 
 
 @router.get("/plans", response_model=list[PlanSummary], summary="Registered plans")
